@@ -1,0 +1,21 @@
+"""specopt: Muon/AdamW optimizers, polynomial weight preconditioning (PC layer) and
+spectral monitoring for PyTorch.
+
+Public API (re-exported here):
+"""
+
+from specopt.models import Llama, LlamaConfig
+
+# -- optimizers (specopt.optim) --
+
+# -- PC layer (specopt.pc) --
+
+# -- spectral monitoring (specopt.spectral) --
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Llama",
+    "LlamaConfig",
+    "__version__",
+]
