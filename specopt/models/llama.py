@@ -86,7 +86,9 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         B, T, C = x.shape
         # (B, T, C) -> (B, nh, T, hs)
-        q, k, v = (w(x).view(B, T, self.n_heads, -1).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
+        q, k, v = (
+            w(x).view(B, T, self.n_heads, -1).transpose(1, 2) for w in (self.wq, self.wk, self.wv)
+        )
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.wo(y.transpose(1, 2).reshape(B, T, C))
@@ -147,7 +149,7 @@ class Llama(nn.Module):
             nn.init.normal_(block.feed_forward.w2.weight, std=out_std)
 
     def forward(self, tokens: Tensor) -> Tensor:
-        B, T = tokens.shape
+        T = tokens.shape[1]
         if T > self.config.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
         x = self.tok_embeddings(tokens)  # (B, T, C)
