@@ -1,0 +1,50 @@
+"""Distributed support: DDP and FSDP2 (DTensor) for Muon, the PC layer and the monitor.
+
+* :mod:`~specopt.distributed.env`: rank/world helpers, no-ops without a process group.
+* :mod:`~specopt.distributed.assignment`: NS cost model and balanced matrix-to-rank owners.
+* :mod:`~specopt.distributed.dtensor`: FSDP2 row-shard layout, gather and re-shard.
+* :mod:`~specopt.distributed.orthogonalize`: the distributed Newton-Schulz stage.
+* :mod:`~specopt.distributed.checkpoint`: DCP save/load that resumes on another world size.
+"""
+
+from specopt.distributed.assignment import assign_by_cost, ns_flops, rank_loads
+from specopt.distributed.checkpoint import load_distributed_checkpoint, save_distributed_checkpoint
+from specopt.distributed.dtensor import (
+    contiguous_stride,
+    from_local_rows,
+    full_tensor,
+    is_dtensor,
+    is_row_sharded,
+    row_chunks,
+    shard_like,
+)
+from specopt.distributed.env import (
+    barrier,
+    get_rank,
+    get_world_size,
+    is_distributed,
+    is_main_process,
+)
+from specopt.distributed.orthogonalize import CommStats, orthogonalize_distributed
+
+__all__ = [
+    "CommStats",
+    "assign_by_cost",
+    "barrier",
+    "contiguous_stride",
+    "from_local_rows",
+    "full_tensor",
+    "get_rank",
+    "get_world_size",
+    "is_distributed",
+    "is_dtensor",
+    "is_main_process",
+    "is_row_sharded",
+    "load_distributed_checkpoint",
+    "ns_flops",
+    "orthogonalize_distributed",
+    "rank_loads",
+    "row_chunks",
+    "save_distributed_checkpoint",
+    "shard_like",
+]
