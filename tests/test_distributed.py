@@ -130,3 +130,117 @@ def test_distributed_stage_fsdp_and_ddp_match_local():
         assert all(s.matrices_local == len(_SHAPES) for s in naive)
     fsdp = [out["fsdp_stats_True"] for out in results]
     assert fsdp[0].collectives == 2 and fsdp[0].bytes_sent > 0
+
+
+# ---------------------------------------------------------------- training helpers
+
+_CFG = dict(vocab_size=64, dim=32, n_layers=1, n_heads=2, max_seq_len=16)
+_GLOBAL_BATCH = 4
+_SEQ = 8
+
+
+def _model() -> torch.nn.Module:
+    from specopt.models import Llama, LlamaConfig
+
+    torch.manual_seed(0)
+    return Llama(LlamaConfig(**_CFG))
+
+
+def _batch(step: int, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's slice of the global batch of ``step`` (same global batch for any world)."""
+    g = torch.Generator().manual_seed(1000 + step)
+    data = torch.randint(0, _CFG["vocab_size"], (_GLOBAL_BATCH, _SEQ + 1), generator=g)
+    per = _GLOBAL_BATCH // world
+    data = data[rank * per : (rank + 1) * per]
+    return data[:, :-1], data[:, 1:]
+
+
+def _optimizer(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=1e-2)
+    raise ValueError(name)
+
+
+def _train(model, opt, steps: range, rank: int = 0, world: int = 1) -> list[float]:
+    losses = []
+    for step in steps:
+        x, y = _batch(step, rank, world)
+        inner = getattr(model, "module", model)
+        loss = inner.loss(x, y) if not hasattr(model, "module") else _ddp_loss(model, x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def _ddp_loss(ddp, x, y):
+    logits = ddp(x)
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+
+def _fsdp(model: torch.nn.Module, world: int) -> torch.nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    for block in model.layers:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    from specopt.distributed import full_tensor
+
+    return {k: full_tensor(p).detach().clone() for k, p in model.named_parameters()}
+
+
+def _fsdp_ckpt_worker(rank: int, world: int, opt_name: str, steps: int, ckpt: str) -> dict:
+    from specopt.distributed import save_distributed_checkpoint
+
+    model = _fsdp(_model(), world)
+    opt = _optimizer(opt_name, model)
+    losses = _train(model, opt, range(steps), rank, world)
+    state_shapes = {
+        f"{i}.{k}": (type(v).__name__, tuple(getattr(v, "_local_tensor", v).shape))
+        for i, s in enumerate(opt.state.values()) for k, v in s.items() if torch.is_tensor(v)
+    }
+    save_distributed_checkpoint(ckpt, model, opt, extra={"step": steps})
+    return {"params": _full_params(model), "losses": losses, "state_shapes": state_shapes}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("opt_name", ["adamw"])
+def test_fsdp_matches_single_process_and_resumes_on_one_process(tmp_path, opt_name):
+    from specopt.distributed import load_distributed_checkpoint
+
+    steps, more = 3, 2
+    ckpt = str(tmp_path / "ckpt")
+    results = run_distributed(_fsdp_ckpt_worker, args=(opt_name, steps, ckpt))
+
+    ref_model = _model()
+    ref_opt = _optimizer(opt_name, ref_model)
+    ref_losses = _train(ref_model, ref_opt, range(steps))
+    ref_after = _full_params(ref_model)
+    for out in results:
+        for k, p in ref_after.items():
+            torch.testing.assert_close(out["params"][k], p, rtol=1e-5, atol=1e-6, msg=k)
+    mean_losses = [sum(ls) / len(ls) for ls in zip(*(o["losses"] for o in results), strict=True)]
+    assert mean_losses == pytest.approx(ref_losses, rel=1e-5)  # half-batch means average
+    # Optimizer state stays sharded: every state tensor of a matrix is a DTensor shard.
+    for name, (kind, local_shape) in results[0]["state_shapes"].items():
+        if len(local_shape) == 2:
+            assert kind == "DTensor", name
+
+    # Resume on one plain process from the 2-process checkpoint.
+    _train(ref_model, ref_opt, range(steps, steps + more))
+    model = _model()
+    opt = _optimizer(opt_name, model)
+    extra = load_distributed_checkpoint(ckpt, model, opt)
+    assert extra == {"step": steps}
+    for k, p in _full_params(model).items():
+        torch.testing.assert_close(p, results[0]["params"][k], rtol=0, atol=0, msg=k)
+    _train(model, opt, range(steps, steps + more))
+    for k, p in _full_params(model).items():
+        torch.testing.assert_close(p, ref_model.state_dict()[k], rtol=1e-5, atol=1e-6, msg=k)
