@@ -1,0 +1,25 @@
+"""Shared terminal helpers for the CLI commands (one rich Console, number formatting)."""
+
+from __future__ import annotations
+
+import math
+
+from rich.console import Console
+
+__all__ = ["CommandError", "console", "err_console", "fmt"]
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+class CommandError(Exception):
+    """A user-facing failure: ``main`` prints the message (no traceback) and exits 2."""
+
+
+def fmt(x: float, digits: int = 4) -> str:
+    """Compact number: ``inf``/``nan`` spelled out, general format otherwise."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "nan"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return f"{x:.{digits}g}"
