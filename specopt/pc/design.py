@@ -47,7 +47,7 @@ def design_odd_polynomial(
     k: float = 100.0,
     peak: float = 1.02,
     x_max: float = 1.0,
-    grid: int = 4000,
+    grid: int = 1000,
     name: str | None = None,
 ) -> OddPolynomial:
     """Solve the LP described in the module docstring; returns the optimal odd polynomial.
