@@ -180,14 +180,9 @@ def _ddp_loss(ddp, x, y):
 
 
 def _fsdp(model: torch.nn.Module, world: int) -> torch.nn.Module:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from specopt.distributed import fully_shard_model
 
-    mesh = init_device_mesh("cpu", (world,))
-    for block in model.layers:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
+    return fully_shard_model(model)
 
 
 def _full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:

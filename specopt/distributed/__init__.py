@@ -4,6 +4,7 @@
 * :mod:`~specopt.distributed.assignment`: NS cost model and balanced matrix-to-rank owners.
 * :mod:`~specopt.distributed.dtensor`: FSDP2 row-shard layout, gather and re-shard.
 * :mod:`~specopt.distributed.orthogonalize`: the distributed Newton-Schulz stage.
+* :mod:`~specopt.distributed.fsdp`: FSDP2 / DDP wrapping (0-D PC gains handled).
 * :mod:`~specopt.distributed.checkpoint`: DCP save/load that resumes on another world size.
 """
 
@@ -25,6 +26,7 @@ from specopt.distributed.env import (
     is_distributed,
     is_main_process,
 )
+from specopt.distributed.fsdp import ddp_model, fully_shard_model
 from specopt.distributed.orthogonalize import CommStats, orthogonalize_distributed
 
 __all__ = [
@@ -32,8 +34,10 @@ __all__ = [
     "assign_by_cost",
     "barrier",
     "contiguous_stride",
+    "ddp_model",
     "from_local_rows",
     "full_tensor",
+    "fully_shard_model",
     "get_rank",
     "get_world_size",
     "is_distributed",

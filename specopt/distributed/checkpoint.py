@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +113,10 @@ def load_distributed_checkpoint(
     else:
         msd, osd = get_state_dict(model, optimizer)
         state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=str(path), no_dist=not is_distributed())
+    with warnings.catch_warnings():
+        # Loading in one process is intended here; DCP warns about it regardless.
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(path), no_dist=not is_distributed())
     if optimizer is None:
         set_model_state_dict(model, state["model"])
     else:
