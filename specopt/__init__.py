@@ -7,6 +7,7 @@ Public API (re-exported here):
 from specopt.models import Llama, LlamaConfig
 
 # -- optimizers (specopt.optim) --
+from specopt.optim.hybrid import HybridOptimizer, RoutingReport, build_optimizer, describe_routing
 
 # -- PC layer (specopt.pc) --
 
@@ -15,7 +16,11 @@ from specopt.models import Llama, LlamaConfig
 __version__ = "0.1.0"
 
 __all__ = [
+    "HybridOptimizer",
     "Llama",
     "LlamaConfig",
+    "RoutingReport",
     "__version__",
+    "build_optimizer",
+    "describe_routing",
 ]
