@@ -137,13 +137,20 @@ def test_distributed_stage_fsdp_and_ddp_match_local():
 _CFG = dict(vocab_size=64, dim=32, n_layers=1, n_heads=2, max_seq_len=16)
 _GLOBAL_BATCH = 4
 _SEQ = 8
+_TOL = dict(rtol=1e-5, atol=1e-6)  # fp32: only the gradient reduction's rounding differs
 
 
-def _model() -> torch.nn.Module:
+def _model(pc: bool = False):
     from specopt.models import Llama, LlamaConfig
 
     torch.manual_seed(0)
-    return Llama(LlamaConfig(**_CFG))
+    model = Llama(LlamaConfig(**_CFG))
+    handle = None
+    if pc:
+        from specopt.pc import apply_pc
+
+        handle = apply_pc(model, level=2)
+    return model, handle
 
 
 def _batch(step: int, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,9 +162,21 @@ def _batch(step: int, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torc
     return data[:, :-1], data[:, 1:]
 
 
-def _optimizer(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
+def _optimizer(name: str, model: torch.nn.Module, wrap: str = "none") -> torch.optim.Optimizer:
+    inner = getattr(model, "module", model)  # DDP keeps the model at .module
     if name == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=1e-2)
+        return torch.optim.AdamW(inner.parameters(), lr=1e-2)
+    dist_mode = "ddp" if wrap == "ddp" else "auto"
+    if name == "muon":
+        from specopt import Muon
+
+        mats = [p for n, p in inner.named_parameters() if p.ndim == 2 and "layers" in n]
+        return Muon(mats, lr=0.02, ns_dtype=torch.float32, distributed=dist_mode)
+    if name == "hybrid":
+        from specopt import build_optimizer
+
+        return build_optimizer(inner, "muon", lr=0.02, ns_dtype=torch.float32,
+                               distributed=dist_mode)
     raise ValueError(name)
 
 
@@ -165,8 +184,8 @@ def _train(model, opt, steps: range, rank: int = 0, world: int = 1) -> list[floa
     losses = []
     for step in steps:
         x, y = _batch(step, rank, world)
-        inner = getattr(model, "module", model)
-        loss = inner.loss(x, y) if not hasattr(model, "module") else _ddp_loss(model, x, y)
+        logits = model(x)
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -174,35 +193,74 @@ def _train(model, opt, steps: range, rank: int = 0, world: int = 1) -> list[floa
     return losses
 
 
-def _ddp_loss(ddp, x, y):
-    logits = ddp(x)
-    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-
-
-def _fsdp(model: torch.nn.Module, world: int) -> torch.nn.Module:
-    from specopt.distributed import fully_shard_model
-
-    return fully_shard_model(model)
-
-
 def _full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     from specopt.distributed import full_tensor
 
-    return {k: full_tensor(p).detach().clone() for k, p in model.named_parameters()}
+    inner = getattr(model, "module", model)
+    return {k: full_tensor(p).detach().clone() for k, p in inner.named_parameters()}
 
 
-def _fsdp_ckpt_worker(rank: int, world: int, opt_name: str, steps: int, ckpt: str) -> dict:
-    from specopt.distributed import save_distributed_checkpoint
+def _pc_vectors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    inner = getattr(model, "module", model)
+    return {k: b.detach().clone() for k, b in inner.named_buffers()
+            if k.endswith((".u", ".v"))}
 
-    model = _fsdp(_model(), world)
+
+def _reference(opt_name: str, pc: bool, steps: int):
+    model, handle = _model(pc)
     opt = _optimizer(opt_name, model)
+    if handle is not None:
+        handle.attach(opt)
+    losses = _train(model, opt, range(steps))
+    return model, opt, losses
+
+
+def _train_worker(rank: int, world: int, wrap: str, opt_name: str, pc: bool, steps: int,
+                  ckpt: str | None) -> dict:
+    from specopt.distributed import ddp_model, fully_shard_model, save_distributed_checkpoint
+
+    model, handle = _model(pc)
+    model = fully_shard_model(model) if wrap == "fsdp" else ddp_model(model)
+    opt = _optimizer(opt_name, model, wrap)
+    if handle is not None:
+        handle.attach(opt)
     losses = _train(model, opt, range(steps), rank, world)
-    state_shapes = {
-        f"{i}.{k}": (type(v).__name__, tuple(getattr(v, "_local_tensor", v).shape))
-        for i, s in enumerate(opt.state.values()) for k, v in s.items() if torch.is_tensor(v)
-    }
-    save_distributed_checkpoint(ckpt, model, opt, extra={"step": steps})
-    return {"params": _full_params(model), "losses": losses, "state_shapes": state_shapes}
+    state = {}  # "<param name>.<state key>" -> (type name, local shape, global shape)
+    names = {id(p): n for n, p in getattr(model, "module", model).named_parameters()}
+    for p, st in opt.state.items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                local = getattr(v, "_local_tensor", v)
+                state[f"{names[id(p)]}.{k}"] = (type(v).__name__, tuple(local.shape),
+                                                tuple(v.shape))
+    if ckpt is not None:
+        save_distributed_checkpoint(ckpt, model, opt, extra={"step": steps})
+    stats = getattr(opt, "comm_stats", None)
+    if stats is None and hasattr(opt, "_muon"):
+        stats = getattr(opt._muon, "comm_stats", None)
+    return {"params": _full_params(model), "losses": losses, "state": state,
+            "pc": _pc_vectors(model), "stats": stats}
+
+
+def _check_against_reference(results, ref_model, ref_losses) -> None:
+    ref = _full_params(ref_model)
+    for out in results:
+        assert set(out["params"]) == set(ref)
+        for k, p in ref.items():
+            torch.testing.assert_close(out["params"][k], p, **_TOL, msg=k)
+    # Each rank's loss is its half-batch mean; their average is the global-batch loss.
+    mean_losses = [sum(ls) / len(ls) for ls in zip(*(o["losses"] for o in results), strict=True)]
+    assert mean_losses == pytest.approx(ref_losses, rel=1e-5)
+    ref_vectors = _pc_vectors(ref_model)
+    for out in results:
+        assert set(out["pc"]) == set(ref_vectors)
+        for k, v in ref_vectors.items():
+            # Unit vectors move by ~|dW| / (sigma_1 - sigma_2): random-init layers have
+            # close top singular values, so the 1e-7 reduction rounding shows as ~1e-6.
+            torch.testing.assert_close(out["pc"][k], v, rtol=0, atol=1e-5, msg=k)
+    # u, v bit-identical across ranks.
+    for k in ref_vectors:
+        assert torch.equal(results[0]["pc"][k], results[1]["pc"][k]), k
 
 
 @pytest.mark.slow
@@ -211,31 +269,35 @@ def test_fsdp_matches_single_process_and_resumes_on_one_process(tmp_path, opt_na
     from specopt.distributed import load_distributed_checkpoint
 
     steps, more = 3, 2
+    pc = False
     ckpt = str(tmp_path / "ckpt")
-    results = run_distributed(_fsdp_ckpt_worker, args=(opt_name, steps, ckpt))
-
-    ref_model = _model()
-    ref_opt = _optimizer(opt_name, ref_model)
-    ref_losses = _train(ref_model, ref_opt, range(steps))
-    ref_after = _full_params(ref_model)
-    for out in results:
-        for k, p in ref_after.items():
-            torch.testing.assert_close(out["params"][k], p, rtol=1e-5, atol=1e-6, msg=k)
-    mean_losses = [sum(ls) / len(ls) for ls in zip(*(o["losses"] for o in results), strict=True)]
-    assert mean_losses == pytest.approx(ref_losses, rel=1e-5)  # half-batch means average
-    # Optimizer state stays sharded: every state tensor of a matrix is a DTensor shard.
-    for name, (kind, local_shape) in results[0]["state_shapes"].items():
-        if len(local_shape) == 2:
-            assert kind == "DTensor", name
+    results = run_distributed(_train_worker, args=("fsdp", opt_name, pc, steps, ckpt))
+    ref_model, ref_opt, ref_losses = _reference(opt_name, pc, steps)
+    _check_against_reference(results, ref_model, ref_losses)
+    # Optimizer state of every matrix stays sharded: a DTensor holding half the rows.
+    for name, (kind, local, full) in results[0]["state"].items():
+        if len(full) == 2:
+            assert kind == "DTensor" and local[0] == row_chunks(full[0], 2)[0][1], name
 
     # Resume on one plain process from the 2-process checkpoint.
     _train(ref_model, ref_opt, range(steps, steps + more))
-    model = _model()
+    model, handle = _model(pc)
     opt = _optimizer(opt_name, model)
+    if handle is not None:
+        handle.attach(opt)
     extra = load_distributed_checkpoint(ckpt, model, opt)
     assert extra == {"step": steps}
     for k, p in _full_params(model).items():
         torch.testing.assert_close(p, results[0]["params"][k], rtol=0, atol=0, msg=k)
     _train(model, opt, range(steps, steps + more))
+    ref = _full_params(ref_model)
     for k, p in _full_params(model).items():
-        torch.testing.assert_close(p, ref_model.state_dict()[k], rtol=1e-5, atol=1e-6, msg=k)
+        torch.testing.assert_close(p, ref[k], **_TOL, msg=k)
+
+
+@pytest.mark.slow
+def test_ddp_matches_single_process():
+    opt_name, pc, steps = "adamw", True, 3
+    results = run_distributed(_train_worker, args=("ddp", opt_name, pc, steps, None))
+    ref_model, _, ref_losses = _reference(opt_name, pc, steps)
+    _check_against_reference(results, ref_model, ref_losses)
