@@ -35,7 +35,7 @@ def test_ns_flops_formula_uses_short_side():
     # 5 steps of (4 r^2 c + 2 r^3) with r = 2, c = 3
     assert ns_flops((2, 3)) == 5 * (4 * 4 * 3 + 2 * 8)
     assert ns_flops((3, 2)) == ns_flops((2, 3))
-    assert ns_flops((4, 2, 3), steps=1) == 4 * (4 * 4 * 3 + 2 * 8)
+    assert ns_flops((2, 1, 3), steps=1) == 4 * 4 * 3 + 2 * 8  # conv-like: (2, 1*3)
 
 
 def test_assignment_is_balanced_and_deterministic():

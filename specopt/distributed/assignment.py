@@ -19,26 +19,26 @@ __all__ = ["assign_by_cost", "ns_flops", "rank_loads"]
 DEFAULT_NS_STEPS = 5
 
 
-def ns_flops(shape: Sequence[int], steps: int = DEFAULT_NS_STEPS) -> int:
-    """FLOPs of ``steps`` quintic NS iterations on a matrix of ``shape``.
+def ns_flops(shape: Sequence[int], steps: int = DEFAULT_NS_STEPS, method: str = "standard") -> int:
+    """NS cost model: matmul FLOPs of ``steps`` iterations on a matrix of ``shape``.
 
-    A matrix ``(..., m, n)`` is treated as ``prod(leading) * (r x c)`` with ``r = min(m,
-    n)``, ``c = max(m, n)`` (NS works on the short side). One iteration costs
-    ``A = X X^T`` (2 r^2 c) + ``B = bA + cA^2`` (2 r^3) + ``B X`` (2 r^2 c), i.e.
-    ``4 r^2 c + 2 r^3`` FLOPs. Shapes with fewer than 2 dims are reshaped as Muon does
-    (``(shape[0], -1)``) and a 1-D or empty shape costs its element count.
+    Delegates to :func:`specopt.optim.newton_schulz.ns_matmul_flops` (the standard
+    iteration on ``X`` of ``r x c``, ``r <= c``, costs ``steps * (4 r^2 c + 2 r^3)``).
+    An N-D shape counts as Muon reshapes it, ``(shape[0], prod(shape[1:]))``; a shape
+    with fewer than 2 dims costs its element count.
     """
+    from specopt.optim.newton_schulz import ns_matmul_flops  # lazy: optim imports us
+
     shape = tuple(int(s) for s in shape)
     if len(shape) < 2:
         n = 1
         for s in shape:
             n *= s
         return n
-    batch = 1
-    for s in shape[:-2]:
-        batch *= s
-    r, c = sorted(shape[-2:])
-    return batch * steps * (4 * r * r * c + 2 * r**3)
+    cols = 1
+    for s in shape[1:]:
+        cols *= s
+    return ns_matmul_flops((shape[0], cols), steps, method)
 
 
 def assign_by_cost(costs: Sequence[float], world_size: int) -> list[int]:
