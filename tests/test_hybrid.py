@@ -588,3 +588,4 @@ def test_zero_grads_give_zero_updates(mode):
     for n, p in model.named_parameters():
         decay = 1 - 1e-2 * 0.5 if p.ndim >= 2 else 1.0
         torch.testing.assert_close(p, before[n] * decay, rtol=1e-6, atol=0, msg=n)
+

@@ -48,6 +48,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.nn.utils import parametrize
 from torch.optim import Optimizer
 
@@ -274,9 +275,14 @@ def _matches(patterns: Sequence[str], t: _Tensor) -> list[str]:
 
 
 def _storage_key(p: Tensor) -> tuple[str, int] | None:
-    if p.numel() == 0 or p.device.type == "meta":
+    # DTensor (FSDP2) and other wrapper subclasses have no storage of their own; tying
+    # there is by Parameter identity, which _collect already merges.
+    if p.numel() == 0 or p.device.type == "meta" or isinstance(p, DTensor):
         return None
-    return (str(p.device), p.untyped_storage().data_ptr())
+    try:
+        return (str(p.device), p.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):
+        return None
 
 
 def _is_head_name(path: str, head_names: Sequence[str]) -> bool:
@@ -465,7 +471,9 @@ def _screen_nonfinite(
     """Check every dense gradient; raise, or hide bad ones (return them to restore).
 
     One fused inf-norm per device and one host sync; NaN propagates through max, so a
-    non-finite norm means a non-finite entry.
+    non-finite norm means a non-finite entry. DTensor (FSDP2) gradients are checked on
+    the local shard and the per-parameter flags are max-all-reduced, so every rank takes
+    the same decision (raising on one rank only would hang the others).
     """
     entries = [
         (gi, i, p)
@@ -475,18 +483,22 @@ def _screen_nonfinite(
     ]
     if not entries:
         return []
+    grads = [p.grad for _, _, p in entries]
+    sharded = any(isinstance(g, DTensor) for g in grads)
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
     by_device: dict[torch.device, list[int]] = {}
-    for k, (_, _, p) in enumerate(entries):
-        by_device.setdefault(p.grad.device, []).append(k)
-    bad: list[int] = []
+    for k, g in enumerate(local):
+        by_device.setdefault(g.device, []).append(k)
+    flags = torch.zeros(len(entries), dtype=torch.float32, device=local[0].device)
     for idx in by_device.values():
-        norms = torch._foreach_norm([entries[k][2].grad for k in idx], math.inf)
-        finite = torch.stack([n.float() for n in norms]).isfinite()
-        if not bool(finite.all()):
-            bad.extend(idx[j] for j in (~finite).nonzero().flatten().tolist())
-    if not bad:
+        norms = torch._foreach_norm([local[k] for k in idx], math.inf)
+        bad_here = (~torch.stack([n.float() for n in norms]).isfinite()).float()
+        flags[torch.tensor(idx, device=flags.device)] = bad_here.to(flags.device)
+    if sharded and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    if not bool(flags.any()):
         return []
-    bad.sort()
+    bad = flags.nonzero().flatten().tolist()
 
     def describe(k: int) -> str:
         gi, i, p = entries[k]
