@@ -15,10 +15,12 @@ Three arms, same start, same learning rate, full-batch gradient descent:
               singular values log-spaced in [1/init_cond, 1], random singular vectors).
 - ``clip``:   GD, then after every step each layer's singular values are projected onto
               [a, b] with an SVD (the set the theory assumes the path stays in).
-- ``pcK``:    GD on the raw weights of the PC parametrization at level K: the network uses
-              W_eff = s * f_K(W / s) with s = u^T W v from the shared power iteration
-              (``specopt.pc.pc_weight`` with gamma fixed at 1, u, v refreshed after every step
-              with 10 warm-started iterations, as in the published code).
+- ``pcK``:    GD on the raw weights and a per-layer gain gamma (init 1) of the PC
+              parametrization at level K: the network uses W_eff = gamma * s * f_K(W / s)
+              with s = u^T W v from the shared power iteration (``specopt.pc.pc_weight``;
+              u, v refreshed after every step with 10 warm-started iterations, as in the
+              published code). Without the learned gamma the top singular value of W_eff
+              gets no gradient (f(1) = 1, the multiplying s is detached) and stays put.
 
 Why the bound: with every layer's singular values in [a, b] and square (or widening then
 narrowing) layers, ||grad_i||_F >= a^(L-1) ||E||_F for each layer, so
@@ -174,10 +176,9 @@ def pl_rate_bound(depth: int, a_path: float, lr: float) -> float:
 
 def _pc_tools(level: int) -> tuple[Any, Any]:
     """(pc_weight, coefficients of ``level``) from the PC layer package."""
-    from specopt.pc import pc_weight
-    from specopt.pc.polynomials import PUBLISHED_COEFFICIENTS
+    from specopt.pc import pc_weight, resolve_polynomial
 
-    return pc_weight, PUBLISHED_COEFFICIENTS[level]
+    return pc_weight, resolve_polynomial(level=level).coefficients
 
 
 def _by_shape(Ws: list[Tensor]) -> dict[tuple[int, ...], list[int]]:
@@ -208,6 +209,7 @@ def run_arm(
     """
     raws = [W.clone().requires_grad_(True) for W in problem.init]
     pc_state: list[tuple[Tensor, Tensor]] = []
+    gammas: list[Tensor] = []
     if arm == "clip":
         assert a is not None
         b = 1.0 / a
@@ -219,11 +221,14 @@ def run_arm(
         from specopt.spectral.power_iteration import init_singular_vectors, power_iteration_
 
         pc_weight, coefficients = _pc_tools(level)
-        gamma = torch.ones((), dtype=torch.float64)
         for W in raws:
             u, v = init_singular_vectors(W.shape, dtype=torch.float64)
             power_iteration_(W, u, v, iters=PC_POWER_ITERS)
             pc_state.append((u, v))
+            # Learned per-layer gain (init 1, as published). Needed: f(1) = 1 and the
+            # multiplying s is detached, so without gamma the top singular value of W_eff
+            # receives no gradient and stays at its initial value.
+            gammas.append(torch.ones((), dtype=torch.float64, requires_grad=True))
     elif arm != "gd":
         raise ValueError(f"arm must be 'gd', 'clip' or 'pc', got {arm!r}")
 
@@ -231,8 +236,8 @@ def run_arm(
         if arm != "pc":
             return raws
         return [
-            pc_weight(W, u.clone(), v.clone(), gamma, coefficients, eps=1e-7)
-            for W, (u, v) in zip(raws, pc_state, strict=True)
+            pc_weight(W, u.clone(), v.clone(), g, coefficients, eps=1e-7)
+            for W, (u, v), g in zip(raws, pc_state, gammas, strict=True)
         ]
 
     losses: list[float] = []
@@ -263,10 +268,11 @@ def run_arm(
             break
         if step == steps:
             break
-        grads = torch.autograd.grad(loss, raws)
+        params = raws + gammas
+        grads = torch.autograd.grad(loss, params)
         with torch.no_grad():
-            for W, g in zip(raws, grads, strict=True):
-                W.sub_(lr * g)
+            for P, g in zip(params, grads, strict=True):
+                P.sub_(lr * g)
             if arm == "clip":
                 for idx in _by_shape(raws).values():
                     projected = project_spectrum(torch.stack([raws[i] for i in idx]), a, 1.0 / a)
