@@ -589,3 +589,19 @@ def test_zero_grads_give_zero_updates(mode):
         decay = 1 - 1e-2 * 0.5 if p.ndim >= 2 else 1.0
         torch.testing.assert_close(p, before[n] * decay, rtol=1e-6, atol=0, msg=n)
 
+
+
+@pytest.mark.parametrize("mode", ["muon", "adamw"])
+def test_one_lr_trains_both_sides(mode):
+    # Defaults (match_rms_adamw): the same lr fits a fixed batch on both sides.
+    model = _apply_fake_pc(_model())
+    opt = build_optimizer(model, mode, lr=1e-2)
+    x, y = _batch(0)
+    losses = []
+    for _ in range(15):
+        opt.zero_grad()
+        loss = model.loss(x, y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses

@@ -35,6 +35,13 @@ inf-norm per device, one host sync per step). ``nonfinite="raise"`` (default) ra
 changed; ``nonfinite="skip"`` hides that parameter's gradient for the step (no update, no
 moment/momentum update, no weight decay), counts it in the group's ``"nonfinite_skips"``
 list (saved in ``state_dict``) and warns.
+
+Example::
+
+    opt = specopt.build_optimizer(model, "muon", lr=3e-3)
+    print(opt.routing)  # table: parameter, shape, optimizer, decay, reason
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10_000)
+    loss.backward(); opt.step(); sched.step(); opt.zero_grad()
 """
 
 from __future__ import annotations
