@@ -219,14 +219,17 @@ class PCParametrization(nn.Module):
         NaN/Inf the previous vectors are kept (no NaN enters the buffers); checked without
         a host sync.
         """
-        if tuple(self.u.shape) != (weight.shape[0],) or tuple(self.v.shape) != (weight.shape[1],):
-            self._reinit(weight)
+        self._check_shapes(weight)
         u_prev, v_prev = self.u.clone(), self.v.clone()
         power_iteration_(weight, self.u, self.v, iters=self.power_iters if iters is None else iters,
                          eps=self.eps)
         ok = torch.isfinite(self.u).all() & torch.isfinite(self.v).all()
         self.u.copy_(torch.where(ok, self.u, u_prev))
         self.v.copy_(torch.where(ok, self.v, v_prev))
+
+    def _check_shapes(self, weight: Tensor) -> None:
+        if tuple(self.u.shape) != (weight.shape[0],) or tuple(self.v.shape) != (weight.shape[1],):
+            self._reinit(weight)
 
     def _reinit(self, weight: Tensor) -> None:
         u, v = init_singular_vectors(
@@ -311,10 +314,36 @@ class PCHandle:
 
     @torch.no_grad()
     def refresh(self, iters: int | None = None) -> None:
-        """Run warm-started power iteration on every wrapped weight (``power_iters`` each)."""
+        """Run warm-started power iteration on every wrapped weight (``power_iters`` each).
+
+        Same-shaped weights are refreshed together by one batched call of the shared
+        estimator (the rule per matrix is unchanged; it saves ~10 tiny kernel launches per
+        iteration and matrix, which dominate the refresh cost).
+        """
+        groups: dict[tuple, list[tuple[PCParametrization, Tensor]]] = {}
         for name, module in self.modules.items():
             pc = self._pc(name, module)
-            pc.refresh_(module.parametrizations.weight.original, iters)
+            weight = module.parametrizations.weight.original
+            key = (tuple(weight.shape), weight.device, pc.u.dtype, pc.v.dtype,
+                   pc.power_iters if iters is None else iters, pc.eps)
+            groups.setdefault(key, []).append((pc, weight))
+        for (_, _, _, _, n_iters, eps), items in groups.items():
+            if len(items) == 1:
+                items[0][0].refresh_(items[0][1], n_iters)
+                continue
+            for pc, weight in items:
+                pc._check_shapes(weight)
+            w = torch.stack([weight.detach() for _, weight in items])
+            u = torch.stack([pc.u for pc, _ in items])
+            v = torch.stack([pc.v for pc, _ in items])
+            u_prev, v_prev = u.clone(), v.clone()
+            power_iteration_(w, u, v, iters=n_iters, eps=eps)
+            ok = (torch.isfinite(u).all(-1) & torch.isfinite(v).all(-1)).unsqueeze(-1)
+            u = torch.where(ok, u, u_prev)
+            v = torch.where(ok, v, v_prev)
+            for i, (pc, _) in enumerate(items):
+                pc.u.copy_(u[i])
+                pc.v.copy_(v[i])
 
     def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
         """Refresh ``u``, ``v`` after every ``optimizer.step()``; returns the removable hook.
