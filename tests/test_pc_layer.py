@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import specopt.pc.parametrization as pc_mod
+from specopt import build_optimizer
 from specopt.models import PRESETS, Llama, LlamaConfig
 from specopt.pc import (
     PC_LEVELS,
@@ -321,39 +322,26 @@ def test_accumulate_backpropagates_nothing_when_body_raises():
     assert get_pc(model.layers[0].feed_forward.w1)._accumulation_leaf is None
 
 
-def _muon_optimizer(model, lr):
-    try:
-        from specopt import build_optimizer  # type: ignore[attr-defined]
-    except ImportError:
-        build_optimizer = None
-    if build_optimizer is not None:
-        return build_optimizer(model, "muon", lr=lr)
-    hidden = [p for p in model.parameters() if p.ndim == 2]
-    rest = [p for p in model.parameters() if p.ndim != 2]
-    muon = torch.optim.Muon(hidden, lr=lr, adjust_lr_fn="match_rms_adamw")
-    return muon, torch.optim.AdamW(rest, lr=lr)
-
-
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_tiny_training_run_with_pc(optimizer):
     model = _tiny_llama(seed=0)
     handle = apply_pc(model, level=4 if optimizer == "adamw" else 2)
-    if optimizer == "adamw":
-        opts = [torch.optim.AdamW(model.parameters(), lr=1e-2)]
-    else:
-        built = _muon_optimizer(model, lr=2e-2)
-        opts = list(built) if isinstance(built, tuple) else [built]
-    handle.attach(opts[0])
+    if optimizer == "adamw":  # plain torch AdamW
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    else:  # Muon for the raw PC weights (2-D), AdamW for gamma (0-D), norms, embeddings
+        opt = build_optimizer(model, "muon", lr=2e-2, adamw_lr=1e-2)
+        routes = {r.name: r.optimizer for r in opt.routing.routes}
+        w1 = "layers.0.feed_forward.w1.parametrizations.weight"
+        assert routes[f"{w1}.original"] == "muon" and routes[f"{w1}.0.gamma"] == "adamw"
+    handle.attach(opt)
     x, y = _batch(batch=4, seq=32)
     losses = []
     gamma = handle.gamma_parameters()[0]
     for _ in range(25):
-        for o in opts:
-            o.zero_grad()
+        opt.zero_grad()
         loss = model.loss(x, y)
         loss.backward()
-        for o in opts:
-            o.step()
+        opt.step()
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < 0.7 * losses[0], losses
