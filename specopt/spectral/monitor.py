@@ -1,0 +1,715 @@
+"""``SpectralMonitor``: stream per-layer spectra of a model's weight matrices during training.
+
+One line attaches it to any torch optimizer::
+
+    monitor = specopt.SpectralMonitor(model, log_dir="runs/x", every=50)
+    monitor.attach(optimizer)          # step post-hook; or call monitor.step(step) yourself
+
+What it does at each optimizer step (the cadence counts optimizer steps, so gradient
+accumulation is safe):
+
+1. Cheap signal (every ``signal_every`` steps, backed off to fit the budget): sigma_max of
+   every matrix by warm-started power iteration (the shared
+   :mod:`specopt.spectral.power_iteration`, batched over same-shaped matrices, with the
+   monitor's own ``u``, ``v``), plus a NaN/Inf check of weights and gradients.
+2. Snapshot (every ``every`` steps, backed off to fit the budget): exact singular values
+   (:func:`specopt.spectral.metrics.singular_values`), every metric of
+   :mod:`specopt.spectral.metrics`, histograms, the update ratio, model aggregates.
+3. Alarms (:mod:`specopt.spectral.alarms`) over both streams.
+
+Tag scheme (stable; ``specopt diagnose`` parses it with :func:`specopt.spectral.sinks.parse_tag`).
+``<layer>`` is the module path from ``model.named_modules()`` (e.g.
+``layers.0.feed_forward.w1``); for a parametrized weight (PC layer, torch ``spectral_norm``)
+``<layer>`` is the *effective* weight ``module.weight`` and ``<layer>/raw`` the trained
+tensor ``module.parametrizations.weight.original``. Module paths never contain ``/``::
+
+    spectral/<metric>/<layer>             scalar, each snapshot; <metric> in METRIC_NAMES:
+                                          sigma_max sigma_min condition_number gmcn
+                                          stable_rank effective_rank spectral_entropy rms_to_rms
+    spectral/update_ratio/<layer>         ||W_t - W_{t-1}||_2 / ||W_t||_2 of the trained
+                                          tensor (so <path>/raw for parametrized layers)
+    spectral/sigma_max_pi/<layer>         power-iteration sigma_max of the trained tensor,
+                                          every signal step (<path>/raw for parametrized)
+    spectral_hist/log10_sigma/<layer>     histogram of log10(sigma), each snapshot
+    spectral_hist/sigma_over_max/<layer>  histogram of sigma / sigma_max, each snapshot
+    spectral/model/<aggregate>            geometric mean over effective matrices of each
+                                          metric, plus condition_number_max and
+                                          nonfinite_matrices
+    monitor/snapshot_ms                   wall time of the snapshot
+    monitor/signal_ms                     wall time of the last cheap-signal step
+    monitor/step_ms                       median training-step time without the monitor
+    monitor/overhead                      estimated amortized monitor time / step time
+    monitor/every, monitor/signal_every   current (possibly backed-off) cadences
+    alarms                                text, one entry per fired alarm
+
+plus a custom-scalar layout (TensorBoard's "Custom Scalars" tab) grouping condition
+numbers, GMCN, sigma_max and update ratios by block (attention, MLP, ...) and PC vs non-PC.
+With ``save_spectra=True`` raw spectra go to ``<log_dir>/spectra/step_<step:08d>.npz``.
+
+Side effects: none on training. Weights are read under ``no_grad``; a parametrized weight
+is computed by calling its ``ParametrizationList`` directly (bypassing
+``parametrize.cached()``) with the parametrization modules temporarily in eval mode, so
+torch's ``spectral_norm`` does not advance its power iteration; the monitor's own power
+iteration uses its own vectors and a private generator (global RNG untouched).
+
+Overhead control: the monitor times its own work and the training step between its calls
+(median of recent steps). Snapshots may use up to 3/4 of ``budget``; when one costs more,
+the snapshot cadence doubles (and comes back down when it gets cheaper, never below
+``every``). The cheap signal gets what remains (at least 1/4 of the budget) by striding.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+import os
+import re
+import statistics
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from specopt.spectral.alarms import Alarm, AlarmRule, Observation, default_alarms
+from specopt.spectral.metrics import (
+    METRIC_NAMES,
+    model_aggregates,
+    singular_values,
+    spectrum_metrics,
+)
+from specopt.spectral.power_iteration import (
+    init_singular_vectors,
+    power_iteration_,
+    sigma_max_estimate,
+)
+from specopt.spectral.sinks import (
+    RAW_SUFFIX,
+    ConsoleSink,
+    LayerInfo,
+    Sink,
+    SinkGroup,
+    Snapshot,
+    SpectraFileSink,
+    TensorBoardSink,
+    metric_tag,
+    monitor_tag,
+)
+
+__all__ = ["MonitorHandle", "SpectralMonitor"]
+
+logger = logging.getLogger("specopt.spectral.alarms")
+
+_ATTENTION = re.compile(r"(attn|attention|\bw[qkvo]\b|[qkvo]_proj|qkv|query|key|value)")
+_MLP = re.compile(r"(mlp|feed_forward|ffn|\bfc\d*\b|\bw[123]\b|gate|up_proj|down_proj|c_fc)")
+_EMBED = re.compile(r"(embed|wte|wpe|\boutput\b|lm_head)")
+
+#: Power iterations run once per matrix at construction so the first cheap reading is
+#: already converged (later readings are warm-started and need only ``power_iters``).
+_WARMUP_ITERS = 30
+#: Recent training steps whose median estimates the step time.
+_STEP_WINDOW = 20
+
+
+def _block_of(path: str) -> str:
+    parts = " ".join(path.split("."))
+    if _ATTENTION.search(parts):
+        return "attention"
+    if _MLP.search(parts):
+        return "mlp"
+    if _EMBED.search(parts):
+        return "embedding"
+    return "other"
+
+
+def _get_pc(module: nn.Module) -> Any:
+    # specopt.pc is a sibling subsystem; import lazily and tolerate its absence.
+    try:
+        from specopt.pc import get_pc
+    except ImportError:
+        return None
+    return get_pc(module)
+
+
+def _matches(path: str, patterns: Sequence[str | re.Pattern[str]]) -> bool:
+    for pat in patterns:
+        if isinstance(pat, re.Pattern):
+            if pat.search(path):
+                return True
+        elif fnmatch.fnmatchcase(path, pat):
+            return True
+    return False
+
+
+def _patterns(name: str, value: Any) -> list[str | re.Pattern[str]] | None:
+    if value is None:
+        return None
+    items = [value] if isinstance(value, (str, re.Pattern)) else list(value)
+    for item in items:
+        if not isinstance(item, (str, re.Pattern)):
+            raise TypeError(
+                f"{name} must be a glob string, a compiled regex or a list of them, "
+                f"got {type(item).__name__}"
+            )
+    return items
+
+
+@dataclass
+class _Matrix:
+    """A monitored module weight (internal)."""
+
+    path: str
+    module: nn.Module
+    trained: Tensor  # the tensor the optimizer updates (raw for parametrized modules)
+    parametrized: bool
+    info: LayerInfo  # effective weight (== trained for plain modules)
+    raw_info: LayerInfo | None  # raw weight of a parametrized module
+
+    @property
+    def trained_key(self) -> str:
+        return self.raw_info.key if self.raw_info is not None else self.info.key
+
+    @torch.no_grad()
+    def effective(self) -> Tensor:
+        if not self.parametrized:
+            return self.trained.detach()
+        plist = self.module.parametrizations["weight"]
+        modes = [(m, m.training) for m in plist.modules()]
+        try:
+            # Eval mode: torch's spectral_norm only advances its power iteration in
+            # training mode. Calling the list directly bypasses parametrize.cached().
+            for m, _ in modes:
+                m.training = False
+            w = plist()
+        finally:
+            for m, mode in modes:
+                m.training = mode
+        return w.detach()
+
+
+@dataclass
+class _SignalGroup:
+    """Same-shaped trained matrices sharing one batched power iteration (internal)."""
+
+    matrices: list[_Matrix]
+    u: Tensor
+    v: Tensor
+    keys: list[str] = field(default_factory=list)
+
+
+class MonitorHandle:
+    """Returned by :meth:`SpectralMonitor.attach`; ``remove()`` (alias ``detach()``)
+    unregisters the optimizer hooks. Also a context manager."""
+
+    def __init__(self, monitor: SpectralMonitor, hooks: list[Any]) -> None:
+        self._monitor = monitor
+        self._hooks = hooks
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        if self in self._monitor._handles:
+            self._monitor._handles.remove(self)
+
+    detach = remove
+
+    def __enter__(self) -> MonitorHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+class SpectralMonitor:
+    """Streams weight spectra, metrics and alarms of ``model`` to TensorBoard and friends.
+
+    Args:
+        model: the model; every module whose ``weight`` has >= 2 dims is a matrix
+            (conv kernels read as ``(out, in * k...)``); tied weights are monitored once.
+        log_dir: directory for a TensorBoard event file (created; must be writable).
+        writer: an existing ``SummaryWriter`` instead of ``log_dir`` (not closed by us).
+            With neither, nothing is written to TensorBoard (alarms still fire).
+        every: snapshot cadence in optimizer steps (snapshots at steps divisible by it).
+        include, exclude: glob patterns (``fnmatch`` on the module path, e.g.
+            ``"layers.*.attention.*"``) or compiled regexes (``search``) selecting layers.
+        histograms: log the two histograms per layer at each snapshot.
+        save_spectra: also save raw spectra as ``.npz`` per snapshot (needs a log dir).
+        budget: target amortized monitor time as a fraction of step time (default 2%);
+            None disables the back-off (cadences stay as given).
+        alarms: alarm rules (default :func:`default_alarms`); ``()`` for none.
+        on_alarm: ``callback(alarm)`` for each fired alarm (may raise to stop training).
+        console: False, True (print a table of the worst-conditioned layers at each
+            snapshot) or ``"live"`` (a rich live table).
+        console_top: rows of that table.
+        signal_every: cadence of the cheap power-iteration sigma_max signal (>= 1; may be
+            backed off by the budget); 0 disables it.
+        power_iters: warm-started power iterations per cheap-signal step.
+        update_ratio: log ``||dW||_2 / ||W||_2`` at snapshots (keeps a copy of the
+            monitored weights across the one optimizer step before each snapshot).
+        dtype: ``torch.float32`` or ``torch.float64`` for the SVD.
+        start_step: optimizer-step count before the first attached step (for resumed runs).
+
+    Raises:
+        ValueError: bad arguments (named), an unwritable ``log_dir``, a model without
+            matrices or patterns that select none.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        log_dir: str | os.PathLike[str] | None = None,
+        writer: Any = None,
+        every: int = 50,
+        include: str | re.Pattern[str] | Sequence[str | re.Pattern[str]] | None = None,
+        exclude: str | re.Pattern[str] | Sequence[str | re.Pattern[str]] | None = None,
+        histograms: bool = True,
+        save_spectra: bool = False,
+        budget: float | None = 0.02,
+        alarms: Iterable[AlarmRule] | None = None,
+        on_alarm: Callable[[Alarm], Any] | None = None,
+        console: bool | str = False,
+        console_top: int = 10,
+        signal_every: int = 1,
+        power_iters: int = 2,
+        update_ratio: bool = True,
+        dtype: torch.dtype = torch.float32,
+        start_step: int = 0,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if log_dir is not None and writer is not None:
+            raise ValueError("give either log_dir or writer, not both")
+        for name, value, low in (("every", every, 1), ("signal_every", signal_every, 0),
+                                 ("power_iters", power_iters, 1), ("console_top", console_top, 1),
+                                 ("start_step", start_step, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        if budget is not None and not (
+            isinstance(budget, (int, float)) and not isinstance(budget, bool) and 0 < budget <= 1
+        ):
+            raise ValueError(f"budget must be a float in (0, 1] or None, got {budget!r}")
+        if console not in (False, True, "live"):
+            raise ValueError(f"console must be False, True or 'live', got {console!r}")
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        if on_alarm is not None and not callable(on_alarm):
+            raise TypeError(f"on_alarm must be callable, got {type(on_alarm).__name__}")
+        rules = default_alarms() if alarms is None else list(alarms)
+        for rule in rules:
+            if not isinstance(rule, AlarmRule):
+                raise TypeError(f"alarms must be AlarmRule instances, got {type(rule).__name__}")
+        self.model = model
+        self.every = every
+        self.budget = None if budget is None else float(budget)
+        self.signal_every = signal_every
+        self.power_iters = power_iters
+        self.update_ratio = update_ratio
+        self.dtype = dtype
+        self.rules = rules
+        self.on_alarm = on_alarm
+        self.alarms_fired: deque[Alarm] = deque(maxlen=1000)
+        self._matrices = self._discover(_patterns("include", include),
+                                        _patterns("exclude", exclude))
+
+        log_path = self._prepare_log_dir(log_dir) if log_dir is not None else None
+        if save_spectra and log_path is None and getattr(writer, "log_dir", None) is None:
+            raise ValueError("save_spectra=True needs log_dir (or a writer with a log_dir)")
+        sinks: list[Sink] = []
+        if log_path is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # flush_secs: scalars between snapshots reach disk within 30 s; snapshots
+            # and alarms flush immediately. A long queue lets add_scalar return at once
+            # instead of handing the GIL to the writer thread every 10 events.
+            sinks.append(TensorBoardSink(SummaryWriter(log_path, max_queue=1000, flush_secs=30),
+                                         owns_writer=True, histograms=histograms))
+        elif writer is not None:
+            sinks.append(TensorBoardSink(writer, histograms=histograms))
+        if save_spectra:
+            base = log_path if log_path is not None else writer.log_dir
+            sinks.append(SpectraFileSink(os.path.join(base, "spectra")))
+        if console:
+            sinks.append(ConsoleSink(top=console_top, live=console == "live"))
+        self.sink = SinkGroup(sinks)
+        self.log_dir = log_path
+
+        self._groups = self._make_signal_groups()
+        self._handles: list[MonitorHandle] = []
+        self._step = start_step
+        self._every_eff = every
+        self._signal_stride = signal_every
+        self._step_times: deque[float] = deque(maxlen=_STEP_WINDOW)
+        self._signal_ms: deque[float] = deque(maxlen=_STEP_WINDOW)
+        self._snapshot_ms: float | None = None
+        self._last_end: float | None = None
+        self._pending_loss: Any = None
+        self._previous: dict[str, Tensor] | None = None  # trained weights before the step
+        self._previous_step: int | None = None
+        self._layout_written = False
+        self._closed = False
+
+    # ------------------------------------------------------------------ setup
+    @staticmethod
+    def _prepare_log_dir(log_dir: str | os.PathLike[str]) -> str:
+        path = os.fspath(log_dir)
+        try:
+            os.makedirs(path, exist_ok=True)
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        except OSError as exc:
+            raise ValueError(f"log_dir {path!r} is not a writable directory: {exc}") from exc
+        return path
+
+    def _discover(self, include: list | None, exclude: list | None) -> list[_Matrix]:
+        found: list[_Matrix] = []
+        seen: set[int] = set()
+        all_paths: list[str] = []
+        for path, module in self.model.named_modules():
+            if "parametrizations" in path.split("."):
+                continue
+            if parametrize.is_parametrized(module, "weight"):
+                plist = module.parametrizations["weight"]
+                trained = getattr(plist, "original", None)
+                if trained is None or trained.ndim < 2:
+                    continue  # multi-tensor right-inverses: not a single raw matrix
+                parametrized = True
+            else:
+                trained = getattr(module, "weight", None)
+                if not isinstance(trained, Tensor) or trained.ndim < 2:
+                    continue
+                parametrized = False
+            if id(trained) in seen or trained.numel() == 0:
+                continue  # tied weights (e.g. output = tok_embeddings): monitor once
+            seen.add(id(trained))
+            all_paths.append(path)
+            if include is not None and not _matches(path, include):
+                continue
+            if exclude is not None and _matches(path, exclude):
+                continue
+            shape = (int(trained.shape[0]), int(trained.numel() // trained.shape[0]))
+            block, pc = _block_of(path), _get_pc(module) is not None
+            info = LayerInfo(key=path, path=path, shape=shape, block=block, pc=pc)
+            raw = (LayerInfo(key=path + RAW_SUFFIX, path=path, shape=shape, block=block, pc=pc,
+                             raw=True) if parametrized else None)
+            found.append(_Matrix(path, module, trained, parametrized, info, raw))
+        if not all_paths:
+            raise ValueError(
+                f"model {type(self.model).__name__} has no weight matrices to monitor "
+                "(no module with a >= 2-D weight)"
+            )
+        if not found:
+            raise ValueError(
+                f"include/exclude patterns selected no weight matrix; available: "
+                f"{', '.join(all_paths[:20])}{' ...' if len(all_paths) > 20 else ''}"
+            )
+        return found
+
+    def _make_signal_groups(self) -> list[_SignalGroup]:
+        by_shape: dict[tuple, list[_Matrix]] = {}
+        for m in self._matrices:
+            t = m.trained
+            by_shape.setdefault((tuple(t.shape), t.device, t.dtype), []).append(m)
+        groups = []
+        for (shape, device, dtype), mats in by_shape.items():
+            vec_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+            u, v = init_singular_vectors((len(mats), shape[0], math.prod(shape[1:])),
+                                         device=device, dtype=vec_dtype)
+            g = _SignalGroup(mats, u, v, [m.trained_key for m in mats])
+            power_iteration_(self._stack(g), g.u, g.v, iters=_WARMUP_ITERS)
+            self._repair_vectors(g)
+            groups.append(g)
+        return groups
+
+    @staticmethod
+    def _stack(g: _SignalGroup) -> Tensor:
+        return torch.stack([m.trained.detach().reshape(m.trained.shape[0], -1)
+                            for m in g.matrices])
+
+    @staticmethod
+    def _repair_vectors(g: _SignalGroup) -> None:
+        # NaN weights turn their rows of u, v into NaN: re-initialise just those rows so
+        # the signal recovers if the weights do.
+        bad = ~(torch.isfinite(g.u).all(-1) & torch.isfinite(g.v).all(-1))
+        if bool(bad.any()):
+            u0, v0 = init_singular_vectors((g.u.shape[0], g.u.shape[1], g.v.shape[1]),
+                                           device=g.u.device, dtype=g.u.dtype)
+            g.u[bad], g.v[bad] = u0[bad], v0[bad]
+
+    # ---------------------------------------------------------------- public
+    @property
+    def layers(self) -> list[str]:
+        """Layer keys monitored at snapshots (effective, then ``/raw`` entries)."""
+        keys = [m.info.key for m in self._matrices]
+        return keys + [m.raw_info.key for m in self._matrices if m.raw_info is not None]
+
+    @property
+    def current_every(self) -> int:
+        """Snapshot cadence in use (``every``, or larger when backed off)."""
+        return self._every_eff
+
+    @property
+    def current_signal_every(self) -> int:
+        """Cheap-signal cadence in use (0: disabled)."""
+        return self._signal_stride
+
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps seen (``start_step`` plus hook calls, or the last step())."""
+        return self._step
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> MonitorHandle:
+        """Register step pre/post hooks on ``optimizer``: the post-hook runs
+        :meth:`step` after every ``optimizer.step()``; the pre-hook copies the monitored
+        weights just before a snapshot step (for the update ratio). Returns a handle
+        whose ``remove()`` unregisters both; the optimizer is otherwise untouched."""
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got "
+                            f"{type(optimizer).__name__}")
+        hooks = [
+            optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._pre_step()),
+            optimizer.register_step_post_hook(lambda opt, args, kwargs: self.step()),
+        ]
+        handle = MonitorHandle(self, hooks)
+        self._handles.append(handle)
+        return handle
+
+    def detach(self) -> None:
+        """Remove every hook registered by :meth:`attach`."""
+        for h in list(self._handles):
+            h.remove()
+
+    def record_loss(self, loss: Tensor | float) -> None:
+        """Give the loss of the current step to the loss alarms (with :meth:`attach`).
+        A tensor is kept and read at the next monitor step (no extra device sync)."""
+        self._pending_loss = loss.detach() if isinstance(loss, Tensor) else float(loss)
+
+    def _is_snapshot_step(self, step: int) -> bool:
+        return step % self._every_eff == 0
+
+    def _pre_step(self) -> None:
+        if self.update_ratio and self._is_snapshot_step(self._step + 1):
+            self._capture(self._step)
+
+    @torch.no_grad()
+    def _capture(self, step: int) -> None:
+        self._previous = {m.trained_key: m.trained.detach().clone() for m in self._matrices}
+        self._previous_step = step
+
+    def step(self, global_step: int | None = None, loss: Tensor | float | None = None
+             ) -> Snapshot | None:
+        """Monitor one optimizer step (called by the attached hook, or by you after
+        ``optimizer.step()``).
+
+        Args:
+            global_step: the optimizer step just completed; default: previous + 1.
+            loss: this step's loss, for the loss alarms.
+
+        Returns:
+            The :class:`Snapshot` when this was a snapshot step, else None.
+        """
+        t0 = time.perf_counter()
+        if self._closed:
+            raise RuntimeError("SpectralMonitor.step() called after close()")
+        if self._last_end is not None:
+            self._step_times.append(t0 - self._last_end)
+        step = self._step + 1 if global_step is None else int(global_step)
+        self._step = step
+        if loss is None:
+            loss, self._pending_loss = self._pending_loss, None
+        if not self._layout_written:
+            self._layout_written = True
+            self.sink.write_layout([m.info for m in self._matrices]
+                                   + [m.raw_info for m in self._matrices if m.raw_info])
+
+        sigma_pi: dict[str, float] = {}
+        bad_w: list[str] = []
+        bad_g: list[str] = []
+        if self._signal_stride and step % self._signal_stride == 0:
+            ts = time.perf_counter()
+            sigma_pi, bad_w, bad_g = self._signal(step)
+            self._signal_ms.append((time.perf_counter() - ts) * 1e3)
+        snapshot = None
+        if self._is_snapshot_step(step):
+            ts = time.perf_counter()
+            snapshot = self._snapshot(step)  # includes the sink writes
+            self._snapshot_ms = (time.perf_counter() - ts) * 1e3
+            bad_w = sorted(set(bad_w) | set(snapshot.nonfinite))
+        obs = Observation(
+            step=step, sigma_max=sigma_pi,
+            metrics=snapshot.metrics if snapshot is not None else None,
+            nonfinite_weights=bad_w, nonfinite_grads=bad_g,
+            loss=None if loss is None else float(loss),
+        )
+        for rule in self.rules:
+            for alarm in rule.check(obs):
+                self._dispatch(alarm)
+        if snapshot is not None:
+            self._adapt_cadence()
+            self.sink.write_scalars(step, self._cost_scalars())
+        # Without hooks (manual step() calls) capture for the update ratio here.
+        if self.update_ratio and not self._handles and self._is_snapshot_step(step + 1):
+            self._capture(step)
+        self._last_end = time.perf_counter()
+        return snapshot
+
+    def snapshot(self, step: int | None = None) -> Snapshot:
+        """Take a full snapshot now (outside the cadence) and write it to the sinks."""
+        return self._snapshot(self._step if step is None else step)
+
+    def flush(self) -> None:
+        self.sink.flush()
+
+    def close(self) -> None:
+        """Remove hooks, flush and close the sinks (a writer passed in is only flushed)."""
+        if self._closed:
+            return
+        self.detach()
+        self.sink.close()
+        self._closed = True
+
+    def __enter__(self) -> SpectralMonitor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -------------------------------------------------------------- internals
+    @torch.no_grad()
+    def _signal(self, step: int) -> tuple[dict[str, float], list[str], list[str]]:
+        sigmas = []
+        for g in self._groups:
+            w = self._stack(g)
+            power_iteration_(w, g.u, g.v, iters=self.power_iters)
+            sigmas.append(sigma_max_estimate(w, g.u, g.v))
+        keys = [k for g in self._groups for k in g.keys]
+        values = torch.cat([s.reshape(-1).double().cpu() for s in sigmas]).tolist()
+        sigma = dict(zip(keys, values, strict=True))
+        bad_w = [k for k, s in sigma.items() if not math.isfinite(s)]
+        if bad_w:
+            for g in self._groups:
+                self._repair_vectors(g)
+        grads = [m.trained.grad for m in self._matrices]
+        present = [(m.trained_key, gr) for m, gr in zip(self._matrices, grads, strict=True)
+                   if gr is not None]
+        bad_g: list[str] = []
+        if present:
+            norms = torch.stack([n.double().cpu() for n in
+                                 torch._foreach_norm([gr for _, gr in present])])
+            bad_g = [k for (k, _), ok in zip(present, torch.isfinite(norms).tolist(), strict=True)
+                     if not ok]
+        self.sink.write_scalars(step, {metric_tag("sigma_max_pi", k): v for k, v in sigma.items()})
+        return sigma, bad_w, bad_g
+
+    @torch.no_grad()
+    def _snapshot(self, step: int) -> Snapshot:
+        t0 = time.perf_counter()
+        infos: list[LayerInfo] = []
+        weights: list[Tensor] = []
+        for m in self._matrices:
+            infos.append(m.info)
+            weights.append(m.effective())
+        for m in self._matrices:
+            if m.raw_info is not None:
+                infos.append(m.raw_info)
+                weights.append(m.trained.detach())
+        # Update ratio: ||W_t - W_{t-1}||_2 of the trained tensors, in the same batched SVD.
+        previous = self._previous if self._previous_step == step - 1 else None
+        self._previous, self._previous_step = None, None
+        delta_keys: list[str] = []
+        if previous is not None:
+            for m in self._matrices:
+                key = m.trained_key
+                if key in previous:
+                    delta_keys.append(key)
+                    weights.append(m.trained.detach() - previous[key])
+        sigmas = singular_values(weights, dtype=self.dtype)
+        spectra: dict[str, np.ndarray] = {}
+        metrics: dict[str, dict[str, float]] = {}
+        per_metric: dict[str, list[float]] = {name: [] for name in METRIC_NAMES}
+        nonfinite: list[str] = []
+        for info, sig in zip(infos, sigmas[: len(infos)], strict=True):
+            spectrum = sig.double().cpu()
+            vals = {k: float(v) for k, v in spectrum_metrics(spectrum, shape=info.shape).items()}
+            spectra[info.key] = spectrum.numpy()
+            metrics[info.key] = vals
+            if math.isnan(vals["sigma_max"]):
+                nonfinite.append(info.key)
+            if not info.raw:
+                for name, value in vals.items():
+                    per_metric[name].append(value)
+        update_ratio: dict[str, float] = {}
+        for key, sig in zip(delta_keys, sigmas[len(infos):], strict=True):
+            norm_w = metrics[key]["sigma_max"]
+            norm_d = float(sig[0]) if sig.numel() else math.nan
+            update_ratio[key] = norm_d / norm_w if norm_w > 0 else math.inf
+        snap = Snapshot(
+            step=step, metrics=metrics, spectra=spectra, update_ratio=update_ratio,
+            aggregates=model_aggregates(per_metric), nonfinite=nonfinite,
+            time_ms=(time.perf_counter() - t0) * 1e3,
+        )
+        self.sink.write_snapshot(snap)
+        return snap
+
+    def _dispatch(self, alarm: Alarm) -> None:
+        self.alarms_fired.append(alarm)
+        logger.warning("spectral alarm: %s", alarm.message)
+        self.sink.write_alarm(alarm)
+        if self.on_alarm is not None:
+            self.on_alarm(alarm)
+
+    def _step_ms(self) -> float | None:
+        return statistics.median(self._step_times) * 1e3 if self._step_times else None
+
+    def _overhead(self) -> float | None:
+        step_ms = self._step_ms()
+        if step_ms is None or step_ms <= 0:
+            return None
+        frac = 0.0
+        if self._snapshot_ms is not None:
+            frac += self._snapshot_ms / (self._every_eff * step_ms)
+        if self._signal_ms and self._signal_stride:
+            frac += statistics.median(self._signal_ms) / (self._signal_stride * step_ms)
+        return frac
+
+    def _adapt_cadence(self) -> None:
+        """Back off (or recover) the cadences so the amortized cost fits the budget."""
+        step_ms = self._step_ms()
+        if self.budget is None or step_ms is None or step_ms <= 0:
+            return
+        if self._snapshot_ms is not None:
+            snap_frac = self._snapshot_ms / (self._every_eff * step_ms)
+            while snap_frac > 0.75 * self.budget and self._every_eff < 2**30:
+                self._every_eff *= 2
+                snap_frac /= 2
+            while self._every_eff > self.every and 2 * snap_frac < 0.5 * self.budget:
+                self._every_eff //= 2
+                snap_frac *= 2
+        else:
+            snap_frac = 0.0
+        if self.signal_every and self._signal_ms:
+            left = max(self.budget - snap_frac, 0.25 * self.budget)
+            need = statistics.median(self._signal_ms) / (left * step_ms)
+            stride = max(self.signal_every, math.ceil(need))
+            self._signal_stride = min(stride, max(self._every_eff, self.signal_every))
+
+    def _cost_scalars(self) -> dict[str, float]:
+        out = {monitor_tag("snapshot_ms"): float(self._snapshot_ms or 0.0),
+               monitor_tag("every"): float(self._every_eff),
+               monitor_tag("signal_every"): float(self._signal_stride)}
+        step_ms, overhead = self._step_ms(), self._overhead()
+        if step_ms is not None:
+            out[monitor_tag("step_ms")] = step_ms
+        if overhead is not None:
+            out[monitor_tag("overhead")] = overhead
+        if self._signal_ms:
+            out[monitor_tag("signal_ms")] = self._signal_ms[-1]
+        return out

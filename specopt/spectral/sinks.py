@@ -1,0 +1,393 @@
+"""Where the spectral monitor's numbers go: TensorBoard, a rich console table, raw
+spectra files, or nowhere.
+
+Every sink implements the same small interface (:class:`Sink`, whose methods all do
+nothing), so the monitor never branches on "is logging on": with no log dir it writes
+to the base :class:`Sink`. :class:`SinkGroup` fans out to several sinks and isolates
+failures: a sink that raises (disk full, deleted log dir) is reported once with a
+``RuntimeWarning`` and training continues.
+
+The tag scheme is documented in :mod:`specopt.spectral.monitor` and built by the
+``*_tag`` functions here; :func:`parse_tag` inverts it for ``specopt diagnose``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from specopt.spectral.alarms import Alarm
+
+__all__ = [
+    "ALARM_TAG",
+    "ConsoleSink",
+    "LayerInfo",
+    "Sink",
+    "SinkGroup",
+    "Snapshot",
+    "SpectraFileSink",
+    "TensorBoardSink",
+    "custom_scalar_layout",
+    "histogram_tag",
+    "metric_tag",
+    "model_tag",
+    "monitor_tag",
+    "parse_tag",
+]
+
+#: Text tag of alarm entries.
+ALARM_TAG = "alarms"
+#: Equal-width bins per histogram (the TensorBoard UI shows ~30).
+HISTOGRAM_BINS = 64
+#: Suffix of the layer key of a parametrization's raw (trained) weight.
+RAW_SUFFIX = "/raw"
+
+
+def metric_tag(metric: str, layer: str) -> str:
+    """``spectral/<metric>/<layer>`` (metric also ``update_ratio``, ``sigma_max_pi``)."""
+    return f"spectral/{metric}/{layer}"
+
+
+def histogram_tag(kind: str, layer: str) -> str:
+    """``spectral_hist/<kind>/<layer>``, kind ``log10_sigma`` or ``sigma_over_max``."""
+    return f"spectral_hist/{kind}/{layer}"
+
+
+def model_tag(aggregate: str) -> str:
+    """``spectral/model/<aggregate>``: model-level aggregates (geometric means)."""
+    return f"spectral/model/{aggregate}"
+
+
+def monitor_tag(name: str) -> str:
+    """``monitor/<name>``: the monitor's own cost and cadence."""
+    return f"monitor/{name}"
+
+
+def parse_tag(tag: str) -> tuple[str, str, str | None] | None:
+    """Inverse of the tag functions: ``(kind, name, layer)`` or None for foreign tags.
+
+    kind is ``"metric"`` (name = metric, layer = key), ``"model"`` (name = aggregate,
+    layer None), ``"histogram"`` (name = histogram kind), ``"monitor"`` or ``"alarms"``.
+    """
+    if tag == ALARM_TAG:
+        return ("alarms", ALARM_TAG, None)
+    head, _, rest = tag.partition("/")
+    if head == "monitor" and rest:
+        return ("monitor", rest, None)
+    name, _, layer = rest.partition("/")
+    if not name:
+        return None
+    if head == "spectral":
+        if name == "model":
+            return ("model", layer, None) if layer else None
+        return ("metric", name, layer) if layer else None
+    if head == "spectral_hist" and layer:
+        return ("histogram", name, layer)
+    return None
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A monitored matrix.
+
+    Attributes:
+        key: tag key: the module path, plus ``/raw`` for a parametrization's raw weight.
+        path: module path (``model.named_modules()`` name).
+        shape: ``(m, n)`` of the matrix as analysed (conv kernels flattened).
+        block: ``"attention"``, ``"mlp"``, ``"embedding"`` or ``"other"`` (from the name).
+        pc: the module carries a specopt PC parametrization.
+        raw: this entry is the raw weight of a parametrized module.
+    """
+
+    key: str
+    path: str
+    shape: tuple[int, int]
+    block: str
+    pc: bool = False
+    raw: bool = False
+
+
+@dataclass
+class Snapshot:
+    """One full spectral snapshot.
+
+    Attributes:
+        step: optimizer step.
+        metrics: ``{layer key: {metric: value}}`` (see :mod:`specopt.spectral.metrics`).
+        spectra: ``{layer key: singular values, descending, float64}``.
+        update_ratio: ``{layer key: ||W_t - W_{t-1}||_2 / ||W_t||_2}`` for the trained
+            weights (raw weight of parametrized modules).
+        aggregates: ``{name: value}`` model-level, over the effective weights.
+        nonfinite: layer keys whose weights contain NaN/Inf.
+        time_ms: wall time the snapshot took (ms).
+    """
+
+    step: int
+    metrics: dict[str, dict[str, float]]
+    spectra: dict[str, np.ndarray]
+    update_ratio: dict[str, float] = field(default_factory=dict)
+    aggregates: dict[str, float] = field(default_factory=dict)
+    nonfinite: list[str] = field(default_factory=list)
+    time_ms: float = 0.0
+
+
+class Sink:
+    """No-op sink and the interface every sink implements."""
+
+    def write_layout(self, layers: Sequence[LayerInfo]) -> None:
+        """Called once, before the first write, with the monitored layers."""
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        """Every-step scalars ``{tag: value}`` (cheap sigma_max signal, monitor cost)."""
+
+    def write_snapshot(self, snapshot: Snapshot) -> None:
+        """A full snapshot; sinks flush here so a crash loses at most one cadence."""
+
+    def write_alarm(self, alarm: Alarm) -> None:
+        """One fired alarm."""
+
+    def flush(self) -> None:
+        """Push buffered data to storage."""
+
+    def close(self) -> None:
+        """Release resources; the sink is not used afterwards."""
+
+
+def _layer_regex(keys: Sequence[str], metric: str) -> str:
+    return "^(" + "|".join(re.escape(metric_tag(metric, k)) for k in keys) + ")$"
+
+
+def custom_scalar_layout(layers: Sequence[LayerInfo]) -> dict[str, dict[str, list[Any]]]:
+    """TensorBoard custom-scalar layout: condition numbers, GMCN and sigma_max grouped by
+    block (attention, MLP, ...) and PC vs non-PC, plus the model aggregates.
+
+    Format of ``SummaryWriter.add_custom_scalars``:
+    ``{category: {chart title: ["Multiline", [tag regex, ...]]}}``.
+    """
+    groups: dict[str, list[str]] = {}
+    for info in layers:
+        kind = "PC raw" if info.raw else ("PC" if info.pc else "non-PC")
+        groups.setdefault(f"{info.block} ({kind})", []).append(info.key)
+    layout: dict[str, dict[str, list[Any]]] = {}
+    for metric, title in (
+        ("condition_number", "condition number"),
+        ("gmcn", "GMCN"),
+        ("sigma_max_pi", "sigma_max (power iteration, every step)"),
+        ("update_ratio", "update ratio ||dW||/||W||"),
+    ):
+        layout[f"spectral: {title}"] = {
+            name: ["Multiline", [_layer_regex(keys, metric)]]
+            for name, keys in sorted(groups.items())
+        }
+    layout["spectral: model"] = {
+        "GMCN / condition number (geometric means)": [
+            "Multiline", [r"^spectral/model/(gmcn|condition_number)$"]],
+        "stable / effective rank (geometric means)": [
+            "Multiline", [r"^spectral/model/(stable_rank|effective_rank)$"]],
+        "monitor overhead": ["Multiline", [r"^monitor/.*$"]],
+    }
+    return layout
+
+
+class TensorBoardSink(Sink):
+    """Writes through a ``torch.utils.tensorboard.SummaryWriter``.
+
+    Per snapshot and layer: one scalar per metric, the update ratio, and (when
+    ``histograms``) histograms of ``log10(sigma)`` and ``sigma / sigma_max`` (TensorBoard
+    re-bins histograms into ~30 equal bins, so raw sigma spanning decades is unreadable).
+    Non-finite singular values are dropped from histograms (TensorBoard raises on an
+    all-NaN histogram); NaN scalars are written as NaN. Flushes after each snapshot.
+
+    Args:
+        writer: the SummaryWriter.
+        owns_writer: close the writer in :meth:`close` (True when the monitor made it).
+        histograms: write the two histograms per layer.
+    """
+
+    def __init__(self, writer: Any, *, owns_writer: bool = False, histograms: bool = True) -> None:
+        self.writer = writer
+        self.owns_writer = owns_writer
+        self.histograms = histograms
+
+    def write_layout(self, layers: Sequence[LayerInfo]) -> None:
+        self.writer.add_custom_scalars(custom_scalar_layout(layers))
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, step)
+
+    def write_snapshot(self, snapshot: Snapshot) -> None:
+        w, step = self.writer, snapshot.step
+        for key, metrics in snapshot.metrics.items():
+            for name, value in metrics.items():
+                w.add_scalar(metric_tag(name, key), value, step)
+            if self.histograms:
+                sigma = snapshot.spectra[key]
+                sigma = sigma[np.isfinite(sigma)]
+                if sigma.size and sigma[0] > 0:
+                    positive = sigma[sigma > 0]
+                    # Integer bins: equal-width edges are ~20x cheaper to fill than
+                    # TensorBoard's default exponential 'tensorflow' edges, and the UI
+                    # re-bins into ~30 equal-width bins anyway.
+                    w.add_histogram(histogram_tag("log10_sigma", key), np.log10(positive), step,
+                                    bins=HISTOGRAM_BINS)
+                    w.add_histogram(histogram_tag("sigma_over_max", key), sigma / sigma[0], step,
+                                    bins=HISTOGRAM_BINS)
+        for key, value in snapshot.update_ratio.items():
+            w.add_scalar(metric_tag("update_ratio", key), value, step)
+        for name, value in snapshot.aggregates.items():
+            w.add_scalar(model_tag(name), value, step)
+        w.flush()
+
+    def write_alarm(self, alarm: Alarm) -> None:
+        self.writer.add_text(ALARM_TAG, alarm.message, alarm.step)
+        self.writer.flush()  # alarms are rare and precious: never sit in the queue
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.owns_writer:
+            self.writer.close()
+        else:
+            self.writer.flush()
+
+
+class SpectraFileSink(Sink):
+    """Saves each snapshot's raw spectra to ``<directory>/step_<step:08d>.npz``
+    (one array per layer key, descending singular values, float64) for exact post-hoc
+    analysis. Written to a temporary file and renamed, so no half-written file remains.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = os.fspath(directory)
+        os.makedirs(self.directory, exist_ok=True)
+
+    def path_for(self, step: int) -> str:
+        return os.path.join(self.directory, f"step_{step:08d}.npz")
+
+    def write_snapshot(self, snapshot: Snapshot) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".npz.tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **snapshot.spectra)
+            os.replace(tmp, self.path_for(snapshot.step))
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+
+
+def _fmt(x: float) -> str:
+    if math.isnan(x):
+        return "NaN"
+    if math.isinf(x):
+        return "inf"
+    return f"{x:.4g}"
+
+
+class ConsoleSink(Sink):
+    """A rich table of the ``top`` worst-conditioned layers at each snapshot (non-finite
+    layers first), printed, or kept on screen and updated with ``live=True``."""
+
+    def __init__(self, *, top: int = 10, live: bool = False, console: Any = None) -> None:
+        from rich.console import Console
+
+        if not (isinstance(top, int) and top >= 1):
+            raise ValueError(f"top must be an int >= 1, got {top!r}")
+        self.top = top
+        self.console = console if console is not None else Console(stderr=True)
+        self.live = live
+        self._live: Any = None
+
+    def table(self, snapshot: Snapshot) -> Any:
+        from rich.table import Table
+
+        def badness(key: str) -> float:
+            c = snapshot.metrics[key].get("condition_number", math.nan)
+            return math.inf if math.isnan(c) else c
+
+        keys = sorted(snapshot.metrics, key=lambda k: (not math.isnan(
+            snapshot.metrics[k].get("condition_number", 0.0)), -badness(k), k))
+        table = Table(title=f"worst-conditioned layers, step {snapshot.step}")
+        for col in ("layer", "cond", "GMCN", "sigma_max", "stable rank", "eff. rank",
+                    "update ratio"):
+            if col == "layer":
+                table.add_column(col, justify="left", no_wrap=True)
+            else:
+                table.add_column(col, justify="right")
+        for key in keys[: self.top]:
+            m = snapshot.metrics[key]
+            table.add_row(key, *(_fmt(m.get(n, math.nan)) for n in (
+                "condition_number", "gmcn", "sigma_max", "stable_rank", "effective_rank")),
+                _fmt(snapshot.update_ratio.get(key, math.nan)))
+        return table
+
+    def write_snapshot(self, snapshot: Snapshot) -> None:
+        table = self.table(snapshot)
+        if not self.live:
+            self.console.print(table)
+            return
+        if self._live is None:
+            from rich.live import Live
+
+            self._live = Live(table, console=self.console, auto_refresh=False)
+            self._live.start()
+        self._live.update(table, refresh=True)
+
+    def close(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+
+class SinkGroup(Sink):
+    """Fans out to ``sinks``; a sink that raises is reported once with a RuntimeWarning
+    (naming the sink and the error) and skipped for that call; training continues."""
+
+    def __init__(self, sinks: Sequence[Sink]) -> None:
+        self.sinks = list(sinks)
+        self._warned: set[int] = set()
+        self.failures = 0
+
+    def _call(self, method: str, *args: Any) -> None:
+        for sink in self.sinks:
+            try:
+                getattr(sink, method)(*args)
+            except Exception as exc:  # any I/O or library error: never stop training
+                self.failures += 1
+                if id(sink) not in self._warned:
+                    self._warned.add(id(sink))
+                    warnings.warn(
+                        f"spectral monitor: {type(sink).__name__}.{method} failed "
+                        f"({type(exc).__name__}: {exc}); training continues, further "
+                        "failures of this sink are not reported",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+
+    def write_layout(self, layers: Sequence[LayerInfo]) -> None:
+        self._call("write_layout", layers)
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        self._call("write_scalars", step, scalars)
+
+    def write_snapshot(self, snapshot: Snapshot) -> None:
+        self._call("write_snapshot", snapshot)
+
+    def write_alarm(self, alarm: Alarm) -> None:
+        self._call("write_alarm", alarm)
+
+    def flush(self) -> None:
+        self._call("flush")
+
+    def close(self) -> None:
+        self._call("close")
