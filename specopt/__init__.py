@@ -8,6 +8,8 @@ from specopt.models import Llama, LlamaConfig
 
 # -- optimizers (specopt.optim) --
 from specopt.optim.hybrid import HybridOptimizer, RoutingReport, build_optimizer, describe_routing
+from specopt.optim.muon import Muon
+from specopt.optim.newton_schulz import orthogonalize, polar_factor
 
 # -- PC layer (specopt.pc) --
 from specopt.pc import (
@@ -24,25 +26,56 @@ from specopt.pc import (
 )
 
 # -- spectral monitoring (specopt.spectral) --
+from specopt.spectral import (
+    METRIC_NAMES,
+    Alarm,
+    AlarmRule,
+    ConditionNumberAlarm,
+    LossSpikeAlarm,
+    NonFiniteAlarm,
+    SigmaMaxGrowthAlarm,
+    SpectralMonitor,
+    StableRankCollapseAlarm,
+    default_alarms,
+    model_aggregates,
+    singular_values,
+    spectrum_metrics,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "METRIC_NAMES",
     "PC_LEVELS",
+    "Alarm",
+    "AlarmRule",
+    "ConditionNumberAlarm",
     "HybridOptimizer",
     "Llama",
     "LlamaConfig",
+    "LossSpikeAlarm",
+    "Muon",
+    "NonFiniteAlarm",
     "OddPolynomial",
     "PCHandle",
     "PCParametrization",
     "RoutingReport",
+    "SigmaMaxGrowthAlarm",
+    "SpectralMonitor",
+    "StableRankCollapseAlarm",
     "__version__",
     "apply_pc",
     "build_optimizer",
+    "default_alarms",
     "describe_routing",
     "design_odd_polynomial",
     "get_pc",
     "is_pc_module",
     "merge_pc",
+    "model_aggregates",
+    "orthogonalize",
     "pc_weight",
+    "polar_factor",
+    "singular_values",
+    "spectrum_metrics",
 ]
