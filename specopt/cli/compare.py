@@ -122,11 +122,13 @@ def plot_runs(runs: list[RunLog], labels: list[str], out: Path) -> Path:
     for run, label in zip(runs, labels, strict=True):
         steps, loss = run.series("train/loss")
         if loss.size:
-            # EMA (0.9) so noisy per-batch losses stay readable; raw values faint behind.
+            # EMA over ~1/30 of the run so noisy per-batch losses stay readable; the raw
+            # values are drawn faintly behind.
+            alpha = 2 / (max(1.0, loss.size / 30) + 1)
             smooth = np.empty_like(loss)
             acc = loss[0]
             for i, x in enumerate(loss):
-                acc = 0.9 * acc + 0.1 * x if np.isfinite(x) else x
+                acc = (1 - alpha) * acc + alpha * x if np.isfinite(x) else x
                 smooth[i] = acc
             line, = axes[0].plot(steps, smooth, label=label)
             axes[0].plot(steps, loss, color=line.get_color(), alpha=0.2, linewidth=0.7)
@@ -135,10 +137,12 @@ def plot_runs(runs: list[RunLog], labels: list[str], out: Path) -> Path:
             axes[1].plot(vs, bpb, marker="o", markersize=3, label=label)
         cs, worst, gmean = condition_trajectory(run)
         if worst.size:
-            line, = axes[2].plot(cs, worst, label=f"{label} (worst layer)")
-            axes[2].plot(cs, gmean, color=line.get_color(), linestyle="--",
-                         label=f"{label} (geo. mean)")
-    axes[0].set(title="training loss (EMA)", xlabel="step", ylabel="nats / byte")
+            marker = "o" if worst.size < 30 else None
+            line, = axes[2].plot(cs, worst, marker=marker, markersize=3,
+                                 label=f"{label} (worst layer)")
+            axes[2].plot(cs, gmean, color=line.get_color(), linestyle="--", marker=marker,
+                         markersize=3, label=f"{label} (geo. mean)")
+    axes[0].set(title="training loss (smoothed)", xlabel="step", ylabel="nats / byte")
     axes[1].set(title="validation", xlabel="step", ylabel="bits / byte")
     axes[2].set(title="condition number", xlabel="step", ylabel="sigma_max / sigma_min")
     if any(line.get_ydata().size for line in axes[2].get_lines()):
@@ -166,9 +170,10 @@ def compare_runs(run_dirs: list[str | Path], *, out: str | Path) -> list[RunSumm
     labels = _labels(paths)
     summaries = [summarize(r) for r in runs]
     table = Table(title="run comparison")
-    for col in ("run", "steps", "train loss", "val bits/byte", "best val", "worst cond",
+    table.add_column("run", no_wrap=True, min_width=max(len(label) for label in labels))
+    for col in ("steps", "train loss", "val bits/byte", "best val", "worst cond",
                 "geo-mean cond", "wall s"):
-        table.add_column(col, justify="left" if col == "run" else "right")
+        table.add_column(col, justify="right")
     best = min((s.val_bpb for s in summaries if math.isfinite(s.val_bpb)), default=math.nan)
     for label, s in zip(labels, summaries, strict=True):
         val = fmt(s.val_bpb)

@@ -192,9 +192,11 @@ def print_diagnosis(d: Diagnosis) -> None:
         )
         if sp.precursors:
             table = Table(title="layers that rose first (earliest onset first)")
-            for col in ("layer", "metric", "rose at step", "steps before spike", "from", "to",
-                        "growth"):
-                table.add_column(col, justify="left" if col in ("layer", "metric") else "right")
+            width = max(len(p.layer) for p in sp.precursors)
+            table.add_column("layer", no_wrap=True, min_width=width)
+            table.add_column("metric", no_wrap=True)
+            for col in ("rose at step", "steps before spike", "from", "to", "growth"):
+                table.add_column(col, justify="right")
             for p in sp.precursors:
                 table.add_row(p.layer, p.metric, str(p.onset_step), str(p.lead), fmt(p.baseline),
                               fmt(p.value), f"x{fmt(p.growth, 3)}")

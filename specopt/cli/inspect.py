@@ -38,6 +38,7 @@ class LayerSpectrum:
 def _model_matrices(ckpt: dict) -> dict[str, tuple[Tensor, bool]]:
     """Effective weights of a specopt checkpoint's model, keyed by module path."""
     from specopt.cli.train import build_model
+    from specopt.pc import is_pc_module
 
     cfg = ckpt["config"]
     model, _ = build_model(cfg["model"], pc=bool(cfg.get("pc")), pc_level=cfg.get("pc_level") or 1)
@@ -47,8 +48,7 @@ def _model_matrices(ckpt: dict) -> dict[str, tuple[Tensor, bool]]:
     with torch.no_grad():
         for name, module in model.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                is_pc = hasattr(module, "parametrizations") and "weight" in module.parametrizations
-                out[name] = (module.weight.detach().clone(), is_pc)
+                out[name] = (module.weight.detach().clone(), is_pc_module(module))
     return out
 
 
@@ -123,8 +123,12 @@ def _print_table(path: str | Path, layers: list[LayerSpectrum]) -> None:
     table = Table(title=f"spectra of {path}")
     cols = ("layer", "shape", "sigma_max", "sigma_min", "cond", "GMCN", "stable rank",
             "eff. rank", "rms->rms")
+    width = max(len(layer.name) + (5 if layer.pc else 0) for layer in layers)
     for c in cols:
-        table.add_column(c, justify="left" if c == "layer" else "right")
+        if c == "layer":  # never truncate names: tests and users grep for them
+            table.add_column(c, no_wrap=True, min_width=width)
+        else:
+            table.add_column(c, justify="right")
     for layer in layers:
         m = layer.metrics
         cond = fmt(m["condition_number"])
@@ -151,20 +155,21 @@ def _plot(layers: list[LayerSpectrum], out: Path, *, title: str) -> None:
     fig, (ax_h, ax_c) = plt.subplots(
         1, 2, figsize=(14, max(4.0, 0.22 * len(layers) + 1.5)), constrained_layout=True
     )
-    cmap = plt.get_cmap("viridis")
     bins = np.linspace(-4, 0, 41)  # log10(sigma / sigma_max): four decades
-    for i, layer in enumerate(layers):
-        s = layer.sigma.numpy()
-        s = s[np.isfinite(s)]
-        if not s.size or s[0] <= 0:
-            continue
-        rel = np.log10(np.clip(s / s[0], 1e-4, 1.0))
-        ax_h.hist(rel, bins=bins, histtype="step", color=cmap(i / max(1, len(layers) - 1)),
-                  label=layer.name if len(layers) <= 12 else None)
-    ax_h.set(title=f"{title}: singular values", xlabel="log10(sigma / sigma_max)",
-             ylabel="count")
-    if len(layers) <= 12:
-        ax_h.legend(fontsize=7)
+    for pc, color, label in ((False, "tab:blue", "plain weights"),
+                             (True, "tab:orange", "PC effective weights")):
+        group = [layer for layer in layers if layer.pc == pc]
+        for i, layer in enumerate(group):
+            s = layer.sigma.numpy()
+            s = s[np.isfinite(s)]
+            if not s.size or s[0] <= 0:
+                continue
+            rel = np.log10(np.clip(s / s[0], 1e-4, 1.0))
+            ax_h.hist(rel, bins=bins, histtype="step", color=color, alpha=0.6,
+                      label=label if i == 0 else None)
+    ax_h.set(title=f"{title}: singular values, one line per layer",
+             xlabel="log10(sigma / sigma_max)", ylabel="count")
+    ax_h.legend(fontsize=8)
     conds = [layer.metrics["condition_number"] for layer in layers]
     finite = [c if math.isfinite(c) else np.nan for c in conds]
     y = np.arange(len(layers))

@@ -22,7 +22,9 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,9 +44,11 @@ from specopt.models.llama import PRESETS, Llama, LlamaConfig
 
 __all__ = [
     "DEFAULT_LR",
+    "RESUME_OVERRIDES",
     "TrainConfig",
     "TrainResult",
     "add_parser",
+    "auto_threads",
     "build_model",
     "lr_factor",
     "run",
@@ -57,6 +61,9 @@ DEFAULT_LR = {"muon": 0.02, "adamw": 3e-3}
 #: PC level per optimizer, as in the published configs (Muon already orthogonalizes).
 DEFAULT_PC_LEVEL = {"muon": 2, "adamw": 4}
 CHECKPOINT_DIR = "checkpoints"
+#: Options that may differ when resuming (the rest come from the checkpoint).
+RESUME_OVERRIDES = ("steps", "log_dir", "ckpt_every", "keep_checkpoints", "eval_every", "monitor",
+                    "monitor_every", "monitor_budget")
 
 
 @dataclass
@@ -81,10 +88,12 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest step checkpoints kept (the final one always)
     monitor: bool = True
     monitor_every: int = 10
+    monitor_budget: float = 0.05  # max monitor time / step time before it backs off; 0: never
     eval_every: int = 100  # 0: only at the end
     eval_batches: int = 8
     data: str | None = None  # None: embedded stdlib corpus
     max_data_bytes: int = 4_000_000
+    threads: int = 0  # torch intra-op threads; 0: auto (idle cores, see auto_threads)
 
     def __post_init__(self) -> None:
         if self.optimizer not in DEFAULT_LR:
@@ -94,11 +103,13 @@ class TrainConfig:
         for name in ("steps", "batch_size", "seq_len", "eval_batches", "monitor_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("warmup", "ckpt_every", "eval_every", "keep_checkpoints", "seed"):
+        for name in ("warmup", "ckpt_every", "eval_every", "keep_checkpoints", "seed", "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive finite number, got {self.lr}")
+        if not 0.0 <= self.monitor_budget <= 1.0:
+            raise ValueError(f"monitor_budget must be in [0, 1], got {self.monitor_budget}")
         if not 0.0 <= self.final_lr_ratio <= 1.0:
             raise ValueError(f"final_lr_ratio must be in [0, 1], got {self.final_lr_ratio}")
         if self.pc_level is not None and self.pc_level <= 0:
@@ -132,6 +143,21 @@ class TrainResult:
     diverged: bool
 
 
+def auto_threads() -> int:
+    """Intra-op threads for this machine now: torch's default, minus the cores other
+    processes keep busy (1-minute load average), at least 1.
+
+    Why: on a shared machine, OpenMP threads that outnumber the free cores spin-wait on
+    each other; on the 2-core CI box under load, 2 threads ran a step 3-10x slower than 1.
+    """
+    limit = torch.get_num_threads()
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:  # not available on this platform
+        return limit
+    return max(1, min(limit, round(limit - busy)))
+
+
 def lr_factor(step: int, *, warmup: int, total: int, final_ratio: float) -> float:
     """LR multiplier at optimizer step ``step`` (0-based).
 
@@ -160,7 +186,7 @@ def build_model(
 
 
 def _build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    from specopt.optim.hybrid import build_optimizer
+    from specopt.optim import build_optimizer
 
     return build_optimizer(model, cfg.optimizer, lr=cfg.peak_lr, weight_decay=cfg.weight_decay)
 
@@ -207,27 +233,11 @@ def evaluate(model: nn.Module, batches: list[torch.Tensor]) -> float:
 class _NullMonitor:
     """Stands in for SpectralMonitor under --no-monitor, so the loop never branches."""
 
-    def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        pass
-
     def step(self, global_step: int, **kwargs: Any) -> None:
-        pass
+        return None
 
     def close(self) -> None:
         pass
-
-
-def _worst_condition(monitor: Any) -> float:
-    """Largest per-layer condition number the monitor measured last (nan if unknown)."""
-    latest = getattr(monitor, "latest", None)
-    if callable(latest):
-        latest = latest()
-    if not isinstance(latest, dict):
-        return math.nan
-    for key in ("condition_number_max", "spectral/condition_number_max"):
-        if key in latest:
-            return float(latest[key])
-    return math.nan
 
 
 def _progress(enabled: bool):
@@ -255,14 +265,25 @@ def _progress(enabled: bool):
 
 
 def train(
-    cfg: TrainConfig, *, resume: str | Path | None = None, progress: bool = True
+    cfg: TrainConfig | None = None,
+    *,
+    resume: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    progress: bool = True,
 ) -> TrainResult:
-    """Run (or resume) one training run; returns where it logged and its final numbers.
+    """Run one training run (``cfg``) or resume one; returns where it logged and its
+    final numbers.
 
-    With ``resume``, the run's options come from the checkpoint except ``steps``,
-    ``log_dir``, ``ckpt_every``, ``eval_every``, ``monitor``/``monitor_every`` (so a run
-    can be extended); the data, model and optimizer options of ``cfg`` are ignored.
+    Args:
+        cfg: options of a fresh run; must be None with ``resume``.
+        resume: a checkpoint file, or a run folder (its newest checkpoint). The run's
+            options come from the checkpoint, updated with ``overrides``.
+        overrides: options changed on resume, among :data:`RESUME_OVERRIDES` (e.g. a
+            larger ``steps`` extends the run; ``log_dir`` defaults to the checkpoint's run).
+        progress: show the rich progress bar.
     """
+    if (cfg is None) == (resume is None):
+        raise ValueError("give exactly one of cfg (fresh run) or resume (checkpoint)")
     from torch.utils.tensorboard import SummaryWriter
 
     t_start = time.perf_counter()
@@ -274,16 +295,24 @@ def train(
         except (ValueError, FileNotFoundError) as exc:
             raise CommandError(str(exc)) from exc
         saved = dict(ckpt["config"]["train"])
-        keep = ("steps", "ckpt_every", "keep_checkpoints", "eval_every", "monitor", "monitor_every")
-        saved.update({k: getattr(cfg, k) for k in keep})
-        saved["log_dir"] = cfg.log_dir or str(ckpt_path.parent.parent)
-        cfg = TrainConfig(**saved)
+        bad = sorted(set(overrides or {}) - set(RESUME_OVERRIDES))
+        if bad:
+            raise CommandError(f"options {bad} cannot change on resume (only {RESUME_OVERRIDES})")
+        saved["log_dir"] = str(ckpt_path.parent.parent)
+        saved.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        try:
+            cfg = TrainConfig(**saved)
+        except ValueError as exc:
+            raise CommandError(str(exc)) from exc
         if ckpt["step"] >= cfg.steps:
             raise CommandError(
                 f"checkpoint {str(ckpt_path)!r} is at step {ckpt['step']}, already >= --steps "
                 f"{cfg.steps}; pass a larger --steps to continue"
             )
     log_dir = _resolve_log_dir(cfg)
+    if cfg.threads == 0:  # resolved once and saved, so a resume uses the same count
+        cfg = dataclasses.replace(cfg, threads=auto_threads())
+    torch.set_num_threads(cfg.threads)
 
     try:
         corpus = load_corpus(cfg.data, max_bytes=cfg.max_data_bytes)
@@ -319,14 +348,18 @@ def train(
 
     log_dir.mkdir(parents=True, exist_ok=True)
     # purge_step: a resumed run hides what the crashed run logged after its checkpoint.
-    writer = SummaryWriter(str(log_dir), purge_step=start_step if ckpt else None, flush_secs=10)
+    writer = SummaryWriter(str(log_dir), purge_step=start_step if ckpt else None,
+                           max_queue=1000, flush_secs=10)
     if cfg.monitor:
-        from specopt.spectral import SpectralMonitor
+        from specopt.spectral.monitor import SpectralMonitor
 
-        monitor: Any = SpectralMonitor(model, log_dir=str(log_dir), every=cfg.monitor_every)
+        # One writer for the trainer and the monitor: one event file per (re)start.
+        # Called by hand after optimizer.step() (not attached) so the loop gets the snapshot
+        # back for the progress bar; same numbers as attach().
+        monitor: Any = SpectralMonitor(model, writer=writer, every=cfg.monitor_every,
+                                       budget=cfg.monitor_budget or None, start_step=start_step)
     else:
         monitor = _NullMonitor()
-    monitor.attach(optimizer)
     if start_step == 0:
         writer.add_text("config", "```\n" + json.dumps(cfg.to_dict(), indent=2) + "\n```", 0)
 
@@ -334,7 +367,7 @@ def train(
     console.print(
         f"[bold]specopt train[/] {cfg.name}: {n_params:,} parameters, optimizer {cfg.optimizer} "
         f"(lr {cfg.peak_lr:g}), PC {'level ' + str(cfg.level) if cfg.pc else 'off'}, "
-        f"{corpus.describe()}"
+        f"{cfg.threads} thread(s), {corpus.describe()}"
     )
     if ckpt is not None:
         console.print(f"resumed from step {start_step}")
@@ -358,7 +391,7 @@ def train(
         return path
 
     tokens_per_step = cfg.batch_size * cfg.seq_len
-    loss_val, val_bpb, tps, diverged = math.nan, math.nan, math.nan, False
+    loss_val, val_bpb, tps, cond, diverged = math.nan, math.nan, math.nan, math.nan, False
     last_ckpt: Path | None = None
     step = start_step
     model.train()
@@ -396,7 +429,9 @@ def train(
             writer.add_scalar("train/lr", lr_now, step)
             writer.add_scalar("train/grad_norm", grad_norm, step)
             writer.add_scalar("perf/tokens_per_s", inst, step)
-            monitor.step(step, loss=loss_val)
+            snapshot = monitor.step(step, loss=loss_val)
+            if snapshot is not None:
+                cond = snapshot.aggregates.get("condition_number_max", math.nan)
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
                 val_loss = evaluate(model, val_batches)
                 val_bpb = bits_per_byte(val_loss)
@@ -404,13 +439,11 @@ def train(
                 writer.add_scalar("val/bpb", val_bpb, step)
             if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps:
                 last_ckpt = checkpoint(step)
-            cond = _worst_condition(monitor)
             bar.update(task, completed=step, loss=f"{loss_val:.3f}", lr=f"{lr_now:.2e}",
                        tps=f"{tps:,.0f}", cond="-" if math.isnan(cond) else f"{cond:.3g}")
             t_last = time.perf_counter()  # eval/checkpoint time is not training throughput
-    writer.flush()
-    writer.close()
     monitor.close()
+    writer.close()
     wall = time.perf_counter() - t_start
     if not math.isnan(val_bpb):
         console.print(
@@ -437,7 +470,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--pc-level", type=int, default=None,
                    help="PC polynomial level 1-4 (default: 2 for muon, 4 for adamw)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=d.preset, help="model size")
-    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"optimizer steps (default: {d.steps})")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--lr", type=float, default=None,
@@ -447,27 +481,37 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="0 disables")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--log-dir", default=None, help="run folder (default: runs/<name>)")
-    p.add_argument("--ckpt-every", type=int, default=d.ckpt_every,
-                   help="checkpoint interval in steps (0: final only)")
-    p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
+    p.add_argument("--ckpt-every", type=int, default=None,
+                   help=f"checkpoint interval in steps, 0: final only (default: {d.ckpt_every})")
+    p.add_argument("--keep-checkpoints", type=int, default=None,
+                   help=f"newest step checkpoints kept (default: {d.keep_checkpoints})")
     p.add_argument("--resume", default=None, metavar="CKPT_OR_RUN",
-                   help="continue from a checkpoint file or a run folder's newest checkpoint")
-    p.add_argument("--monitor", action=argparse.BooleanOptionalAction, default=d.monitor,
+                   help="continue from a checkpoint file or a run folder's newest checkpoint; "
+                   f"options come from the checkpoint except {', '.join(RESUME_OVERRIDES)}")
+    p.add_argument("--monitor", action=argparse.BooleanOptionalAction, default=None,
                    help="spectral monitor (default: on)")
-    p.add_argument("--monitor-every", type=int, default=d.monitor_every)
-    p.add_argument("--eval-every", type=int, default=d.eval_every,
-                   help="validation interval in steps (0: only at the end)")
+    p.add_argument("--monitor-every", type=int, default=None,
+                   help=f"spectral snapshot cadence in steps (default: {d.monitor_every})")
+    p.add_argument("--monitor-budget", type=float, default=None,
+                   help="monitor time / step time above which snapshots thin out, 0: never "
+                   f"(default: {d.monitor_budget})")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help=f"validation interval, 0: only at the end (default: {d.eval_every})")
     p.add_argument("--eval-batches", type=int, default=d.eval_batches)
     p.add_argument("--data", default=None, help="text file or folder (default: Python stdlib)")
     p.add_argument("--compare", action="store_true",
                    help="run without and with the PC layer back to back, then compare them")
+    p.add_argument("--threads", type=int, default=d.threads,
+                   help="torch threads; 0: auto, the cores not busy with other work (default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
 def _config_from_args(args: argparse.Namespace) -> TrainConfig:
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    values = {k: v for k, v in vars(args).items() if k in fields}
+    # Resume-overridable flags default to None (so a resume can tell "not given").
+    values = {k: v for k, v in vars(args).items()
+              if k in fields and not (v is None and k in RESUME_OVERRIDES)}
     try:
         return TrainConfig(**values)
     except ValueError as exc:
@@ -475,12 +519,16 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.resume and args.compare:
+        raise CommandError("--compare starts two fresh runs; it cannot be combined with --resume")
+    if args.resume:
+        overrides = {k: getattr(args, k) for k in RESUME_OVERRIDES if getattr(args, k) is not None}
+        result = train(resume=args.resume, overrides=overrides, progress=not args.no_progress)
+        return 1 if result.diverged else 0
     cfg = _config_from_args(args)
     if not args.compare:
-        result = train(cfg, resume=args.resume, progress=not args.no_progress)
+        result = train(cfg, progress=not args.no_progress)
         return 1 if result.diverged else 0
-    if args.resume:
-        raise CommandError("--compare starts two fresh runs; it cannot be combined with --resume")
     from specopt.cli.compare import compare_runs
 
     root = Path(cfg.log_dir) if cfg.log_dir else _unique(
