@@ -1,3 +1,26 @@
-from specopt.optim.hybrid import HybridOptimizer, RoutingReport, build_optimizer, describe_routing
+"""Optimizers: the Newton-Schulz core, Muon, and the hybrid Muon+AdamW builder."""
 
-__all__ = ["HybridOptimizer", "RoutingReport", "build_optimizer", "describe_routing"]
+from specopt.optim.hybrid import HybridOptimizer, RoutingReport, build_optimizer, describe_routing
+from specopt.optim.muon import Muon
+from specopt.optim.newton_schulz import (
+    SCHEDULES,
+    NSSchedule,
+    orthogonality_error,
+    orthogonalize,
+    orthogonalize_many,
+    polar_factor,
+)
+
+__all__ = [
+    "SCHEDULES",
+    "HybridOptimizer",
+    "Muon",
+    "NSSchedule",
+    "RoutingReport",
+    "build_optimizer",
+    "describe_routing",
+    "orthogonality_error",
+    "orthogonalize",
+    "orthogonalize_many",
+    "polar_factor",
+]

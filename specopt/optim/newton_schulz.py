@@ -1,0 +1,477 @@
+"""Newton-Schulz orthogonalization: the one NS core in specopt (used by Muon and anything
+else that needs an approximate polar factor).
+
+Given ``G`` with SVD ``U S V^T``, the polar factor is ``polar(G) = U V^T``. Newton-Schulz
+approximates it with odd matrix polynomials: after normalizing ``X_0 = G / ||G||_F`` (so every
+singular value lies in (0, 1]), each step applies ``p_t(x) = a_t x + b_t x^3 + c_t x^5`` to the
+singular values::
+
+    A = X X^T;  B = b_t A + c_t A A;  X <- a_t X + B X          (standard side)
+
+Shapes: ``(m, n)`` or a batch ``(B, m, n)`` of same-shaped matrices. Tall inputs are
+transposed so the iteration works with the small Gram side ``n_small x n_small``; the output
+has the input's shape and the compute ``dtype``.
+
+Schedules (coefficient sets, see ``shared/reference/muon.md`` and :data:`SCHEDULES`):
+
+- ``"jordan"``: Keller Jordan's constant (3.4445, -4.7750, 2.0315), 5 steps (torch.optim.Muon).
+- ``"tuned"``: a published per-step quintic, 5 steps.
+- ``"polar_express"``: the 5-step Polar Express set used with normalization ``1.02 ||X||_F``.
+- ``"polar_express_paper"``: the paper's greedy l=1e-3 schedule (8 steps then constant),
+  with the 1.01 safety factor applied to every step.
+- ``"pe4"``: a 4-step Polar Express schedule designed here by :func:`design_polar_express`
+  (``steps=4, lower=3e-3``; the tests regenerate it). Meant for ``normalize="tight"``.
+
+A schedule is a name, an :class:`NSSchedule`, one ``(a, b, c)`` tuple (constant) or a
+sequence of tuples (one per step). **When ``steps`` exceeds the length of a per-step
+schedule, its last entry repeats** (so a constant schedule is a length-1 sequence).
+
+Gram side (``method="gram"``, arXiv "Gram Newton-Schulz", Zhang, Amsel, Chen, Dao 2026):
+every iterate is ``Q_t X_0`` with ``Q_t`` a polynomial in ``R_0 = X_0 X_0^T``, so for a wide
+``n x m`` matrix (``m = alpha n``) the loop runs on ``n x n`` matrices only::
+
+    R = X X^T; Q = I
+    each step: P = a I + b R + c R^2;  Q <- Q P;  R <- P R P
+    output Q X
+
+Half precision gives ``R`` spurious negative eigenvalues that the polynomials amplify; a
+*restart* (``X <- Q X; R <- X X^T; Q <- I``) before step 2 keeps 5 steps stable in bf16.
+``method="auto"`` uses the Gram side when ``max(m, n) / min(m, n) >= gram_min_aspect``
+(square matrices gain nothing from it; see :func:`ns_matmul_flops`).
+
+:func:`polar_factor` is the exact float64 SVD reference; :func:`orthogonality_error` is the
+RMS of ``|sigma_i - 1|`` used by the tests and ``tools/bench_muon.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DEFAULT_EPS",
+    "GRAM_MIN_ASPECT",
+    "METHODS",
+    "NORMALIZATIONS",
+    "SCHEDULES",
+    "Coefficients",
+    "NSSchedule",
+    "ScheduleLike",
+    "design_polar_express",
+    "ns_matmul_flops",
+    "orthogonality_error",
+    "orthogonalize",
+    "orthogonalize_many",
+    "polar_factor",
+    "resolve_schedule",
+]
+
+Coefficients = tuple[float, float, float]
+
+#: Normalization floor ``X / max(safety * ||X||_F, eps)``; torch.optim.Muon's value.
+DEFAULT_EPS = 1e-7
+
+#: ``method="auto"`` uses the Gram side from this aspect ratio on. FLOP break-even for
+#: 5 steps is 1.5 (see ns_matmul_flops); 2 leaves room for the extra small-matrix overhead.
+GRAM_MIN_ASPECT = 2.0
+
+#: Gram restarts (step indices before which ``X <- Q X`` is recomputed): one before step 2,
+#: the published fix for bf16 (the reference's "restart after step 2").
+DEFAULT_GRAM_RESTARTS: tuple[int, ...] = (2,)
+
+METHODS = ("auto", "standard", "gram")
+NORMALIZATIONS = ("frobenius", "tight")
+
+
+@dataclass(frozen=True)
+class NSSchedule:
+    """A Newton-Schulz coefficient schedule.
+
+    Attributes:
+        coefficients: per-step ``(a, b, c)`` of ``p(x) = a x + b x^3 + c x^5``; steps past the
+            end repeat the last entry.
+        safety: normalization ``X_0 = G / max(safety * ||G||_F, eps)``; 1.0 is torch's.
+        steps: default step count when the caller gives none.
+        name: label for reports.
+    """
+
+    coefficients: tuple[Coefficients, ...]
+    safety: float = 1.0
+    steps: int = 5
+    name: str = "custom"
+
+    def at(self, step: int) -> Coefficients:
+        """Coefficients of step ``step`` (0-based); the last entry repeats."""
+        return self.coefficients[min(step, len(self.coefficients) - 1)]
+
+
+ScheduleLike = str | NSSchedule | Coefficients | Sequence[Coefficients]
+
+
+def _scale(c: Coefficients, s: float) -> Coefficients:
+    # p(x / s): the safety factor that keeps rounding from pushing sigma above the interval.
+    return (c[0] / s, c[1] / s**3, c[2] / s**5)
+
+
+_PE_PAPER_L1E3 = (  # arXiv 2505.16932, greedy l=1e-3, before the 1.01 safety scaling
+    (8.28721201814563, -23.595886519098837, 17.300387312530933),
+    (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+    (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+    (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+    (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+    (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+    (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
+    (1.875, -1.25, 0.375),
+)
+
+#: Output of ``design_polar_express(4, 3e-3)`` (defaults: upper=1, cushion=0.02, safety=1.01
+#: on non-final steps), stored so import needs no Remez solve; test_newton_schulz.py checks
+#: that the design still reproduces it. l=3e-3 was picked by ``tools/bench_muon.py --sweep``
+#: (with ``normalize="tight"``, 1e-3 and 1e-2 lift fewer small singular values in 4 steps).
+_PE4_L3E3: tuple[Coefficients, ...] = (
+    (8.169348612251861, -22.966678989328802, 16.542941470394528),
+    (3.9794723910173757, -2.867432609321302, 0.5293765578506169),
+    (3.484183286303255, -2.558951174128763, 0.5012668311273665),
+    (2.506069581663809, -1.8478249605898895, 0.43832406856494716),
+)
+
+SCHEDULES: dict[str, NSSchedule] = {
+    "jordan": NSSchedule(((3.4445, -4.7750, 2.0315),), 1.0, 5, "jordan"),
+    "tuned": NSSchedule(
+        (
+            (4.0848, -6.8946, 2.9270),
+            (3.9505, -6.3029, 2.6377),
+            (3.7418, -5.5913, 2.3037),
+            (2.8769, -3.1427, 1.2046),
+            (2.8366, -3.0525, 1.2012),
+        ),
+        1.0,
+        5,
+        "tuned",
+    ),
+    "polar_express": NSSchedule(
+        (
+            (8.156554524902461, -22.48329292557795, 15.878769915207462),
+            (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+            (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+            (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+            (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+        ),
+        1.02,
+        5,
+        "polar_express",
+    ),
+    "polar_express_paper": NSSchedule(
+        tuple(_scale(c, 1.01) for c in _PE_PAPER_L1E3), 1.0, 5, "polar_express_paper"
+    ),
+    "pe4": NSSchedule(_PE4_L3E3, 1.0, 4, "pe4"),
+}
+
+
+def resolve_schedule(schedule: ScheduleLike, *, argname: str = "schedule") -> NSSchedule:
+    """Turn a schedule name, one ``(a, b, c)`` tuple or a per-step sequence into an
+    :class:`NSSchedule`; raises ``ValueError`` naming ``argname`` on bad input."""
+    if isinstance(schedule, NSSchedule):
+        return schedule
+    if isinstance(schedule, str):
+        if schedule not in SCHEDULES:
+            raise ValueError(
+                f"{argname}: unknown schedule {schedule!r}; expected one of "
+                f"{sorted(SCHEDULES)}, an (a, b, c) tuple or a sequence of them"
+            )
+        return SCHEDULES[schedule]
+    try:
+        items = list(schedule)
+    except TypeError:
+        raise ValueError(
+            f"{argname}: expected a schedule name, an (a, b, c) tuple or a sequence of "
+            f"them, got {schedule!r}"
+        ) from None
+    if len(items) == 3 and all(isinstance(x, (int, float)) for x in items):
+        items = [tuple(items)]  # one constant (a, b, c)
+    if not items:
+        raise ValueError(f"{argname}: empty schedule")
+    coeffs = []
+    for i, c in enumerate(items):
+        try:
+            t = tuple(float(x) for x in c)
+        except (TypeError, ValueError):
+            raise ValueError(f"{argname}[{i}]: expected an (a, b, c) tuple, got {c!r}") from None
+        if len(t) != 3 or not all(math.isfinite(x) for x in t):
+            raise ValueError(f"{argname}[{i}]: expected 3 finite coefficients, got {c!r}")
+        coeffs.append(t)
+    steps = 5 if len(coeffs) == 1 else len(coeffs)
+    return NSSchedule(tuple(coeffs), 1.0, steps, "custom")
+
+
+def _check_input(G: Tensor) -> None:
+    if G.ndim not in (2, 3):
+        raise ValueError(
+            f"orthogonalize: expected a matrix (m, n) or a batch (B, m, n), "
+            f"got shape {tuple(G.shape)}"
+        )
+    if G.is_complex():
+        raise ValueError("orthogonalize: complex inputs are not supported")
+
+
+def orthogonalize(
+    G: Tensor,
+    *,
+    schedule: ScheduleLike = "pe4",
+    steps: int | None = None,
+    eps: float = DEFAULT_EPS,
+    dtype: torch.dtype | None = None,
+    method: str = "auto",
+    restarts: Sequence[int] | None = None,
+    gram_min_aspect: float = GRAM_MIN_ASPECT,
+    normalize: str = "tight",
+) -> Tensor:
+    """Approximate polar factor ``U V^T`` of ``G`` by Newton-Schulz.
+
+    Args:
+        G: ``(m, n)`` or ``(B, m, n)``; any real floating dtype.
+        schedule: see the module docstring; default ``"pe4"`` (benchmark-chosen).
+        steps: number of NS steps; ``None`` takes the schedule's own count.
+        eps: normalization floor: ``X_0 = G / max(safety * ||G||_F, eps)`` per matrix,
+            computed in ``dtype`` (with ``safety=1`` exactly torch.optim.Muon's).
+        dtype: compute (and output) dtype; ``None`` keeps ``G.dtype``.
+        method: ``"standard"`` (torch's iteration), ``"gram"`` or ``"auto"``
+            (Gram when the aspect ratio is at least ``gram_min_aspect``).
+        restarts: Gram only: 0-based steps before which ``X <- Q X`` and ``R`` are recomputed;
+            ``None`` = ``(2,)`` for 16-bit dtypes and ``()`` otherwise.
+        gram_min_aspect: threshold for ``method="auto"``.
+        normalize: ``"frobenius"``: only ``X_0`` above (torch's); ``"tight"``: additionally
+            divide ``X_0`` by ``(sum sigma_i(X_0)^8)^(1/8)`` (an upper bound on
+            ``sigma_max(X_0)``, at most 1) computed from the ``A^2`` the first step needs
+            anyway: same polar factor, larger small singular values, no extra matmul.
+
+    Returns:
+        Tensor of ``G``'s shape in the compute dtype. A zero matrix maps to zero.
+    """
+    _check_input(G)
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(
+            f"orthogonalize: normalize must be one of {NORMALIZATIONS}, got {normalize!r}"
+        )
+    tight = normalize == "tight"
+    if method not in METHODS:
+        raise ValueError(f"orthogonalize: method must be one of {METHODS}, got {method!r}")
+    sched = resolve_schedule(schedule)
+    steps = sched.steps if steps is None else steps
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps < 100:
+        raise ValueError(f"orthogonalize: steps must be an int in [1, 100), got {steps!r}")
+    dtype = G.dtype if dtype is None else dtype
+    batched = G.ndim == 3
+    X = G.to(dtype)
+    if not batched:
+        X = X.unsqueeze(0)
+    tall = X.shape[-2] > X.shape[-1]
+    if tall:
+        X = X.mT  # iterate on the short side: A = X X^T is min(m, n) squared
+    n, m = X.shape[-2:]
+    if method == "auto":
+        method = "gram" if m >= gram_min_aspect * n else "standard"
+    # torch.optim.Muon: X / ||X||_F.clamp(min=eps) in the compute dtype (per matrix here).
+    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
+    if sched.safety != 1.0:
+        norm = norm * sched.safety
+    X = X / norm.clamp(min=eps)
+    if method == "standard":
+        X = _ns_standard(X, sched, steps, tight, eps)
+    else:
+        if restarts is None:
+            restarts = DEFAULT_GRAM_RESTARTS if X.element_size() <= 2 else ()
+        X = _ns_gram(X, sched, steps, tuple(restarts), tight, eps)
+    if tall:
+        X = X.mT
+    return X if batched else X.squeeze(0)
+
+
+def _tighten(X: Tensor, A: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Rescale ``X`` (and its ``A = X X^T``) by ``s = (sum sigma^8)^(1/8) >= sigma_max``.
+
+    ``A^2`` is needed by the first step anyway, so the bound costs no extra matmul; after
+    Frobenius normalization ``s <= 1``, so small singular values start larger (for spectra
+    spread over 3 decades by a factor of ~3, worth about one NS step)."""
+    A2 = torch.bmm(A, A)
+    s2 = torch.linalg.vector_norm(A2, dim=(-2, -1), keepdim=True).sqrt()  # sigma_max^2 bound
+    s2 = s2.clamp(min=eps)
+    return X / s2.sqrt(), A / s2, A2 / s2.square()
+
+
+def _ns_standard(X: Tensor, sched: NSSchedule, steps: int, tight: bool, eps: float) -> Tensor:
+    # X: (B, n, m), n <= m. Same op sequence as torch.optim.Muon (addmm -> baddbmm).
+    for t in range(steps):
+        a, b, c = sched.at(t)
+        A = torch.bmm(X, X.mT)
+        if t == 0 and tight:
+            X, A, A2 = _tighten(X, A, eps)
+            Bm = A2.mul_(c).add_(A, alpha=b)
+        else:
+            Bm = torch.baddbmm(A, A, A, beta=b, alpha=c)
+        X = torch.baddbmm(X, Bm, X, beta=a)
+    return X
+
+
+def _ns_gram(
+    X: Tensor, sched: NSSchedule, steps: int, restarts: tuple[int, ...], tight: bool, eps: float
+) -> Tensor:
+    # X: (B, n, m), n <= m. Q stays None while it equals the identity (saves a matmul).
+    R = torch.bmm(X, X.mT)
+    Q: Tensor | None = None
+    for t in range(steps):
+        if t in restarts and Q is not None:
+            X = torch.bmm(Q, X)
+            R = torch.bmm(X, X.mT)
+            Q = None
+        a, b, c = sched.at(t)
+        if t == 0 and tight:
+            X, R, R2 = _tighten(X, R, eps)
+            P = R2.mul(c).add_(R, alpha=b)
+        else:
+            P = torch.baddbmm(R, R, R, beta=b, alpha=c)  # b R + c R^2
+        P.diagonal(dim1=-2, dim2=-1).add_(a)  # + a I
+        Q = P if Q is None else torch.bmm(Q, P)
+        if t + 1 < steps and (t + 1) not in restarts:
+            R = torch.bmm(torch.bmm(P, R), P)  # R_{t+1} = P R P (symmetric form)
+    return X if Q is None else torch.bmm(Q, X)
+
+
+def orthogonalize_many(matrices: Sequence[Tensor], **kwargs) -> list[Tensor]:
+    """Orthogonalize a list of 2-D matrices, batching those of the same shape (a tall
+    ``(m, n)`` and a wide ``(n, m)`` share a batch after transposing) into one batched
+    iteration. ``kwargs`` go to :func:`orthogonalize`. Output order matches input order."""
+    groups: dict[tuple, list[int]] = {}
+    for i, M in enumerate(matrices):
+        if M.ndim != 2:
+            raise ValueError(
+                f"orthogonalize_many: matrices[{i}] must be 2-D, got shape {tuple(M.shape)}"
+            )
+        r, c = M.shape
+        groups.setdefault((min(r, c), max(r, c), M.dtype, M.device), []).append(i)
+    out: list[Tensor | None] = [None] * len(matrices)
+    for idx in groups.values():
+        if len(idx) == 1:
+            out[idx[0]] = orthogonalize(matrices[idx[0]], **kwargs)
+            continue
+        # Stack in the wide orientation so tall and wide members share one batch.
+        wide = [
+            matrices[i] if matrices[i].shape[0] <= matrices[i].shape[1] else matrices[i].mT
+            for i in idx
+        ]
+        O = orthogonalize(torch.stack(wide), **kwargs)
+        for k, i in enumerate(idx):
+            out[i] = O[k] if matrices[i].shape[0] <= matrices[i].shape[1] else O[k].mT
+    return out  # type: ignore[return-value]
+
+
+def polar_factor(G: Tensor) -> Tensor:
+    """Exact polar factor ``U V^T`` of ``G`` (``(m, n)`` or ``(..., m, n)``) from a thin SVD
+    in float64; returns float64. For rank-deficient ``G`` the factor is not unique (the
+    SVD picks one)."""
+    U, _, Vh = torch.linalg.svd(G.double(), full_matrices=False)
+    return U @ Vh
+
+
+def orthogonality_error(O: Tensor) -> Tensor:
+    """RMS of ``|sigma_i(O) - 1|`` over the ``min(m, n)`` singular values, per matrix
+    (float64; shape ``O.shape[:-2]``). 0 for an exact polar factor of a full-rank matrix."""
+    s = torch.linalg.svdvals(O.double())
+    return (s - 1).square().mean(dim=-1).sqrt()
+
+
+def ns_matmul_flops(
+    shape: tuple[int, int],
+    steps: int,
+    method: str = "standard",
+    restarts: Sequence[int] = DEFAULT_GRAM_RESTARTS,
+) -> int:
+    """Matmul FLOPs (2 per multiply-add) of one NS call on an ``(m, n)`` matrix, counting
+    exactly the products :func:`orthogonalize` issues (elementwise work excluded)."""
+    n, m = sorted(shape)
+    mm = lambda p, q, r: 2 * p * q * r  # noqa: E731
+    if method == "standard":
+        return steps * (mm(n, m, n) + mm(n, n, n) + mm(n, n, m))
+    total = mm(n, m, n)  # R = X X^T
+    have_q = False
+    for t in range(steps):
+        if t in restarts and have_q:
+            total += mm(n, n, m) + mm(n, m, n)
+            have_q = False
+        total += mm(n, n, n)  # R^2
+        total += mm(n, n, n) if have_q else 0
+        have_q = True
+        if t + 1 < steps and (t + 1) not in restarts:
+            total += 2 * mm(n, n, n)
+    return total + mm(n, n, m)
+
+
+# ---------------------------------------------------------------------------------------
+# Schedule design (Polar Express, arXiv 2505.16932): greedy minimax odd quintics.
+
+
+_CONVERGED_QUINTIC: Coefficients = (1.875, -1.25, 0.375)
+
+
+def _remez_quintic(lo: float, hi: float, iters: int = 100) -> Coefficients:
+    """Best odd quintic ``p`` minimizing ``max |1 - p(x)|`` on ``[lo, hi]`` (Remez exchange on
+    4 alternation points ``lo < q < r < hi``)."""
+    x = np.array([lo, lo + (hi - lo) / 3, lo + 2 * (hi - lo) / 3, hi])
+    sign = np.array([-1.0, 1.0, -1.0, 1.0])  # p = 1 - E, 1 + E, 1 - E, 1 + E
+    coef = np.zeros(3)
+    for _ in range(iters):
+        M = np.stack([x, x**3, x**5, -sign], axis=1)
+        a, b, c, _E = np.linalg.solve(M, np.ones(4))
+        coef = np.array([a, b, c])
+        # new interior points: roots of p'(x) = a + 3 b y + 5 c y^2 with y = x^2
+        disc = 9 * b * b - 20 * a * c
+        if disc <= 0 or c == 0:
+            break
+        ys = sorted(((-3 * b - math.sqrt(disc)) / (10 * c), (-3 * b + math.sqrt(disc)) / (10 * c)))
+        if ys[0] <= 0:
+            break
+        q, r = math.sqrt(ys[0]), math.sqrt(ys[1])
+        if not lo < q < r < hi:
+            break
+        if abs(q - x[1]) + abs(r - x[2]) < 1e-15 * hi:
+            break
+        x[1], x[2] = q, r
+    return float(coef[0]), float(coef[1]), float(coef[2])
+
+
+def design_polar_express(
+    steps: int,
+    lower: float,
+    *,
+    upper: float = 1.0,
+    cushion: float = 0.02,
+    safety: float = 1.01,
+) -> tuple[Coefficients, ...]:
+    """Greedy Polar Express schedule for singular values in ``[lower, upper]``.
+
+    Step t: design the minimax quintic on ``[max(l, cushion * u), u]`` (the cushion keeps
+    ``p(x) / x`` bounded below for tiny ``x``), rescale it so ``p(l)`` and ``p(u)`` are
+    symmetric around 1, then continue on ``[p(l), 2 - p(l)]``. Every step but the last is
+    divided by ``safety`` (``p(x / safety)``) against rounding. Returns ``steps`` tuples.
+    """
+    if not 0 < lower < upper:
+        raise ValueError(f"design_polar_express: need 0 < lower < upper, got {lower}, {upper}")
+    out = []
+    lo, hi = lower, upper
+    for t in range(steps):
+        if hi - lo < 1e-9:  # converged: the quintic with p(1)=1, p'(1)=p''(1)=0
+            a, b, c = _CONVERGED_QUINTIC
+        else:
+            a, b, c = _remez_quintic(max(lo, cushion * hi), hi)
+        p_lo, p_hi = (a * x + b * x**3 + c * x**5 for x in (lo, hi))
+        s = 2.0 / (p_lo + p_hi)
+        a, b, c = a * s, b * s, c * s
+        lo = min(s * p_lo, 1.0)
+        hi = 2.0 - lo
+        out.append((a, b, c) if t == steps - 1 else _scale((a, b, c), safety))
+    return tuple(out)
