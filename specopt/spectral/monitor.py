@@ -40,7 +40,8 @@ tensor ``module.parametrizations.weight.original``. Module paths never contain `
     monitor/step_ms                       median training-step time without the monitor
     monitor/overhead                      estimated amortized monitor time / step time
     monitor/every, monitor/signal_every   current (possibly backed-off) cadences
-    alarms                                text, one entry per fired alarm
+    alarms                                text, one entry per fired alarm (torch's
+                                          add_text stores it as alarms/text_summary)
 
 plus a custom-scalar layout (TensorBoard's "Custom Scalars" tab) grouping condition
 numbers, GMCN, sigma_max and update ratios by block (attention, MLP, ...) and PC vs non-PC.

@@ -77,7 +77,7 @@ def parse_tag(tag: str) -> tuple[str, str, str | None] | None:
     kind is ``"metric"`` (name = metric, layer = key), ``"model"`` (name = aggregate,
     layer None), ``"histogram"`` (name = histogram kind), ``"monitor"`` or ``"alarms"``.
     """
-    if tag == ALARM_TAG:
+    if tag in (ALARM_TAG, ALARM_TAG + "/text_summary"):  # add_text appends /text_summary
         return ("alarms", ALARM_TAG, None)
     head, _, rest = tag.partition("/")
     if head == "monitor" and rest:
