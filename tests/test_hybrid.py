@@ -21,6 +21,7 @@ from specopt.optim.hybrid import (
     build_optimizer,
     describe_routing,
 )
+from specopt.optim.muon import Muon
 
 CFG = dict(vocab_size=64, dim=32, n_layers=2, n_heads=2, max_seq_len=16)
 MATRICES = (
@@ -42,14 +43,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def _muon_cls() -> type[torch.optim.Optimizer]:
-    try:
-        from specopt.optim.muon import Muon
-    except ImportError:
-        return torch.optim.Muon
-    return Muon
 
 
 def _model(tied: bool = False, seed: int = 0) -> Llama:
@@ -290,7 +283,7 @@ def test_parts_match_standalone_muon_and_adamw():
     opt = build_optimizer(model, lr=2e-2, adamw_lr=5e-3, weight_decay=0.1)
     named_ref = dict(ref.named_parameters())
     groups = {g["name"]: [named_ref[n] for n in g["param_names"]] for g in opt.param_groups}
-    muon = _muon_cls()(
+    muon = Muon(
         groups["muon"], lr=2e-2, weight_decay=0.1, momentum=0.95, nesterov=True,
         adjust_lr_fn="match_rms_adamw",
     )  # fmt: skip
@@ -605,3 +598,19 @@ def test_one_lr_trains_both_sides(mode):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_muon_kwargs_reach_muon_and_conv_weights_step():
+    net = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    coeffs = (3.4445, -4.7750, 2.0315)
+    opt = build_optimizer(net, ns_coefficients=coeffs, ns_dtype=torch.float32, lr=1e-2)
+    muon_group = next(g for g in opt.param_groups if g["optimizer"] == "muon")
+    assert muon_group["ns_coefficients"] == coeffs and muon_group["ns_dtype"] == torch.float32
+    assert muon_group["param_names"] == ["0.weight", "2.weight"]
+    assert muon_group["adjust_lr_fn"] == "match_rms_adamw" and muon_group["momentum"] == 0.95
+    w0 = net[0].weight.detach().clone()
+    net(torch.randn(5, 2, 6, 6)).square().mean().backward()
+    opt.step()
+    assert torch.isfinite(net[0].weight).all() and not torch.equal(net[0].weight, w0)
+    with pytest.raises(TypeError, match="bogus"):
+        build_optimizer(net, bogus=1)

@@ -59,6 +59,8 @@ from torch.distributed.tensor import DTensor
 from torch.nn.utils import parametrize
 from torch.optim import Optimizer
 
+from specopt.optim.muon import Muon
+
 __all__ = [
     "DEFAULT_ADAMW_BETAS",
     "DEFAULT_HEAD_NAMES",
@@ -418,7 +420,7 @@ def describe_routing(
             t, _, _ = decisions[cands[0]]
             emb = next(vocab[m.out_features] for m in t.layers if isinstance(m, nn.Linear))
             decisions[cands[0]] = (t, "adamw", f"output head (out_features = vocab of {emb})")
-        elif len(cands) > 1:
+        elif len(cands) > 1 and optimizer == "muon":  # with "adamw" they go to AdamW anyway
             names = [decisions[i][0].names[0] for i in cands]
             msg = (
                 f"could not identify the output head: {len(cands)} Linear layers have "
@@ -554,14 +556,6 @@ def _skips_by_name(param_groups: Sequence[Mapping[str, Any]]) -> dict[str, int]:
 # --------------------------------------------------------------------- the optimizer
 
 
-def _default_muon_cls() -> type[Optimizer]:
-    try:
-        from specopt.optim.muon import Muon
-    except ImportError:  # pragma: no cover - until specopt.optim.muon lands
-        return torch.optim.Muon
-    return Muon
-
-
 def _call_step_without_hooks(child: Optimizer) -> None:
     # torch wraps each Optimizer subclass's step so that it runs global and per-instance
     # hooks; the hybrid's own step already ran them once, so call the unwrapped step.
@@ -618,7 +612,7 @@ class HybridOptimizer(Optimizer):
             self._check_group(g, gi)
         self._nonfinite = _validate_nonfinite(nonfinite)
         self._routing = routing
-        self._muon_cls = muon_cls if muon_cls is not None else _default_muon_cls()
+        self._muon_cls = muon_cls if muon_cls is not None else Muon
         self._child_kwargs = {"muon": dict(muon_kwargs or {}), "adamw": dict(adamw_kwargs or {})}
         self._muon: Optimizer | None = None
         self._adamw: Optimizer | None = None
@@ -908,6 +902,7 @@ def build_optimizer(
         "momentum": momentum,
         "nesterov": nesterov,
         "adjust_lr_fn": adjust_lr_fn,
+        "nonfinite": nonfinite,  # never triggers (the hybrid screens first); kept consistent
         **muon_kwargs,
     }
     return HybridOptimizer(
