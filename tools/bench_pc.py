@@ -13,8 +13,9 @@ Side by side in one process, for Llama-style models (``specopt.models.Llama`` pr
   (W_eff recomputed every forward) for reference.
 
 Variants are interleaved (A, B, A, B, ...) and each figure is a median over repeats,
-because the machine is shared. CPU runs use ``--threads`` (default 1) intra-op threads:
-on a busy 2-core box, 2 threads oversubscribe and time mostly scheduler noise.
+because the machine is shared. CPU runs use ``--threads`` (default 1) intra-op threads
+and, by default, the CPU time of this process (``time.process_time``): on a busy 2-core
+box elapsed time is mostly waiting for other processes and 2 threads oversubscribe.
 
 The PC cost per matrix per forward is ~``4 M r^2 + 2 (k-1) r^3`` FLOPs (``r`` the
 smaller side, ``M`` the larger, ``k`` the level) against ``2 M r T`` for the layer itself
@@ -50,6 +51,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+_CLOCK: Callable[[], float] = time.perf_counter
+
+
 def _interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int,
                  device: torch.device) -> dict[str, float]:
     """Median seconds per call of each function, calls interleaved round-robin."""
@@ -61,10 +65,10 @@ def _interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int,
     for _ in range(repeats):
         for name, fn in fns.items():
             _sync(device)
-            t0 = time.perf_counter()
+            t0 = _CLOCK()
             fn()
             _sync(device)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(_CLOCK() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -175,8 +179,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="micro-batches for the accumulate() variant (1: off)")
     parser.add_argument("--threads", type=int, default=1, help="CPU intra-op threads")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--clock", choices=("auto", "process", "wall"), default="auto",
+                        help="process: CPU time of this process (robust on a shared CPU box); "
+                        "wall: elapsed time; auto: process on CPU, wall on GPU")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    global _CLOCK
+    clock = args.clock if args.clock != "auto" else ("process" if device.type == "cpu" else "wall")
+    _CLOCK = time.process_time if clock == "process" else time.perf_counter
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     if args.quick:
@@ -190,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     print(f"PC level {args.level} on FFN + wo, AdamW; device {device}"
           f"{f', {torch.get_num_threads()} thread(s)' if device.type == 'cpu' else ''}; "
-          f"medians of {repeats} interleaved repeats", flush=True)
+          f"{clock} time, medians of {repeats} interleaved repeats", flush=True)
     header = f"{'size':>6} {'measure':>15} {'tokens':>7} {'plain ms':>9} {'ours ms':>9} " \
              f"{'ratio':>6} {'overhead':>8}"
     print(header)
@@ -203,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{100 * row['overhead']:>+7.1f}%", flush=True)
             rows.append(row)
     if args.json:
-        result = {"benchmark": "pc", "device": str(device), "level": args.level,
+        result = {"benchmark": "pc", "device": str(device), "level": args.level, "clock": clock,
                   "threads": torch.get_num_threads(), "repeats": repeats, "rows": rows}
         tmp = f"{args.json}.tmp"
         with open(tmp, "w") as fh:
