@@ -488,3 +488,23 @@ def test_bad_model_and_log_dir(tmp_path) -> None:
     mon.close()
     with pytest.raises(RuntimeError, match="after close"):
         mon.step(1)
+
+
+@pytest.mark.slow
+def test_bench_monitor_quick_runs_and_writes_json(tmp_path) -> None:
+    import importlib.util
+    import json
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "tools", "bench_monitor.py")
+    spec = importlib.util.spec_from_file_location("bench_monitor", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        res = bench.main(["--quick", "--json", str(tmp_path / "out.json")])
+    finally:
+        torch.set_num_threads(threads)
+    saved = json.loads((tmp_path / "out.json").read_text())
+    assert saved["bit_identical_weights"] is True
+    assert saved["snapshot_ms_no_sink"] > 0 and len(saved["ratios"]) == 2
+    assert res["matrices"] == 16

@@ -548,7 +548,8 @@ class SpectralMonitor:
             step=step, sigma_max=sigma_pi,
             metrics=snapshot.metrics if snapshot is not None else None,
             nonfinite_weights=bad_w, nonfinite_grads=bad_g,
-            loss=None if loss is None else float(loss),
+            loss=None if loss is None else float(
+                loss.detach() if isinstance(loss, Tensor) else loss),
         )
         for rule in self.rules:
             for alarm in rule.check(obs):
@@ -599,8 +600,9 @@ class SpectralMonitor:
             for g in self._groups:
                 self._repair_vectors(g)
         grads = [m.trained.grad for m in self._matrices]
-        present = [(m.trained_key, gr) for m, gr in zip(self._matrices, grads, strict=True)
-                   if gr is not None]
+        # Sparse gradients (nn.Embedding(sparse=True)): check their stored values.
+        present = [(m.trained_key, gr._values() if gr.is_sparse else gr)
+                   for m, gr in zip(self._matrices, grads, strict=True) if gr is not None]
         bad_g: list[str] = []
         if present:
             norms = torch.stack([n.double().cpu() for n in
@@ -633,14 +635,25 @@ class SpectralMonitor:
                     delta_keys.append(key)
                     weights.append(m.trained.detach() - previous[key])
         sigmas = singular_values(weights, dtype=self.dtype)
+        # Metrics batched per shape: one spectrum_metrics call and one host copy per group.
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        for i, info in enumerate(infos):
+            by_shape.setdefault(info.shape, []).append(i)
+        values: list[dict[str, float]] = [{}] * len(infos)
+        spectra_list: list[np.ndarray] = [np.empty(0)] * len(infos)
+        for shape, idx in by_shape.items():
+            stacked = torch.stack([sigmas[i] for i in idx]).double().cpu()
+            got = {k: v.tolist() for k, v in spectrum_metrics(stacked, shape=shape).items()}
+            block = stacked.numpy()
+            for j, i in enumerate(idx):
+                values[i] = {k: v[j] for k, v in got.items()}
+                spectra_list[i] = block[j]
         spectra: dict[str, np.ndarray] = {}
         metrics: dict[str, dict[str, float]] = {}
         per_metric: dict[str, list[float]] = {name: [] for name in METRIC_NAMES}
         nonfinite: list[str] = []
-        for info, sig in zip(infos, sigmas[: len(infos)], strict=True):
-            spectrum = sig.double().cpu()
-            vals = {k: float(v) for k, v in spectrum_metrics(spectrum, shape=info.shape).items()}
-            spectra[info.key] = spectrum.numpy()
+        for info, vals, spectrum in zip(infos, values, spectra_list, strict=True):
+            spectra[info.key] = spectrum
             metrics[info.key] = vals
             if math.isnan(vals["sigma_max"]):
                 nonfinite.append(info.key)

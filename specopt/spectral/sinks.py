@@ -206,6 +206,11 @@ class TensorBoardSink(Sink):
     Non-finite singular values are dropped from histograms (TensorBoard raises on an
     all-NaN histogram); NaN scalars are written as NaN. Flushes after each snapshot.
 
+    Speed: for a real ``SummaryWriter`` all values of one call go into a single
+    ``Summary`` event (``add_scalar`` costs ~0.1-0.5 ms per value in protobuf and queue
+    hand-offs, which dominated snapshot time); other writer objects get the plain
+    ``add_scalar`` / ``add_histogram`` calls.
+
     Args:
         writer: the SummaryWriter.
         owns_writer: close the writer in :meth:`close` (True when the monitor made it).
@@ -213,39 +218,57 @@ class TensorBoardSink(Sink):
     """
 
     def __init__(self, writer: Any, *, owns_writer: bool = False, histograms: bool = True) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
         self.writer = writer
         self.owns_writer = owns_writer
         self.histograms = histograms
+        self._batched = isinstance(writer, SummaryWriter)
+
+    def _emit(self, step: int, scalars: Mapping[str, float],
+              histograms: Sequence[tuple[str, np.ndarray]] = ()) -> None:
+        if not self._batched:
+            for tag, value in scalars.items():
+                self.writer.add_scalar(tag, value, step)
+            for tag, values in histograms:
+                self.writer.add_histogram(tag, values, step, bins=HISTOGRAM_BINS)
+            return
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        from torch.utils.tensorboard.summary import make_histogram
+
+        values = [Summary.Value(tag=tag, simple_value=float(v)) for tag, v in scalars.items()]
+        values += [Summary.Value(tag=tag, histo=make_histogram(h.astype(np.float64),
+                                                               HISTOGRAM_BINS))
+                   for tag, h in histograms]
+        if values:
+            self.writer._get_file_writer().add_summary(Summary(value=values), step)
 
     def write_layout(self, layers: Sequence[LayerInfo]) -> None:
         self.writer.add_custom_scalars(custom_scalar_layout(layers))
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
-        for tag, value in scalars.items():
-            self.writer.add_scalar(tag, value, step)
+        self._emit(step, scalars)
 
     def write_snapshot(self, snapshot: Snapshot) -> None:
-        w, step = self.writer, snapshot.step
+        scalars: dict[str, float] = {}
+        hists: list[tuple[str, np.ndarray]] = []
         for key, metrics in snapshot.metrics.items():
             for name, value in metrics.items():
-                w.add_scalar(metric_tag(name, key), value, step)
+                scalars[metric_tag(name, key)] = value
             if self.histograms:
                 sigma = snapshot.spectra[key]
                 sigma = sigma[np.isfinite(sigma)]
                 if sigma.size and sigma[0] > 0:
-                    positive = sigma[sigma > 0]
-                    # Integer bins: equal-width edges are ~20x cheaper to fill than
-                    # TensorBoard's default exponential 'tensorflow' edges, and the UI
-                    # re-bins into ~30 equal-width bins anyway.
-                    w.add_histogram(histogram_tag("log10_sigma", key), np.log10(positive), step,
-                                    bins=HISTOGRAM_BINS)
-                    w.add_histogram(histogram_tag("sigma_over_max", key), sigma / sigma[0], step,
-                                    bins=HISTOGRAM_BINS)
+                    # Equal-width bins (HISTOGRAM_BINS): ~20x cheaper to fill than
+                    # TensorBoard's default exponential edges; the UI re-bins anyway.
+                    hists.append((histogram_tag("log10_sigma", key), np.log10(sigma[sigma > 0])))
+                    hists.append((histogram_tag("sigma_over_max", key), sigma / sigma[0]))
         for key, value in snapshot.update_ratio.items():
-            w.add_scalar(metric_tag("update_ratio", key), value, step)
+            scalars[metric_tag("update_ratio", key)] = value
         for name, value in snapshot.aggregates.items():
-            w.add_scalar(model_tag(name), value, step)
-        w.flush()
+            scalars[model_tag(name)] = value
+        self._emit(snapshot.step, scalars, hists)
+        self.writer.flush()
 
     def write_alarm(self, alarm: Alarm) -> None:
         self.writer.add_text(ALARM_TAG, alarm.message, alarm.step)
