@@ -4,14 +4,17 @@ Reads a run's TensorBoard events (``train/loss`` and the monitor's per-layer
 ``spectral/<metric>/<layer>`` scalars and ``alarms`` text) and reports, ranked by
 severity:
 
-1. **Loss spikes.** A logged loss ``L_t`` is anomalous when it is non-finite or
+1. **Loss spikes.** A logged loss ``L_t`` is anomalous when it is non-finite, or
    ``L_t > median + max(k * 1.4826 * MAD, rel * |median|)`` over the previous ``window``
-   normal losses (median/MAD: robust to the spikes themselves, which never enter the
-   baseline). Consecutive anomalous steps (gap <= ``merge_gap``) form one spike;
-   severity = peak loss / baseline median (``inf`` for non-finite).
+   normal losses (a sudden jump), or ``L_t > (1 + jump) * best`` with ``best`` the lowest
+   rolling median seen so far (a run drifting upward, which a rolling baseline would
+   follow). Median/MAD are robust, and anomalous losses never enter the baseline.
+   Consecutive anomalous steps (gap <= ``merge_gap``) form one spike; severity = peak
+   loss / baseline median (``inf`` for non-finite).
 2. **Precursors.** For each spike at step ``s`` and each layer series of the metrics in
    :data:`PRECURSOR_METRICS`, over the ``lookback`` steps before ``s``: baseline = the
-   median of the first three points; onset = first step where the value reaches
+   median of the first three points (fewer when only a few exist); onset = first step
+   where the value reaches
    ``(1 + rise) * baseline``; growth = last value before ``s`` / baseline. Layers that
    rose are ranked by onset (earliest first), then by growth.
 3. **Alarms** the monitor fired (tag ``alarms``), with their steps; those inside a spike's
@@ -84,13 +87,15 @@ class Diagnosis:
 
 def detect_spikes(
     steps: np.ndarray, losses: np.ndarray, *, window: int = 20, k: float = 6.0,
-    rel: float = 0.1, merge_gap: int = 3, min_history: int = 5,
+    rel: float = 0.1, jump: float = 0.5, merge_gap: int = 3, min_history: int = 3,
 ) -> list[tuple[int, int, float, float]]:
     """Spikes of a loss series as ``(first step, last step, peak, baseline)`` in step order.
 
     See the module docstring for the rule; ``peak`` is ``inf`` when a loss is non-finite.
+    The first ``min_history`` finite losses are taken as normal.
     """
     normal: list[float] = []
+    best = math.inf  # lowest rolling median so far
     flagged: list[tuple[int, float, float]] = []  # (step, loss, baseline)
     for s, x in zip(steps.tolist(), losses.tolist(), strict=True):
         hist = np.asarray(normal[-window:])
@@ -99,8 +104,10 @@ def detect_spikes(
                 normal.append(x)
             continue
         med = float(np.median(hist))
+        best = min(best, med)
         mad = 1.4826 * float(np.median(np.abs(hist - med)))
-        if not math.isfinite(x) or x > med + max(k * mad, rel * abs(med)):
+        if (not math.isfinite(x) or x > med + max(k * mad, rel * abs(med))
+                or (best > 0 and x > (1 + jump) * best)):
             flagged.append((s, x, med))
         else:
             normal.append(x)
@@ -130,9 +137,9 @@ def find_precursors(
             continue
         sel = (steps >= spike_step - lookback) & (steps < spike_step)
         s, v = steps[sel], values[sel]
-        if s.size < 4:
+        if s.size < 2:
             continue
-        base = float(np.median(v[:3]))
+        base = float(np.median(v[: min(3, s.size - 1)]))
         if not (math.isfinite(base) and base > 0):
             continue
         # Non-finite values count as having risen: a layer that went NaN/Inf first matters.
@@ -150,7 +157,7 @@ def find_precursors(
 
 
 def diagnose(
-    logdir: str | Path, *, window: int = 20, k: float = 6.0, lookback: int = 50,
+    logdir: str | Path, *, window: int = 20, k: float = 6.0, jump: float = 0.5, lookback: int = 50,
     rise: float = 0.25, top: int = 5,
 ) -> Diagnosis:
     """Analyse one run folder (see the module docstring); nothing is printed."""
@@ -163,7 +170,7 @@ def diagnose(
         raise CommandError(f"{str(logdir)!r} has no 'train/loss' scalars to diagnose")
     alarms = [(s, text) for s, tag, text in run.texts if tag == "alarms"]
     spikes = []
-    for first, last, peak, base in detect_spikes(steps, losses, window=window, k=k):
+    for first, last, peak, base in detect_spikes(steps, losses, window=window, k=k, jump=jump):
         spike = Spike(first, last, peak, base, peak / base if base > 0 else math.inf)
         spike.precursors = find_precursors(run, first, lookback=lookback, rise=rise)[:top]
         spike.alarms = [(s, t) for s, t in alarms if first - lookback <= s <= last]
@@ -191,24 +198,24 @@ def print_diagnosis(d: Diagnosis) -> None:
             f"(x{fmt(sp.severity, 3)})"
         )
         if sp.precursors:
-            table = Table(title="layers that rose first (earliest onset first)")
+            table = Table(title="layers that rose first (lead: steps before the spike)")
             width = max(len(p.layer) for p in sp.precursors)
             table.add_column("layer", no_wrap=True, min_width=width)
             table.add_column("metric", no_wrap=True)
-            for col in ("rose at step", "steps before spike", "from", "to", "growth"):
-                table.add_column(col, justify="right")
+            for col in ("rose at", "lead", "from", "to", "growth"):
+                table.add_column(col, justify="right", no_wrap=True)
             for p in sp.precursors:
                 table.add_row(p.layer, p.metric, str(p.onset_step), str(p.lead), fmt(p.baseline),
                               fmt(p.value), f"x{fmt(p.growth, 3)}")
             console.print(table)
         else:
             console.print("  no layer's spectrum rose before it (is the monitor on?)")
-        for s, text in sp.alarms:
-            console.print(f"  alarm at step {s}: {text}")
+        for _, text in sp.alarms:
+            console.print(f"  alarm {text}")
     if d.alarms:
         console.print(f"\n{len(d.alarms)} alarm(s) fired in total; first at step {d.alarms[0][0]}:")
-        for s, text in d.alarms[:10]:
-            console.print(f"  step {s}: {text}")
+        for _, text in d.alarms[:10]:
+            console.print(f"  {text}")
     else:
         console.print("\nno alarms fired")
 
@@ -221,6 +228,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("logdir", help="run folder with TensorBoard event files")
     p.add_argument("--window", type=int, default=20, help="loss baseline window (logged steps)")
     p.add_argument("--k", type=float, default=6.0, help="spike threshold in robust std devs")
+    p.add_argument("--jump", type=float, default=0.5,
+                   help="loss above (1 + JUMP) x its best rolling median is a spike")
     p.add_argument("--lookback", type=int, default=50, help="steps searched before each spike")
     p.add_argument("--rise", type=float, default=0.25,
                    help="relative rise that counts (0.25: +25%%)")
@@ -230,7 +239,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    d = diagnose(args.logdir, window=args.window, k=args.k, lookback=args.lookback,
+    d = diagnose(args.logdir, window=args.window, k=args.k, jump=args.jump, lookback=args.lookback,
                  rise=args.rise, top=args.top)
     print_diagnosis(d)
     if args.json:
