@@ -1,0 +1,310 @@
+"""specopt.Muon: torch.optim.Muon equivalence, N-D / split shapes, resume, bad input."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from specopt import Muon
+from specopt.optim.muon import adjust_lr, default_ns_dtype
+from specopt.optim.newton_schulz import orthogonality_error, orthogonalize
+
+torch.set_num_threads(1)  # 2 shared cores: one thread is faster and steadier here
+
+KJ = (3.4445, -4.7750, 2.0315)
+HAS_TORCH_MUON = hasattr(torch.optim, "Muon")
+needs_torch_muon = pytest.mark.skipif(not HAS_TORCH_MUON, reason="torch.optim.Muon missing")
+
+
+def _params(seed: int = 0) -> list[nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(24, 40), (40, 24), (32, 32)]
+    return [nn.Parameter(torch.randn(*s, generator=g)) for s in shapes]
+
+
+def _grads(params, step: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(p.shape, generator=g) for p in params]
+
+
+def _run(opt, params, steps: int, start: int = 0) -> list[list[torch.Tensor]]:
+    """Step ``opt`` on fixed gradients; returns each step's parameter deltas."""
+    deltas = []
+    for t in range(start, start + steps):
+        before = [p.detach().clone() for p in params]
+        for p, g in zip(params, _grads(params, t), strict=True):
+            p.grad = g
+        opt.step()
+        deltas.append([p.detach() - b for p, b in zip(params, before, strict=True)])
+    return deltas
+
+
+def _max_rel(da, db) -> float:
+    return max(
+        ((x - y).norm() / y.norm()).item()
+        for step_a, step_b in zip(da, db, strict=True)
+        for x, y in zip(step_a, step_b, strict=True)
+    )
+
+
+@needs_torch_muon
+@pytest.mark.parametrize("adjust_lr_fn", [None, "original", "match_rms_adamw"])
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_matches_torch_muon_bf16(nesterov, adjust_lr_fn):
+    ours_p, ref_p = _params(), _params()
+    kw = dict(lr=0.02, weight_decay=0.1, nesterov=nesterov, adjust_lr_fn=adjust_lr_fn)
+    ours = _run(Muon(ours_p, ns_coefficients=KJ, **kw), ours_p, 3)
+    ref = _run(torch.optim.Muon(ref_p, **kw), ref_p, 3)
+    assert _max_rel(ours, ref) < 1e-2
+
+
+def _fp32_reference_ns(grad, ns_coefficients, ns_steps, eps):
+    # The reference formula (shared/reference/muon.md) in fp32, patched into torch's Muon.
+    a, b, c = ns_coefficients
+    X = grad.float()
+    tall = X.shape[0] > X.shape[1]
+    X = X.T if tall else X
+    X = X / X.norm().clamp(min=eps)
+    for _ in range(ns_steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.T if tall else X
+
+
+@needs_torch_muon
+@pytest.mark.parametrize("adjust_lr_fn", [None, "original", "match_rms_adamw"])
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_matches_torch_muon_fp32(monkeypatch, nesterov, adjust_lr_fn):
+    import torch.optim._muon as tm
+
+    monkeypatch.setattr(tm, "_zeropower_via_newtonschulz", _fp32_reference_ns)
+    ours_p, ref_p = _params(), _params()
+    kw = dict(lr=0.02, weight_decay=0.1, nesterov=nesterov, adjust_lr_fn=adjust_lr_fn)
+    ours = _run(Muon(ours_p, ns_coefficients=KJ, ns_dtype=torch.float32, **kw), ours_p, 3)
+    ref = _run(torch.optim.Muon(ref_p, **kw), ref_p, 3)
+    assert _max_rel(ours, ref) < 1e-5
+
+
+def test_default_update_is_near_orthogonal_and_beats_torch_error():
+    params = _params()
+    opt = Muon(
+        params, lr=1.0, weight_decay=0.0, momentum=0.0, nesterov=False, adjust_lr_fn="spectral"
+    )
+    (deltas,) = _run(opt, params, 1)
+    for p, d, g in zip(params, deltas, _grads(params, 0), strict=True):
+        A, B = p.shape
+        O = -d / math.sqrt(A / B)  # undo the spectral lr rule
+        torch.testing.assert_close(O, orthogonalize(g, dtype=default_ns_dtype(p.device)))
+        torch_mode = orthogonalize(g, schedule="jordan", normalize="frobenius", method="standard")
+        assert orthogonality_error(O) < orthogonality_error(torch_mode)
+
+
+def test_default_options_resolve():
+    opt = Muon(_params())
+    opts = opt.ns_options(opt.param_groups[0], torch.device("cpu"))
+    assert opts["schedule"] == "pe4" and opts["method"] == "auto"
+    assert opts["normalize"] == "tight" and opts["dtype"] == default_ns_dtype(torch.device("cpu"))
+    compat = Muon(_params(), ns_coefficients=KJ)
+    opts = compat.ns_options(compat.param_groups[0], torch.device("cpu"))
+    assert opts == dict(
+        schedule=KJ,
+        steps=5,
+        eps=1e-7,
+        dtype=torch.bfloat16,
+        method="standard",
+        normalize="frobenius",
+    )
+
+
+def test_adjust_lr_rules():
+    assert adjust_lr(0.1, None, (512, 128)) == pytest.approx(0.2)
+    assert adjust_lr(0.1, "original", (128, 512)) == pytest.approx(0.1)
+    assert adjust_lr(0.1, "match_rms_adamw", (128, 512)) == pytest.approx(
+        0.1 * 0.2 * math.sqrt(512)
+    )
+    assert adjust_lr(0.1, "spectral", (128, 512)) == pytest.approx(0.05)
+    assert adjust_lr(0.1, "spectral", (512, 128)) == pytest.approx(0.2)
+
+
+def test_conv_weight_is_orthogonalized_as_out_by_rest():
+    w = nn.Parameter(torch.randn(8, 3, 3, 3))
+    g = torch.randn(8, 3, 3, 3)
+    opt = Muon([w], lr=1.0, weight_decay=0.0, momentum=0.0, nesterov=False, ns_dtype=torch.float64)
+    w0 = w.detach().clone()
+    w.grad = g
+    opt.step()
+    expected = orthogonalize(g.reshape(8, 27), dtype=torch.float64) * math.sqrt(max(1, 8 / 27))
+    torch.testing.assert_close((w0 - w.detach()).reshape(8, 27), expected.float())
+
+
+def test_qkv_split_orthogonalizes_blocks_separately():
+    d = 16
+    w = nn.Parameter(torch.randn(3 * d, d))
+    g = torch.randn(3 * d, d)
+    opt = Muon(
+        [{"params": [w], "split_sizes": (d, d, d)}],
+        lr=1.0,
+        weight_decay=0.0,
+        momentum=0.0,
+        nesterov=False,
+        ns_dtype=torch.float64,
+    )
+    w0 = w.detach().clone()
+    w.grad = g
+    opt.step()
+    delta = (w0 - w.detach()).double()
+    for k in range(3):
+        block = g[k * d : (k + 1) * d].double()
+        torch.testing.assert_close(
+            delta[k * d : (k + 1) * d], orthogonalize(block), atol=1e-6, rtol=1e-6
+        )
+    # not the same as orthogonalizing the fused matrix
+    fused = orthogonalize(g.double()) * math.sqrt(3)
+    assert (delta - fused).abs().max() > 0.05
+
+
+def _model_and_opt(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(12, 20, bias=False), nn.Linear(20, 12, bias=False))
+    opt = Muon(model.parameters(), lr=0.05, weight_decay=0.01)
+    return model, opt
+
+
+def _train(model, opt, steps, start):
+    for t in range(start, start + steps):
+        g = torch.Generator().manual_seed(t)
+        x = torch.randn(8, 12, generator=g)
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+
+
+def test_resume_is_bit_identical():
+    model, opt = _model_and_opt()
+    _train(model, opt, 3, 0)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    _train(model, opt, 3, 3)
+
+    model2, opt2 = _model_and_opt(seed=1)  # different init: everything must come from the ckpt
+    buf.seek(0)
+    ckpt = torch.load(buf)
+    model2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    _train(model2, opt2, 3, 3)
+    for a, b in zip(model.parameters(), model2.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_lr_scheduler_drives_the_step():
+    p = nn.Parameter(torch.zeros(6, 10))
+    opt = Muon([p], lr=1.0, weight_decay=0.0, momentum=0.0, nesterov=False)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    g = torch.randn(6, 10)
+    sizes = []
+    for _ in range(3):
+        before = p.detach().clone()
+        p.grad = g
+        opt.step()
+        sched.step()
+        sizes.append((p.detach() - before).norm().item())
+    assert sizes[1] == pytest.approx(sizes[0] / 2, rel=1e-6)
+    assert sizes[2] == pytest.approx(sizes[0] / 4, rel=1e-6)
+
+
+def test_zero_grad_gives_zero_update():
+    params = _params()
+    opt = Muon(params, weight_decay=0.0)
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for p, b in zip(params, before, strict=True):
+        assert torch.equal(p.detach(), b)
+
+
+def test_nonfinite_grad_raises_with_name_and_changes_nothing():
+    model = nn.Sequential(nn.Linear(4, 6, bias=False), nn.Linear(6, 3, bias=False))
+    opt = Muon(model.named_parameters(), lr=0.1)
+    before = copy.deepcopy(model.state_dict())
+    model[0].weight.grad = torch.randn(6, 4)
+    model[1].weight.grad = torch.full((3, 6), float("nan"))
+    with pytest.raises(
+        FloatingPointError, match=r"non-finite gradient in parameter '1.weight' \(shape \(3, 6\)\)"
+    ):
+        opt.step()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert len(opt.state) == 0
+
+
+def test_nonfinite_unnamed_param_is_named_by_index():
+    params = _params()
+    opt = Muon(params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    params[2].grad[0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match=r"parameter 2 of group 0 \(shape \(32, 32\)\)"):
+        opt.step()
+
+
+def test_nonfinite_skip_counts_and_updates_the_rest():
+    params = _params()
+    opt = Muon(params, nonfinite="skip")
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    params[1].grad[3, 3] = float("nan")
+    opt.step()
+    assert torch.equal(params[1].detach(), before[1])
+    assert "momentum_buffer" not in opt.state[params[1]]
+    assert not torch.equal(params[0].detach(), before[0])
+    assert torch.isfinite(params[0]).all()
+    assert opt.nonfinite_skips == {"parameter 1 of group 0 (shape (40, 24))": 1}
+    assert opt.param_groups[0]["nonfinite_skips"] == [0, 1, 0]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(lr=-1.0), r"lr must be >= 0, got -1.0"),
+        (dict(momentum=1.0), r"momentum must be in \[0, 1\), got 1.0"),
+        (dict(weight_decay=-0.1), r"weight_decay must be >= 0"),
+        (dict(adjust_lr_fn="rms"), r"adjust_lr_fn must be None or one of"),
+        (dict(ns_schedule="fastest"), r"ns_schedule: unknown schedule 'fastest'"),
+        (dict(ns_coefficients=(1.0, 2.0)), r"ns_coefficients\[0\]: expected an \(a, b, c\)"),
+        (dict(ns_coefficients=KJ, ns_schedule="pe4"), "not both"),
+        (dict(ns_method="magic"), r"ns_method must be None or one of"),
+        (dict(ns_steps=0), r"ns_steps must be None or an int in \[1, 100\), got 0"),
+        (dict(ns_dtype=torch.int32), r"ns_dtype must be None or a float dtype"),
+        (dict(nonfinite="ignore"), r"nonfinite must be one of"),
+        (dict(split_sizes=(10, 10)), r"split_sizes \(10, 10\) must sum to shape\[0\]=24"),
+    ],
+)
+def test_bad_hyperparameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Muon(_params(), **kwargs)
+
+
+def test_bad_params():
+    with pytest.raises(ValueError, match=r"parameter 'bias' \(shape \(3,\)\) has 1 dims"):
+        Muon(nn.Linear(2, 3).named_parameters())
+    with pytest.raises(ValueError, match="complex parameters"):
+        Muon([nn.Parameter(torch.randn(3, 3, dtype=torch.complex64))])
+    opt = Muon(_params())
+    with pytest.raises(ValueError, match=r"parameter 0 of group 1 \(shape \(4,\)\) has 1 dims"):
+        opt.add_param_group({"params": [nn.Parameter(torch.randn(4))]})
+    assert len(opt.param_groups) == 1
+
+
+def test_sparse_grad_rejected():
+    emb = nn.Embedding(10, 4, sparse=True)
+    opt = Muon(emb.named_parameters())
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match=r"sparse gradients: parameter 'weight'"):
+        opt.step()
