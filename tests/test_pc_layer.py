@@ -480,3 +480,31 @@ def test_batched_refresh_matches_per_module_refresh_and_isolates_nonfinite():
     assert torch.equal(get_pc(batched[0]).u, u0)  # kept: its weight is not finite
     v1_new = get_pc(batched[1]).v  # its batch neighbour still iterates
     assert not torch.equal(v1_new, v1) and v1_new.norm().item() == pytest.approx(1.0)
+
+
+def test_autocast_does_not_lower_pc_precision():
+    lin = _linear(40, 24)
+    apply_pc(nn.Sequential(lin), targets="0")
+    want = lin.weight.detach().clone()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = lin.weight
+        out = lin(torch.randn(3, 24))
+    assert got.dtype == torch.float32 and out.dtype == torch.bfloat16
+    torch.testing.assert_close(got.detach(), want, rtol=0, atol=0)
+
+
+def test_bench_pc_quick_runs_and_writes_json(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "bench_pc.py"
+    spec = importlib.util.spec_from_file_location("bench_pc", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "pc.json"
+    assert bench.main(["--quick", "--tokens", "128", "--repeats", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    kinds = {r["kind"]: r for r in rows}
+    assert {"train", "infer", "infer-unmerged"} <= set(kinds)
+    assert all(r["time_ratio"] > 0 for r in rows)
