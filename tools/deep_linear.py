@@ -323,10 +323,11 @@ def fit_rates(loss: list[float], tol: float) -> dict[str, float | int | None]:
 
 
 def _subsample(xs: list[float], every: int) -> list[float]:
+    """Every ``every``-th point plus the last, rounded to 4 digits (plots only)."""
     keep = xs[::every]
     if (len(xs) - 1) % every:
         keep.append(xs[-1])
-    return keep
+    return [float(f"{x:.4g}") for x in keep]
 
 
 def run_study(cfg: DeepLinearConfig, *, log=print) -> dict[str, Any]:
@@ -340,7 +341,7 @@ def run_study(cfg: DeepLinearConfig, *, log=print) -> dict[str, Any]:
     arms: list[tuple[str, dict[str, Any]]] = [("gd", {})]
     arms += [(f"clip a={a:g}", {"arm": "clip", "a": a}) for a in cfg.a_values]
     arms += [(f"pc{k}", {"arm": "pc", "level": k}) for k in levels]
-    record_every = max(1, cfg.steps // 600)
+    record_every = max(1, cfg.steps // 300)
     runs = []
     for depth, width in cfg.networks:
         problem = make_problem(
@@ -456,6 +457,7 @@ def _atomic_savefig(fig: Any, path: Path) -> None:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=80)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -468,6 +470,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
