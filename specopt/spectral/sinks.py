@@ -17,6 +17,7 @@ import math
 import os
 import re
 import tempfile
+import threading
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -197,6 +198,27 @@ def custom_scalar_layout(layers: Sequence[LayerInfo]) -> dict[str, dict[str, lis
     return layout
 
 
+def _histogram_proto(x: np.ndarray) -> Any:
+    """``HistogramProto`` with :data:`HISTOGRAM_BINS` equal-width buckets over
+    ``[min, max]`` of finite ``x`` (same layout as torch's ``make_histogram``: right bucket
+    edges, one empty bucket on the left). Five numpy calls instead of ~25: histograms
+    were a third of the snapshot time."""
+    from tensorboard.compat.proto.summary_pb2 import HistogramProto
+
+    x = np.asarray(x, dtype=np.float64).reshape(-1)
+    lo, hi = float(x.min()), float(x.max())
+    if hi <= lo:  # constant input (e.g. a flat spectrum): a unit-wide range, like numpy
+        lo, hi = lo - 0.5, hi + 0.5
+    idx = np.minimum(((x - lo) * (HISTOGRAM_BINS / (hi - lo))).astype(np.int64),
+                     HISTOGRAM_BINS - 1)
+    counts = np.bincount(idx, minlength=HISTOGRAM_BINS)
+    edges = np.linspace(lo, hi, HISTOGRAM_BINS + 1)
+    return HistogramProto(
+        min=float(x.min()), max=float(x.max()), num=float(x.size), sum=float(x.sum()),
+        sum_squares=float(x @ x), bucket_limit=edges.tolist(), bucket=[0.0, *counts.tolist()],
+    )
+
+
 class TensorBoardSink(Sink):
     """Writes through a ``torch.utils.tensorboard.SummaryWriter``.
 
@@ -204,7 +226,9 @@ class TensorBoardSink(Sink):
     ``histograms``) histograms of ``log10(sigma)`` and ``sigma / sigma_max`` (TensorBoard
     re-bins histograms into ~30 equal bins, so raw sigma spanning decades is unreadable).
     Non-finite singular values are dropped from histograms (TensorBoard raises on an
-    all-NaN histogram); NaN scalars are written as NaN. Flushes after each snapshot.
+    all-NaN histogram); NaN scalars are written as NaN. Flushes after each snapshot and
+    alarm, on a helper thread (at most one at a time) so training does not wait for the
+    disk; :meth:`flush` and :meth:`close` wait for it.
 
     Speed: for a real ``SummaryWriter`` all values of one call go into a single
     ``Summary`` event (``add_scalar`` costs ~0.1-0.5 ms per value in protobuf and queue
@@ -224,6 +248,36 @@ class TensorBoardSink(Sink):
         self.owns_writer = owns_writer
         self.histograms = histograms
         self._batched = isinstance(writer, SummaryWriter)
+        self._flusher: threading.Thread | None = None
+        self._flush_error: BaseException | None = None
+
+    def _flush_in_background(self) -> None:
+        # Snapshot flushes (crash safety) must not stall training while the writer thread
+        # serialises and writes: flush on a helper thread, one at a time. The writer's own
+        # lock makes this safe; an error surfaces at the next call (and SinkGroup warns).
+        self._raise_pending()
+        if self._flusher is not None and self._flusher.is_alive():
+            return
+
+        def run() -> None:
+            try:
+                self.writer.flush()
+            except BaseException as exc:  # reported on the caller's thread
+                self._flush_error = exc
+
+        self._flusher = threading.Thread(target=run, name="specopt-tb-flush", daemon=True)
+        self._flusher.start()
+
+    def _raise_pending(self) -> None:
+        if self._flush_error is not None:
+            exc, self._flush_error = self._flush_error, None
+            raise exc
+
+    def _join(self) -> None:
+        if self._flusher is not None:
+            self._flusher.join()
+            self._flusher = None
+        self._raise_pending()
 
     def _emit(self, step: int, scalars: Mapping[str, float],
               histograms: Sequence[tuple[str, np.ndarray]] = ()) -> None:
@@ -234,12 +288,9 @@ class TensorBoardSink(Sink):
                 self.writer.add_histogram(tag, values, step, bins=HISTOGRAM_BINS)
             return
         from tensorboard.compat.proto.summary_pb2 import Summary
-        from torch.utils.tensorboard.summary import make_histogram
 
         values = [Summary.Value(tag=tag, simple_value=float(v)) for tag, v in scalars.items()]
-        values += [Summary.Value(tag=tag, histo=make_histogram(h.astype(np.float64),
-                                                               HISTOGRAM_BINS))
-                   for tag, h in histograms]
+        values += [Summary.Value(tag=tag, histo=_histogram_proto(h)) for tag, h in histograms]
         if values:
             self.writer._get_file_writer().add_summary(Summary(value=values), step)
 
@@ -268,16 +319,18 @@ class TensorBoardSink(Sink):
         for name, value in snapshot.aggregates.items():
             scalars[model_tag(name)] = value
         self._emit(snapshot.step, scalars, hists)
-        self.writer.flush()
+        self._flush_in_background()
 
     def write_alarm(self, alarm: Alarm) -> None:
         self.writer.add_text(ALARM_TAG, alarm.message, alarm.step)
-        self.writer.flush()  # alarms are rare and precious: never sit in the queue
+        self._flush_in_background()  # alarms are rare and precious: never sit in the queue
 
     def flush(self) -> None:
+        self._join()
         self.writer.flush()
 
     def close(self) -> None:
+        self._join()
         if self.owns_writer:
             self.writer.close()
         else:
