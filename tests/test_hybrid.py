@@ -614,3 +614,14 @@ def test_muon_kwargs_reach_muon_and_conv_weights_step():
     assert torch.isfinite(net[0].weight).all() and not torch.equal(net[0].weight, w0)
     with pytest.raises(TypeError, match="bogus"):
         build_optimizer(net, bogus=1)
+
+
+def test_huge_finite_grads_are_not_called_non_finite():
+    # 1e30 is finite in fp32 but its square overflows: the fast 2-norm screen must confirm.
+    model = _model()
+    opt = build_optimizer(model, weight_decay=0.0)
+    _backward(model, 0)
+    model.layers[0].attention.wq.weight.grad.fill_(1e30)
+    model.norm.weight.grad[0] = -1e30
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
