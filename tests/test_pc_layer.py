@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import specopt.pc.parametrization as pc_mod
-from specopt import build_optimizer
+from specopt import Muon, build_optimizer
 from specopt.models import PRESETS, Llama, LlamaConfig
 from specopt.pc import (
     PC_LEVELS,
@@ -322,12 +322,18 @@ def test_accumulate_backpropagates_nothing_when_body_raises():
     assert get_pc(model.layers[0].feed_forward.w1)._accumulation_leaf is None
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+@pytest.mark.parametrize("optimizer", ["adamw", "muon", "build_optimizer"])
 def test_tiny_training_run_with_pc(optimizer):
     model = _tiny_llama(seed=0)
     handle = apply_pc(model, level=4 if optimizer == "adamw" else 2)
+    extra = None
     if optimizer == "adamw":  # plain torch AdamW
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    elif optimizer == "muon":  # specopt.Muon on the hidden 2-D weights, hook on it
+        hidden = [p for n, p in model.named_parameters() if p.ndim == 2 and "layers." in n]
+        ids = {id(p) for p in hidden}
+        opt = Muon(hidden, lr=2e-2, adjust_lr_fn="match_rms_adamw")
+        extra = torch.optim.AdamW([p for p in model.parameters() if id(p) not in ids], lr=1e-2)
     else:  # Muon for the raw PC weights (2-D), AdamW for gamma (0-D), norms, embeddings
         opt = build_optimizer(model, "muon", lr=2e-2, adamw_lr=1e-2)
         routes = {r.name: r.optimizer for r in opt.routing.routes}
@@ -337,10 +343,13 @@ def test_tiny_training_run_with_pc(optimizer):
     x, y = _batch(batch=4, seq=32)
     losses = []
     gamma = handle.gamma_parameters()[0]
-    for _ in range(25):
+    for _ in range(15):
         opt.zero_grad()
         loss = model.loss(x, y)
         loss.backward()
+        if extra is not None:
+            extra.step()
+            extra.zero_grad()
         opt.step()
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))
