@@ -8,8 +8,8 @@ from rich.console import Console
 
 __all__ = ["CommandError", "console", "err_console", "fmt"]
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+console = Console(highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 class CommandError(Exception):

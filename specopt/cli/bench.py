@@ -97,6 +97,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rich.markup import escape
     from rich.table import Table
 
     tools = Path(args.tools_dir) if args.tools_dir else default_tools_dir()
@@ -114,10 +115,10 @@ def run(args: argparse.Namespace) -> int:
         status = "ok" if code == 0 else f"[red]exit {code}[/]"
         failed += code != 0
         if not ratios:
-            table.add_row(name, "-" if code == 0 else err.splitlines()[-1] if err else "-", "-",
-                          status, f"{seconds:.1f}")
+            reason = err.splitlines()[-1] if code != 0 and err else "-"
+            table.add_row(name, escape(reason), "-", status, f"{seconds:.1f}")
         for i, (key, val) in enumerate(ratios.items()):
-            table.add_row(name if i == 0 else "", key, fmt(val), status if i == 0 else "",
+            table.add_row(name if i == 0 else "", escape(key), fmt(val), status if i == 0 else "",
                           f"{seconds:.1f}" if i == 0 else "")
     console.print(table)
     if args.json:

@@ -158,6 +158,7 @@ def plot_runs(runs: list[RunLog], labels: list[str], out: Path) -> Path:
 
 def compare_runs(run_dirs: list[str | Path], *, out: str | Path) -> list[RunSummary]:
     """Read runs, print the comparison table, write the PNG to ``out``; returns summaries."""
+    from rich.markup import escape
     from rich.table import Table
 
     paths = [Path(p) for p in run_dirs]
@@ -183,7 +184,7 @@ def compare_runs(run_dirs: list[str | Path], *, out: str | Path) -> list[RunSumm
                       fmt(s.worst_cond), fmt(s.gmean_cond), f"{s.wall_s:.1f}")
     console.print(table)
     png = plot_runs(runs, labels, Path(out))
-    console.print(f"plot: [bold]{png}[/]")
+    console.print(f"plot: [bold]{escape(str(png))}[/]")
     return summaries
 
 

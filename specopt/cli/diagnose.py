@@ -14,9 +14,8 @@ severity:
 2. **Precursors.** For each spike at step ``s`` and each layer series of the metrics in
    :data:`PRECURSOR_METRICS`, over the ``lookback`` steps before ``s``: baseline = the
    median of the first three points (fewer when only a few exist); onset = first step
-   where the value reaches
-   ``(1 + rise) * baseline``; growth = last value before ``s`` / baseline. Layers that
-   rose are ranked by onset (earliest first), then by growth.
+   where the value reaches ``(1 + rise) * baseline``; growth = last value before ``s`` /
+   baseline. Layers that rose are ranked by onset (earliest first), then by growth.
 3. **Alarms** the monitor fired (tag ``alarms``), with their steps; those inside a spike's
    look-back window are listed with it.
 """
@@ -183,9 +182,10 @@ def diagnose(
 
 
 def print_diagnosis(d: Diagnosis) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
-    head = f"[bold]diagnosis of {d.run}[/]: {d.steps} steps"
+    head = f"[bold]diagnosis of {escape(d.run)}[/]: {d.steps} steps"
     if d.diverged:
         head += ", [bold red]diverged (non-finite loss at the end)[/]"
     console.print(head)
@@ -211,11 +211,11 @@ def print_diagnosis(d: Diagnosis) -> None:
         else:
             console.print("  no layer's spectrum rose before it (is the monitor on?)")
         for _, text in sp.alarms:
-            console.print(f"  alarm {text}")
+            console.print(f"  alarm {escape(text)}")
     if d.alarms:
         console.print(f"\n{len(d.alarms)} alarm(s) fired in total; first at step {d.alarms[0][0]}:")
         for _, text in d.alarms[:10]:
-            console.print(f"  {text}")
+            console.print(f"  {escape(text)}")
     else:
         console.print("\nno alarms fired")
 

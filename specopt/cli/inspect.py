@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from rich.markup import escape
 from torch import Tensor, nn
 
 from specopt.checkpoint import load_weights
@@ -113,14 +114,14 @@ def inspect_file(
     )
     if png is not None:
         _plot(layers, Path(png), title=Path(path).name)
-        console.print(f"histogram plot: [bold]{png}[/]")
+        console.print(f"histogram plot: [bold]{escape(str(png))}[/]")
     return layers
 
 
 def _print_table(path: str | Path, layers: list[LayerSpectrum]) -> None:
     from rich.table import Table
 
-    table = Table(title=f"spectra of {path}")
+    table = Table(title=f"spectra of {escape(str(path))}")
     cols = ("layer", "shape", "sigma_max", "sigma_min", "cond", "GMCN", "stable rank",
             "eff. rank", "rms->rms")
     width = max(len(layer.name) + (5 if layer.pc else 0) for layer in layers)

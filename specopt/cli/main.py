@@ -11,6 +11,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from rich.markup import escape
+
 from specopt import __version__
 from specopt.cli._console import CommandError, err_console
 
@@ -43,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except CommandError as exc:
-        err_console.print(f"[bold red]specopt {args.command}: error:[/] {exc}")
+        err_console.print(f"[bold red]specopt {args.command}: error:[/] {escape(str(exc))}")
         return 2
     except KeyboardInterrupt:
         err_console.print(f"specopt {args.command}: interrupted")

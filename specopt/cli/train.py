@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.markup import escape
 from torch import nn
 
 from specopt.checkpoint import (
@@ -449,8 +450,8 @@ def train(
         console.print(
             f"final validation: {val_bpb:.4f} bits/byte after {step} steps ({wall:.1f} s)"
         )
-    console.print(f"logs and checkpoints: [bold]{log_dir}[/]")
-    console.print(f"view them:  tensorboard --logdir {log_dir}")
+    console.print(f"logs and checkpoints: [bold]{escape(str(log_dir))}[/]")
+    console.print(f"view them:  tensorboard --logdir {escape(str(log_dir))}")
     return TrainResult(log_dir, step, last_ckpt, val_bpb, loss_val, wall, diverged)
 
 
