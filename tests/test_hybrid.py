@@ -441,6 +441,10 @@ def test_add_param_group_and_closure():
         opt.add_param_group({"params": [nn.Parameter(torch.ones(3))]})
     with pytest.raises(ValueError, match="more than one parameter group"):
         opt.add_param_group({"params": [extra.weight], "optimizer": "adamw"})
+    n_groups = len(opt.param_groups)
+    with pytest.raises(ValueError, match=r"Muon only optimizes matrices.*has 1 dims"):
+        opt.add_param_group({"params": [nn.Parameter(torch.ones(3))], "optimizer": "muon"})
+    assert len(opt.param_groups) == n_groups and len(opt._muon.param_groups) == n_groups - 3
     w0, b0 = extra.weight.detach().clone(), extra.bias.detach().clone()
 
     def closure():
