@@ -37,7 +37,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -99,7 +99,8 @@ def _accum_step(model: Llama, opt: torch.optim.Optimizer, handle, batches: list[
 
 
 def bench_size(size: str, tokens_list: list[int], *, seq: int, repeats: int, warmup: int,
-               level: int, accum: int, device: torch.device) -> list[dict[str, Any]]:
+               level: int, accum: int, device: torch.device) -> Iterator[dict[str, Any]]:
+    """Rows (dicts) for one model size, yielded as soon as each is measured."""
     cfg = _config(size, seq)
     plain = _model(cfg, device)
     pc = _model(cfg, device)
@@ -109,7 +110,6 @@ def bench_size(size: str, tokens_list: list[int], *, seq: int, repeats: int, war
     opt_pc = torch.optim.AdamW(pc.parameters(), lr=1e-4)
     handle.attach(opt_pc)
     params = plain.num_parameters()
-    rows: list[dict[str, Any]] = []
     g = torch.Generator().manual_seed(0)
     for tokens in tokens_list:
         batch = max(1, tokens // seq)
@@ -119,15 +119,14 @@ def bench_size(size: str, tokens_list: list[int], *, seq: int, repeats: int, war
             "plain": lambda b=full: _train_step(plain, opt_plain, b),
             "pc": lambda b=full: _train_step(pc, opt_pc, b),
         }, repeats, warmup, device)
-        rows.append(_row(size, "train", batch * seq, params, t["plain"], t["pc"], "pc"))
+        yield _row(size, "train", batch * seq, params, t["plain"], t["pc"], "pc")
         if accum > 1 and batch % accum == 0:
             micro = [(x[i::accum], y[i::accum]) for x, y in full for i in range(accum)]
             t = _interleaved({
                 "plain": lambda b=micro: _train_step(plain, opt_plain, b),
                 "pc": lambda b=micro: _accum_step(pc, opt_pc, handle, b),
             }, repeats, warmup, device)
-            row = _row(size, f"accum{accum}", batch * seq, params, t["plain"], t["pc"], "pc")
-            rows.append(row)
+            yield _row(size, f"accum{accum}", batch * seq, params, t["plain"], t["pc"], "pc")
     # Inference on the largest batch: merged vs plain (and unmerged PC for reference).
     pc.eval()
     plain.eval()
@@ -139,9 +138,8 @@ def bench_size(size: str, tokens_list: list[int], *, seq: int, repeats: int, war
             "merged": lambda: merged(x),
             "pc": lambda: pc(x),
         }, repeats, warmup, device)
-    rows.append(_row(size, "infer", x.numel(), params, t["plain"], t["merged"], "merged"))
-    rows.append(_row(size, "infer-unmerged", x.numel(), params, t["plain"], t["pc"], "pc"))
-    return rows
+    yield _row(size, "infer", x.numel(), params, t["plain"], t["merged"], "merged")
+    yield _row(size, "infer-unmerged", x.numel(), params, t["plain"], t["pc"], "pc")
 
 
 def _model_with(cfg: LlamaConfig, device: torch.device, level: int) -> Llama:
