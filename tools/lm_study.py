@@ -87,23 +87,23 @@ ARMS: tuple[Arm, ...] = (
 
 @dataclass
 class StudyConfig:
-    """Sizes of one study (defaults: the full study, ~30-40 min alone on 2 CPU cores)."""
+    """Sizes of one study (defaults: the full study: 38 runs, about 30 min on 2 busy cores)."""
 
     preset: str = "tiny"
-    steps: int = 300
-    batch_size: int = 16
+    steps: int = 200
+    batch_size: int = 8
     seq_len: int = 64
-    warmup: int = 30
-    eval_every: int = 25
+    warmup: int = 20
+    eval_every: int = 20
     eval_batches: int = 4
-    monitor_every: int = 25
+    monitor_every: int = 20
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     arms: list[str] = field(default_factory=lambda: [a.name for a in ARMS])
     sweep_arms: list[str] = field(
         default_factory=lambda: ["adamw", "adamw+pc4", "muon", "muon+pc2"])
     sweep_multipliers: list[float] = field(
-        default_factory=lambda: [0.25, 1.0, 4.0, 16.0, 64.0])
-    sweep_steps: int = 150
+        default_factory=lambda: [1.0, 4.0, 16.0, 64.0, 256.0])
+    sweep_steps: int = 80
     timing_repeats: int = 30
     run_root: str = "runs/lm_study"
 
