@@ -201,6 +201,21 @@ def test_resume_is_bit_identical():
         assert torch.equal(a, b)
 
 
+@needs_torch_muon
+def test_resumes_from_a_torch_muon_checkpoint():
+    ref_p, ours_p = _params(), _params()
+    ref = torch.optim.Muon(ref_p, lr=0.02)
+    _run(ref, ref_p, 2)
+    ckpt = copy.deepcopy(ref.state_dict())
+    with torch.no_grad():
+        for a, b in zip(ours_p, ref_p, strict=True):
+            a.copy_(b)
+    ours = Muon(ours_p, lr=0.5)  # lr and NS settings come from the checkpoint
+    ours.load_state_dict(ckpt)
+    assert ours.param_groups[0]["ns_schedule"] is None  # filled in by __setstate__
+    assert _max_rel(_run(ours, ours_p, 2, start=2), _run(ref, ref_p, 2, start=2)) == 0.0
+
+
 def test_lr_scheduler_drives_the_step():
     p = nn.Parameter(torch.zeros(6, 10))
     opt = Muon([p], lr=1.0, weight_decay=0.0, momentum=0.0, nesterov=False)

@@ -233,6 +233,14 @@ class Muon(Optimizer):
         }
         super().__init__(params, defaults)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # load_state_dict lands here: groups saved by torch.optim.Muon (or an older specopt)
+        # lack our keys; fill them with this instance's defaults so such checkpoints resume.
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
     # -- validation (once per group, at construction / add_param_group)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -379,7 +387,7 @@ class Muon(Optimizer):
                 skips = group.setdefault("nonfinite_skips", [0] * len(group["params"]))
                 for k in bad:
                     skips[idx[k]] += 1
-                keep = [k for k in range(len(params)) if k not in set(bad)]
+                keep = [k for k in range(len(params)) if k not in frozenset(bad)]
                 params = [params[k] for k in keep]
                 grads = [grads[k] for k in keep]
         bufs = []
