@@ -17,6 +17,7 @@ from specopt.distributed import (
     get_world_size,
     is_distributed,
     is_main_process,
+    map_on_owners,
     ns_flops,
     orthogonalize_distributed,
     rank_loads,
@@ -108,6 +109,15 @@ def _stage_worker(rank: int, world: int) -> dict:
         res = orthogonalize_distributed(full, _fn, replicated=True, split=split, stats=stats)
         out[f"ddp_{split}"] = res
         out[f"ddp_stats_{split}"] = stats
+    calls: list[int] = []
+
+    def norms(idx, ts):
+        calls.extend(idx)
+        return [torch.linalg.matrix_norm(t.flatten(1), ord=2) for t in ts]
+
+    out["map_fsdp"] = map_on_owners(sharded, norms)
+    out["map_ddp"] = map_on_owners(full, norms, replicated=True)
+    out["map_calls"] = calls
     return out
 
 
@@ -128,6 +138,13 @@ def test_distributed_stage_fsdp_and_ddp_match_local():
         assert sum(s.matrices_local for s in split) == len(_SHAPES)
         assert all(s.matrices_local > 0 for s in split)
         assert all(s.matrices_local == len(_SHAPES) for s in naive)
+    # map_on_owners: each tensor computed once (on one rank), results on rank 0 only.
+    expected = [torch.linalg.matrix_norm(m.flatten(1), ord=2) for m in _inputs()]
+    for key in ("map_fsdp", "map_ddp"):
+        torch.testing.assert_close(results[0][key], expected, rtol=0, atol=0)
+        assert results[1][key] is None
+    calls = results[0]["map_calls"] + results[1]["map_calls"]
+    assert sorted(calls) == sorted(list(range(len(_SHAPES))) * 2)
     fsdp = [out["fsdp_stats_True"] for out in results]
     assert fsdp[0].collectives == 2 and fsdp[0].bytes_sent > 0
 

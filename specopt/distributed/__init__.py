@@ -3,6 +3,7 @@
 * :mod:`~specopt.distributed.env`: rank/world helpers, no-ops without a process group.
 * :mod:`~specopt.distributed.assignment`: NS cost model and balanced matrix-to-rank owners.
 * :mod:`~specopt.distributed.dtensor`: FSDP2 row-shard layout, gather and re-shard.
+* :mod:`~specopt.distributed.owners`: gather whole tensors to one owner each, compute there.
 * :mod:`~specopt.distributed.orthogonalize`: the distributed Newton-Schulz stage.
 * :mod:`~specopt.distributed.fsdp`: FSDP2 / DDP wrapping (0-D PC gains handled).
 * :mod:`~specopt.distributed.checkpoint`: DCP save/load that resumes on another world size.
@@ -28,6 +29,7 @@ from specopt.distributed.env import (
 )
 from specopt.distributed.fsdp import ddp_model, fully_shard_model
 from specopt.distributed.orthogonalize import CommStats, orthogonalize_distributed
+from specopt.distributed.owners import gather_rows_to_owners, map_on_owners
 
 __all__ = [
     "CommStats",
@@ -38,6 +40,7 @@ __all__ = [
     "from_local_rows",
     "full_tensor",
     "fully_shard_model",
+    "gather_rows_to_owners",
     "get_rank",
     "get_world_size",
     "is_distributed",
@@ -45,6 +48,7 @@ __all__ = [
     "is_main_process",
     "is_row_sharded",
     "load_distributed_checkpoint",
+    "map_on_owners",
     "ns_flops",
     "orthogonalize_distributed",
     "rank_loads",

@@ -38,6 +38,7 @@ from torch.distributed.tensor import DTensor
 from specopt.distributed.assignment import assign_by_cost, ns_flops
 from specopt.distributed.dtensor import from_local_rows, full_tensor, is_row_sharded, row_chunks
 from specopt.distributed.env import get_rank, get_world_size, is_distributed
+from specopt.distributed.owners import gather_rows_to_owners
 
 __all__ = ["CommStats", "orthogonalize_distributed"]
 
@@ -217,28 +218,8 @@ def _sharded(
         mine = [k for k, o in enumerate(owners) if o == rank]
 
         # Phase A: each rank's rows of matrix k go to owners[k].
-        send_parts: list[Tensor] = []
-        in_splits = [0] * world
-        for d in range(world):
-            for k, o in enumerate(owners):
-                if o == d:
-                    local = mats[k].to_local()
-                    assert local.shape[0] == chunks[k][rank][1], "unexpected shard layout"
-                    send_parts.append(local.reshape(-1))
-                    in_splits[d] += chunks[k][rank][1] * cols[k]
-        out_splits = [sum(chunks[k][s][1] * cols[k] for k in mine) for s in range(world)]
-        send = torch.cat(send_parts) if send_parts else torch.empty(0, dtype=dtype, device=device)
-        recv = torch.empty(sum(out_splits), dtype=dtype, device=device)
-        dist.all_to_all_single(recv, send, out_splits, in_splits, group=pg)
-
-        pieces: dict[int, list[Tensor]] = {k: [] for k in mine}
-        offset = 0
-        for s in range(world):
-            for k in mine:
-                size = chunks[k][s][1] * cols[k]
-                pieces[k].append(recv[offset : offset + size])
-                offset += size
-        fulls = [torch.cat(pieces[k]).view(mats[k].shape) for k in mine]
+        gathered, in_splits, out_splits = gather_rows_to_owners(mats, owners, pg)
+        fulls = [gathered[k] for k in mine]
         outs = [o.to(dtype) for o in _call(orthogonalize, fulls)]
 
         # Phase B: the owner returns to each rank its rows of every result.
