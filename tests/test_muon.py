@@ -323,3 +323,23 @@ def test_sparse_grad_rejected():
     emb(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(RuntimeError, match=r"sparse gradients: parameter 'weight'"):
         opt.step()
+
+
+@needs_torch_muon
+@pytest.mark.slow
+def test_bench_quick_runs_and_default_error_is_no_worse(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "bench_muon.py"
+    spec = importlib.util.spec_from_file_location("bench_muon", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "muon.json"
+    result = bench.main(["--quick", "--json", str(out)])
+    assert json.loads(out.read_text())["matrices"] == result["matrices"] == 28
+    assert result["speedup_vs_torch"] > 0
+    err = result["orthogonality_error"]
+    for inputs in ("momentum", "logspaced"):
+        assert err["specopt"][inputs] <= err["torch"][inputs]

@@ -261,11 +261,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
     ap.add_argument("--heavyball", action="store_true", help="also time heavyball.Muon")
     ap.add_argument("--sweep", action="store_true", help="print the default-selection table")
-    ap.add_argument("--quick", action="store_true", help="d=32, 3 repeats, 1 Llama step")
+    ap.add_argument("--quick", action="store_true", help="d=32, 3 repeats, 1 Llama step, 1 thread")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
     if args.quick:
         args.d, args.repeats, args.llama_steps = 32, 3, 1
+        # tiny matrices: 2 OpenMP threads on a shared box mostly spin (measured 4x slower)
+        args.threads = args.threads or 1
     if args.threads:
         torch.set_num_threads(args.threads)
     peers = ["heavyball"] if args.heavyball else []
