@@ -210,6 +210,8 @@ def resolve_schedule(schedule: ScheduleLike, *, argname: str = "schedule") -> NS
 
 
 def _check_input(G: Tensor) -> None:
+    if not (G.is_floating_point() or G.is_complex()):
+        raise ValueError(f"orthogonalize: expected a floating-point tensor, got {G.dtype}")
     if G.ndim not in (2, 3):
         raise ValueError(
             f"orthogonalize: expected a matrix (m, n) or a batch (B, m, n), "
@@ -246,8 +248,8 @@ def orthogonalize(
             ``None`` = ``(2,)`` for 16-bit dtypes and ``()`` otherwise.
         gram_min_aspect: threshold for ``method="auto"``.
         normalize: ``"frobenius"``: only ``X_0`` above (torch's); ``"tight"``: additionally
-            divide ``X_0`` by ``(sum sigma_i(X_0)^8)^(1/8)`` (an upper bound on
-            ``sigma_max(X_0)``, at most 1) computed from the ``A^2`` the first step needs
+            divide ``X_0`` by ``safety * (sum sigma_i(X_0)^8)^(1/8)`` (the bound is at least
+            ``sigma_max(X_0)`` and at most 1) computed from the ``A^2`` the first step needs
             anyway: same polar factor, larger small singular values, no extra matmul.
 
     Returns:
@@ -292,15 +294,16 @@ def orthogonalize(
     return X if batched else X.squeeze(0)
 
 
-def _tighten(X: Tensor, A: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Rescale ``X`` (and its ``A = X X^T``) by ``s = (sum sigma^8)^(1/8) >= sigma_max``.
+def _tighten(X: Tensor, A: Tensor, eps: float, safety: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Rescale ``X`` (and its ``A = X X^T``) by ``s = safety (sum sigma^8)^(1/8)``, an upper
+    bound on ``safety * sigma_max``.
 
     ``A^2`` is needed by the first step anyway, so the bound costs no extra matmul; after
-    Frobenius normalization ``s <= 1``, so small singular values start larger (for spectra
-    spread over 3 decades by a factor of ~3, worth about one NS step)."""
+    Frobenius normalization ``s <= safety``, so small singular values start larger (for
+    spectra spread over 3 decades by a factor of ~3, worth about one NS step)."""
     A2 = torch.bmm(A, A)
     s2 = torch.linalg.vector_norm(A2, dim=(-2, -1), keepdim=True).sqrt()  # sigma_max^2 bound
-    s2 = s2.clamp(min=eps)
+    s2 = (s2 * safety**2).clamp(min=eps)
     return X / s2.sqrt(), A / s2, A2 / s2.square()
 
 
@@ -310,7 +313,7 @@ def _ns_standard(X: Tensor, sched: NSSchedule, steps: int, tight: bool, eps: flo
         a, b, c = sched.at(t)
         A = torch.bmm(X, X.mT)
         if t == 0 and tight:
-            X, A, A2 = _tighten(X, A, eps)
+            X, A, A2 = _tighten(X, A, eps, sched.safety)
             Bm = A2.mul_(c).add_(A, alpha=b)
         else:
             Bm = torch.baddbmm(A, A, A, beta=b, alpha=c)
@@ -331,7 +334,7 @@ def _ns_gram(
             Q = None
         a, b, c = sched.at(t)
         if t == 0 and tight:
-            X, R, R2 = _tighten(X, R, eps)
+            X, R, R2 = _tighten(X, R, eps, sched.safety)
             P = R2.mul(c).add_(R, alpha=b)
         else:
             P = torch.baddbmm(R, R, R, beta=b, alpha=c)  # b R + c R^2
