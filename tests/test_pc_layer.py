@@ -517,3 +517,20 @@ def test_bench_pc_quick_runs_and_writes_json(tmp_path):
     kinds = {r["kind"]: r for r in rows}
     assert {"train", "infer", "infer-unmerged"} <= set(kinds)
     assert all(r["time_ratio"] > 0 for r in rows)
+
+
+def test_meta_device_construction_then_reset():
+    with torch.device("meta"):
+        model = Llama(TINY)
+    handle = apply_pc(model)
+    model.to_empty(device="cpu")
+    with torch.no_grad():  # parameters() yields the raw PC weights (``...original``)
+        for p in model.parameters():
+            p.normal_(std=0.02)
+    handle.reset()
+    pc = get_pc(model.layers[0].feed_forward.w1)
+    raw = _raw(model.layers[0].feed_forward.w1)
+    assert pc.gamma.item() == 1.0
+    true = torch.linalg.matrix_norm(raw.detach(), 2).item()
+    assert pc.sigma(raw).item() == pytest.approx(true, rel=1e-2)
+    assert torch.isfinite(model(_batch()[0])).all()

@@ -97,6 +97,13 @@ def _vector_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if weight_dtype == torch.float64 else torch.float32
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # device types without autocast (e.g. meta)
+        return False
+
+
 def pc_weight(
     weight: Tensor,
     u: Tensor,
@@ -126,7 +133,7 @@ def pc_weight(
         ``gamma * s * f(sigma_i / s)`` for the singular values ``sigma_i`` of ``W``.
     """
     device_type = weight.device.type
-    if torch.is_autocast_enabled(device_type):
+    if _autocast_enabled(device_type):
         # Under bf16 autocast the Gram/Horner products would run in bf16: ~1% error in
         # W_eff for level 4 (its coefficients reach 14). Compute in the weight's dtype;
         # the layer's own matmul still autocasts W_eff.
@@ -185,6 +192,7 @@ class PCParametrization(nn.Module):
         if not math.isfinite(gamma_init):
             raise ValueError(f"gamma_init must be finite, got {gamma_init!r}")
         self.polynomial = polynomial
+        self.gamma_init = float(gamma_init)
         self.power_iters = power_iters
         self.eps = float(eps)
         self.norm_recovery = bool(norm_recovery)
@@ -235,6 +243,18 @@ class PCParametrization(nn.Module):
         ok = torch.isfinite(self.u).all() & torch.isfinite(self.v).all()
         self.u.copy_(torch.where(ok, self.u, u_prev))
         self.v.copy_(torch.where(ok, self.v, v_prev))
+
+    @torch.no_grad()
+    def reset_(self, weight: Tensor, iters: int = DEFAULT_INIT_ITERS) -> None:
+        """Fresh ``u``, ``v`` (fixed-seed random, then ``iters`` power iterations) and
+        ``gamma = gamma_init``: for weights materialised after meta-device construction
+        (``to_empty`` leaves buffers uninitialised) or replaced wholesale."""
+        u, v = init_singular_vectors(weight.shape, device=weight.device, dtype=self.u.dtype)
+        self.u.copy_(u)
+        self.v.copy_(v)
+        if self.gamma is not None:
+            self.gamma.fill_(self.gamma_init)
+        self.refresh_(weight, iters)
 
     def _check_shapes(self, weight: Tensor) -> None:
         if tuple(self.u.shape) != (weight.shape[0],) or tuple(self.v.shape) != (weight.shape[1],):
@@ -353,6 +373,19 @@ class PCHandle:
             for i, (pc, _) in enumerate(items):
                 pc.u.copy_(u[i])
                 pc.v.copy_(v[i])
+
+    @torch.no_grad()
+    def reset(self, iters: int = DEFAULT_INIT_ITERS) -> None:
+        """:meth:`PCParametrization.reset_` on every wrapped module.
+
+        Meta-device workflow: build the model on ``meta``, ``apply_pc``, ``to_empty``,
+        initialise the raw weights (``module.parametrizations.weight.original``, or
+        ``model.parameters()``; an in-place init of ``module.weight`` writes into the
+        computed ``W_eff`` and is lost), then ``handle.reset()``. Simpler when possible:
+        materialise and initialise first, then ``apply_pc``.
+        """
+        for name, module in self.modules.items():
+            self._pc(name, module).reset_(module.parametrizations.weight.original, iters)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
         """Refresh ``u``, ``v`` after every ``optimizer.step()``; returns the removable hook.
@@ -523,7 +556,7 @@ def apply_pc(
         if share_count.get(id(weight), 0) > 1:
             raise ValueError(f"apply_pc: '{name}.weight' {tuple(weight.shape)} is shared with "
                              "another module (tied weights); exclude it from the targets")
-        if not torch.isfinite(weight).all():
+        if not weight.is_meta and not torch.isfinite(weight).all():
             raise ValueError(f"apply_pc: '{name}.weight' {tuple(weight.shape)} has "
                              "non-finite values")
     for module in selected.values():
@@ -532,8 +565,10 @@ def apply_pc(
             learn_gamma=learn_gamma, gamma_init=gamma_init, norm_recovery=norm_recovery,
         )
         # Converge u, v before registering: registration evaluates forward once, and the
-        # first training forward must already see a good s.
-        pc.refresh_(module.weight, init_iters)
+        # first training forward must already see a good s. (Meta weights have no values:
+        # call handle.reset() once they are materialised.)
+        if not module.weight.is_meta:
+            pc.refresh_(module.weight, init_iters)
         parametrize.register_parametrization(module, "weight", pc)
     return PCHandle(dict(selected))
 
