@@ -160,6 +160,13 @@ def muon_apply_(
     assert k == len(ortho), "every orthogonalized block belongs to one parameter"
 
 
+def _label(group: dict[str, Any], gi: int, i: int, p: Tensor) -> str:
+    """How messages name parameter ``i`` of group ``gi``: its name when known."""
+    names = group.get("param_names")
+    label = repr(names[i]) if names else f"{i} of group {gi}"
+    return f"parameter {label} (shape {tuple(p.shape)})"
+
+
 def _check_range(name: str, value: Any, ok: bool, expected: str) -> None:
     if not ok:
         raise ValueError(f"{name} must be {expected}, got {value!r}")
@@ -310,10 +317,8 @@ class Muon(Optimizer):
                 "a sequence of positive ints",
             )
             g["split_sizes"] = split
-        names = g.get("param_names")
         for i, p in enumerate(g["params"]):
-            what = f"parameter {names[i]!r}" if names else f"parameter {i} of group {gi}"
-            what += f" (shape {tuple(p.shape)})"
+            what = _label(g, gi, i, p)
             if p.ndim < 2:
                 raise ValueError(
                     f"Muon only optimizes matrices (2-D, or N-D reshaped to (shape[0], -1)); "
@@ -356,10 +361,8 @@ class Muon(Optimizer):
     # -- the step
 
     def _param_label(self, group: dict[str, Any], i: int, p: Tensor) -> str:
-        names = group.get("param_names")
         gi = next(k for k, g in enumerate(self.param_groups) if g is group)
-        label = repr(names[i]) if names else f"{i} of group {gi}"
-        return f"parameter {label} (shape {tuple(p.shape)})"
+        return _label(group, gi, i, p)
 
     def _init_group(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         idx, params, grads = [], [], []
@@ -430,13 +433,9 @@ class Muon(Optimizer):
     def nonfinite_skips(self) -> dict[str, int]:
         """``{parameter label: steps skipped for a non-finite gradient}`` (non-zero only)."""
         out: dict[str, int] = {}
-        for g in self.param_groups:
+        for gi, g in enumerate(self.param_groups):
+            names = g.get("param_names")
             for i, n in enumerate(g.get("nonfinite_skips", ())):
                 if n:
-                    label = (
-                        g["param_names"][i]
-                        if g.get("param_names")
-                        else self._param_label(g, i, g["params"][i])
-                    )
-                    out[label] = n
+                    out[names[i] if names else _label(g, gi, i, g["params"][i])] = n
         return out
