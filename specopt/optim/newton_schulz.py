@@ -154,6 +154,7 @@ SCHEDULES: dict[str, NSSchedule] = {
         5,
         "tuned",
     ),
+    # modded-nanogpt normalizes by 1.02 ||X||_F + 1e-6; here max(1.02 ||X||_F, eps).
     "polar_express": NSSchedule(
         (
             (8.156554524902461, -22.48329292557795, 15.878769915207462),
