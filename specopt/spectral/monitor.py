@@ -508,7 +508,7 @@ class SpectralMonitor:
     def step(self, global_step: int | None = None, loss: Tensor | float | None = None
              ) -> Snapshot | None:
         """Monitor one optimizer step (called by the attached hook, or by you after
-        ``optimizer.step()``).
+        ``optimizer.step()``; not both, or each step counts twice).
 
         Args:
             global_step: the optimizer step just completed; default: previous + 1.
