@@ -27,6 +27,7 @@ Usage::
     python tools/bench_pc.py                  # sizes small and base, 2048..16384 tokens/step
     python tools/bench_pc.py --quick          # seconds
     python tools/bench_pc.py --json out.json
+    python tools/bench_pc.py --design         # designer vs published polynomial levels
 """
 
 from __future__ import annotations
@@ -163,6 +164,20 @@ def _row(size: str, kind: str, tokens: int, params: int, t_plain: float, t_ours:
     }
 
 
+def print_design_table() -> None:
+    """Published levels next to LP-designed polynomials of the same degree and peak."""
+    from specopt.pc.design import compare_with_levels
+
+    cols = ["name", "degree", "slope_at_0", "peak_[0,1]", "kappa_out(k=10)", "kappa_out(k=100)"]
+    print("  ".join(f"{c:>17}" for c in cols))
+    for objective, k in (("kappa", 100.0), ("kappa", 10.0), ("slope", 100.0)):
+        for row in compare_with_levels(objective, k):
+            if str(row["name"]).startswith("level") and (objective, k) != ("kappa", 100.0):
+                continue  # print the published rows once
+            print("  ".join(f"{row[c]:>17.4g}" if isinstance(row[c], float) else
+                            f"{row[c]!s:>17}" for c in cols))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, few repeats (seconds)")
@@ -180,7 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clock", choices=("auto", "process", "wall"), default="auto",
                         help="process: CPU time of this process (robust on a shared CPU box); "
                         "wall: elapsed time; auto: process on CPU, wall on GPU")
+    parser.add_argument("--design", action="store_true",
+                        help="only print the polynomial designer vs published levels table")
     args = parser.parse_args(argv)
+    if args.design:
+        print_design_table()
+        return 0
     device = torch.device(args.device)
     global _CLOCK
     clock = args.clock if args.clock != "auto" else ("process" if device.type == "cpu" else "wall")

@@ -23,7 +23,7 @@ grid of ``[0, x_max]`` (scipy ``linprog``, HiGHS), one of
 keeps ``f`` bounded for singular values slightly above the power-iteration estimate
 ``s <= sigma_max`` (``W / s`` can have singular values a little above 1).
 
-Run ``python -m specopt.pc.design`` for the comparison table with the published levels.
+``python tools/bench_pc.py --design`` prints the comparison with the published levels.
 """
 
 from __future__ import annotations
@@ -131,22 +131,3 @@ def compare_with_levels(
         )
         rows.append(designed.summary())
     return rows
-
-
-def _print_table() -> None:
-    header = ["name", "degree", "slope_at_0", "f(1)", "peak_[0,1]",
-              "kappa_out(k=10)", "kappa_out(k=100)"]
-    print("  ".join(f"{h:>18}" for h in header))
-    for objective, k in (("kappa", 100.0), ("kappa", 10.0), ("slope", 100.0)):
-        for row in compare_with_levels(objective, k):
-            if objective != "kappa" or k != 100.0:
-                if str(row["name"]).startswith("level"):
-                    continue
-            print("  ".join(
-                f"{row[h]:>18.4g}" if isinstance(row[h], float) else f"{row[h]!s:>18}"
-                for h in header
-            ))
-
-
-if __name__ == "__main__":
-    _print_table()

@@ -8,8 +8,9 @@ singular values and keeps the singular vectors. It needs no SVD, only matrix pro
     wide (m <  n):  f(X) = p(X X^T) @ X      Gram side m x m
 
 ``p`` is evaluated in Horner form on the Gram matrix ``G`` (the smaller side ``r``);
-each Horner step ``c I + G @ T`` is one ``torch.addmm``. Cost for degree ``2d+1``:
-``4 m n r``-ish for the Gram and the final product plus ``2 (d-1) r^3`` for Horner.
+each Horner step ``c I + G @ T`` is one ``torch.addmm``, and the innermost step
+``c_{2d-1} I + c_{2d+1} G`` needs no product. Cost for degree ``2d+1`` (level ``d``):
+``4 M r^2 + 2 (d-1) r^3`` FLOPs, ``M`` the larger side and ``r`` the smaller.
 
 Source of the levels: arXiv 2606.06470 (PC layer) and the authors' public training code,
 as transcribed in ``shared/reference/pc-layer.md``.
