@@ -250,7 +250,9 @@ def one_thread():
 
 
 def _train_worker(rank: int, world: int, wrap: str, opt_name: str, pc: bool, steps: int,
-                  ckpt: str | None) -> dict:
+                  ckpt: str | None, log_dir: str | None = None) -> dict:
+    import os
+
     from specopt.distributed import ddp_model, fully_shard_model, save_distributed_checkpoint
 
     model, handle = _model(pc)
@@ -258,7 +260,17 @@ def _train_worker(rank: int, world: int, wrap: str, opt_name: str, pc: bool, ste
     opt = _optimizer(opt_name, model, wrap)
     if handle is not None:
         handle.attach(opt)
+    monitor = None
+    if log_dir is not None:
+        from specopt import SpectralMonitor
+
+        # Every rank builds it; only rank 0 may write. Snapshot at the last step.
+        monitor = SpectralMonitor(getattr(model, "module", model), log_dir=log_dir,
+                                  every=steps, budget=None)
+        monitor.attach(opt)
     losses = _train(model, opt, range(steps), rank, world)
+    if monitor is not None:
+        monitor.close()
     state = {}  # "<param name>.<state key>" -> (type name, local shape, global shape)
     names = {id(p): n for n, p in getattr(model, "module", model).named_parameters()}
     for p, st in opt.state.items():
@@ -273,7 +285,33 @@ def _train_worker(rank: int, world: int, wrap: str, opt_name: str, pc: bool, ste
     if stats is None and hasattr(opt, "_muon"):
         stats = getattr(opt._muon, "comm_stats", None)
     return {"params": _full_params(model), "losses": losses, "state": state,
-            "pc": _pc_vectors(model), "stats": stats}
+            "pc": _pc_vectors(model), "stats": stats, "pid": os.getpid()}
+
+
+def _check_monitor_log(log_dir, results, ref_model, step: int) -> None:
+    """One event file, written by rank 0, with spectra equal to the reference's SVD."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = sorted(p.name for p in log_dir.iterdir() if "tfevents" in p.name)
+    assert len(files) == 1, files
+    assert files[0].endswith(f".{results[0]['pid']}.0") or f".{results[0]['pid']}." in files[0]
+    assert f".{results[1]['pid']}." not in files[0]
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    inner = getattr(ref_model, "module", ref_model)
+    checked = 0
+    for path, module in inner.named_modules():
+        w = getattr(module, "weight", None)
+        if not isinstance(w, torch.Tensor) or w.ndim != 2 or "parametrizations" in path:
+            continue
+        tag = f"spectral/sigma_max/{path}"
+        assert tag in tags, tag
+        (event,) = [e for e in acc.Scalars(tag) if e.step == step]
+        expected = torch.linalg.svdvals(w.detach().double())[0].item()
+        assert event.value == pytest.approx(expected, rel=1e-4), path
+        checked += 1
+    assert checked >= 7
 
 
 def _check_against_reference(results, ref_model, ref_losses) -> None:
@@ -297,15 +335,18 @@ def _check_against_reference(results, ref_model, ref_losses) -> None:
 
 @pytest.mark.slow
 def test_fsdp_matches_single_process_and_resumes_on_one_process(tmp_path, one_thread):
-    """FSDP2, Muon + AdamW (build_optimizer) + PC: equal to one process; state sharded;
-    a 2-process DCP checkpoint resumes on 1 process identically; merge_pc from it."""
+    """FSDP2, Muon + AdamW (build_optimizer) + PC + monitor: equal to one process; state
+    sharded; only rank 0 wrote events; a 2-process DCP checkpoint resumes on 1 process
+    identically; merge_pc from it."""
     from specopt.distributed import load_distributed_checkpoint
 
     opt_name, pc, steps, more = "hybrid", True, 3, 2
     ckpt = str(tmp_path / "ckpt")
-    results = run_distributed(_train_worker, args=("fsdp", opt_name, pc, steps, ckpt))
+    logs = tmp_path / "logs"
+    results = run_distributed(_train_worker, args=("fsdp", opt_name, pc, steps, ckpt, str(logs)))
     ref_model, ref_opt, ref_losses = _reference(opt_name, pc, steps)
     _check_against_reference(results, ref_model, ref_losses)
+    _check_monitor_log(logs, results, ref_model, steps)
     _check_ns_split(results)
     # Optimizer state of every matrix stays sharded: a DTensor holding half the rows.
     for name, (kind, local, full) in results[0]["state"].items():
@@ -342,13 +383,16 @@ def test_fsdp_matches_single_process_and_resumes_on_one_process(tmp_path, one_th
 
 
 @pytest.mark.slow
-def test_ddp_matches_single_process(one_thread):
-    """DDP, Muon + AdamW + PC: equal to one process; NS split across the 2 ranks."""
+def test_ddp_matches_single_process(tmp_path, one_thread):
+    """DDP, Muon + AdamW + PC + monitor: equal to one process; NS split across the 2
+    ranks; only rank 0 wrote event files, with the right spectra."""
     opt_name, pc, steps = "hybrid", True, 3
-    results = run_distributed(_train_worker, args=("ddp", opt_name, pc, steps, None))
+    results = run_distributed(_train_worker,
+                              args=("ddp", opt_name, pc, steps, None, str(tmp_path)))
     ref_model, _, ref_losses = _reference(opt_name, pc, steps)
     _check_against_reference(results, ref_model, ref_losses)
     _check_ns_split(results)
+    _check_monitor_log(tmp_path, results, ref_model, steps)
 
 
 def _check_ns_split(results) -> None:

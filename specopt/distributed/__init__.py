@@ -4,6 +4,7 @@
 * :mod:`~specopt.distributed.assignment`: NS cost model and balanced matrix-to-rank owners.
 * :mod:`~specopt.distributed.dtensor`: FSDP2 row-shard layout, gather and re-shard.
 * :mod:`~specopt.distributed.owners`: gather whole tensors to one owner each, compute there.
+* :mod:`~specopt.distributed.spectra`: owner plan for the monitor's per-layer spectra.
 * :mod:`~specopt.distributed.orthogonalize`: the distributed Newton-Schulz stage.
 * :mod:`~specopt.distributed.fsdp`: FSDP2 / DDP wrapping (0-D PC gains handled).
 * :mod:`~specopt.distributed.checkpoint`: DCP save/load that resumes on another world size.
@@ -30,9 +31,11 @@ from specopt.distributed.env import (
 from specopt.distributed.fsdp import ddp_model, fully_shard_model
 from specopt.distributed.orthogonalize import CommStats, orthogonalize_distributed
 from specopt.distributed.owners import gather_rows_to_owners, map_on_owners
+from specopt.distributed.spectra import OwnerPlan, svd_cost
 
 __all__ = [
     "CommStats",
+    "OwnerPlan",
     "assign_by_cost",
     "barrier",
     "contiguous_stride",
@@ -55,4 +58,5 @@ __all__ = [
     "row_chunks",
     "save_distributed_checkpoint",
     "shard_like",
+    "svd_cost",
 ]

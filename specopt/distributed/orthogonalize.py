@@ -293,7 +293,7 @@ def _replicated(
             packed = torch.cat([o.reshape(-1) for o in outs])
             send[: packed.numel()] = packed
         recv = torch.empty(world * width, dtype=dtype, device=device)
-        dist.all_gather_into_tensor(recv, send, group=group)
+        dist.all_gather_single(recv, send, group=group)
         for s in range(world):
             offset = s * width
             for k, o in enumerate(owners):
