@@ -35,6 +35,8 @@ tensor ``module.parametrizations.weight.original``. Module paths never contain `
     spectral/model/<aggregate>            geometric mean over effective matrices of each
                                           metric, plus condition_number_max and
                                           nonfinite_matrices
+    monitor/time_ms                       monitor wall time since the previous snapshot,
+                                          this snapshot included (all its work, in ms)
     monitor/snapshot_ms                   wall time of the snapshot
     monitor/signal_ms                     wall time of the last cheap-signal step
     monitor/step_ms                       median training-step time without the monitor
@@ -357,6 +359,8 @@ class SpectralMonitor:
         self._previous_step: int | None = None
         self._layout_written = False
         self._closed = False
+        self._own_s = 0.0  # total monitor wall time (hooks and step())
+        self._own_interval_s = 0.0  # since the last snapshot
 
     # ------------------------------------------------------------------ setup
     @staticmethod
@@ -463,6 +467,11 @@ class SpectralMonitor:
         return self._signal_stride
 
     @property
+    def own_time_s(self) -> float:
+        """Total wall time spent in the monitor (hooks and :meth:`step`), in seconds."""
+        return self._own_s
+
+    @property
     def global_step(self) -> int:
         """Optimizer steps seen (``start_step`` plus hook calls, or the last step())."""
         return self._step
@@ -498,7 +507,13 @@ class SpectralMonitor:
 
     def _pre_step(self) -> None:
         if self.update_ratio and self._is_snapshot_step(self._step + 1):
+            t0 = time.perf_counter()
             self._capture(self._step)
+            self._charge(time.perf_counter() - t0)
+
+    def _charge(self, seconds: float) -> None:
+        self._own_s += seconds
+        self._own_interval_s += seconds
 
     @torch.no_grad()
     def _capture(self, step: int) -> None:
@@ -556,11 +571,15 @@ class SpectralMonitor:
                 self._dispatch(alarm)
         if snapshot is not None:
             self._adapt_cadence()
+            self._charge(time.perf_counter() - t0)
+            t0 = time.perf_counter()
             self.sink.write_scalars(step, self._cost_scalars())
+            self._own_interval_s = 0.0
         # Without hooks (manual step() calls) capture for the update ratio here.
         if self.update_ratio and not self._handles and self._is_snapshot_step(step + 1):
             self._capture(step)
         self._last_end = time.perf_counter()
+        self._charge(self._last_end - t0)
         return snapshot
 
     def snapshot(self, step: int | None = None) -> Snapshot:
@@ -716,7 +735,8 @@ class SpectralMonitor:
             self._signal_stride = min(stride, max(self._every_eff, self.signal_every))
 
     def _cost_scalars(self) -> dict[str, float]:
-        out = {monitor_tag("snapshot_ms"): float(self._snapshot_ms or 0.0),
+        out = {monitor_tag("time_ms"): self._own_interval_s * 1e3,
+               monitor_tag("snapshot_ms"): float(self._snapshot_ms or 0.0),
                monitor_tag("every"): float(self._every_eff),
                monitor_tag("signal_every"): float(self._signal_stride)}
         step_ms, overhead = self._step_ms(), self._overhead()
