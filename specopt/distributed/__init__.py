@@ -7,6 +7,7 @@
 * :mod:`~specopt.distributed.spectra`: owner plan for the monitor's per-layer spectra.
 * :mod:`~specopt.distributed.orthogonalize`: the distributed Newton-Schulz stage.
 * :mod:`~specopt.distributed.fsdp`: FSDP2 / DDP wrapping (0-D PC gains handled).
+* :mod:`~specopt.distributed.launch`: torchrun glue (init, wrap, grad clipping, rank-0 writer).
 * :mod:`~specopt.distributed.checkpoint`: DCP save/load that resumes on another world size.
 """
 
@@ -29,15 +30,27 @@ from specopt.distributed.env import (
     is_main_process,
 )
 from specopt.distributed.fsdp import ddp_model, fully_shard_model
+from specopt.distributed.launch import (
+    NullWriter,
+    broadcast_object,
+    clip_grad_norm_,
+    init_from_env,
+    muon_mode,
+    unwrap,
+    wrap_model,
+)
 from specopt.distributed.orthogonalize import CommStats, orthogonalize_distributed
 from specopt.distributed.owners import gather_rows_to_owners, map_on_owners
 from specopt.distributed.spectra import OwnerPlan, svd_cost
 
 __all__ = [
     "CommStats",
+    "NullWriter",
     "OwnerPlan",
     "assign_by_cost",
     "barrier",
+    "broadcast_object",
+    "clip_grad_norm_",
     "contiguous_stride",
     "ddp_model",
     "from_local_rows",
@@ -46,12 +59,14 @@ __all__ = [
     "gather_rows_to_owners",
     "get_rank",
     "get_world_size",
+    "init_from_env",
     "is_distributed",
     "is_dtensor",
     "is_main_process",
     "is_row_sharded",
     "load_distributed_checkpoint",
     "map_on_owners",
+    "muon_mode",
     "ns_flops",
     "orthogonalize_distributed",
     "rank_loads",
@@ -59,4 +74,6 @@ __all__ = [
     "save_distributed_checkpoint",
     "shard_like",
     "svd_cost",
+    "unwrap",
+    "wrap_model",
 ]

@@ -1,0 +1,134 @@
+"""Glue for training scripts launched by ``torchrun``: process group, wrapping, grad clipping.
+
+Used by ``specopt train --ddp / --fsdp``; a user's own script can call the same pieces::
+
+    distributed = init_from_env()                 # reads torchrun's RANK, WORLD_SIZE, ...
+    model = wrap_model(model, "fsdp")             # or "ddp"
+    optimizer = build_optimizer(unwrap(model), "muon", distributed=muon_mode("fsdp"))
+    ...
+    clip_grad_norm_(model.parameters(), 1.0)      # DTensor and plain grads together
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
+
+from specopt.distributed.env import get_world_size, is_distributed, is_main_process
+from specopt.distributed.fsdp import ddp_model, fully_shard_model
+
+__all__ = [
+    "MODES",
+    "NullWriter",
+    "broadcast_object",
+    "clip_grad_norm_",
+    "init_from_env",
+    "muon_mode",
+    "unwrap",
+    "wrap_model",
+]
+
+#: Data-parallel modes of :func:`wrap_model`.
+MODES = ("ddp", "fsdp")
+
+
+def init_from_env(backend: str | None = None, timeout_s: float = 600.0) -> bool:
+    """Initialize the default process group from torchrun's environment, if any.
+
+    Reads ``WORLD_SIZE``/``RANK``/``MASTER_ADDR``/``MASTER_PORT`` (``env://``). Backend
+    default: ``"nccl"`` when CUDA is available, else ``"gloo"`` (CPU).
+
+    Returns:
+        True when a process group is (now) initialized.
+
+    Raises:
+        RuntimeError: not launched by torchrun (no ``WORLD_SIZE``) and no group exists.
+    """
+    if is_distributed():
+        return True
+    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+        raise RuntimeError(
+            "distributed training needs a launcher: run it with torchrun, e.g. "
+            "`torchrun --nproc_per_node 2 -m specopt train --ddp` (WORLD_SIZE/RANK not set)"
+        )
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return True
+
+
+def wrap_model(model: nn.Module, mode: str) -> nn.Module:
+    """``"ddp"``: DistributedDataParallel; ``"fsdp"``: FSDP2 per block (in place)."""
+    if mode == "ddp":
+        return ddp_model(model)
+    if mode == "fsdp":
+        return fully_shard_model(model)
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's model inside a DDP wrapper (FSDP2 wraps in place: returned as is)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def muon_mode(mode: str | None) -> str:
+    """``specopt.Muon(distributed=...)`` for a data-parallel mode (``None``: one process)."""
+    return "ddp" if mode == "ddp" else "auto"
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters: Iterable[Tensor], max_norm: float) -> float:
+    """Clip the global gradient 2-norm to ``max_norm``; returns the norm before clipping.
+
+    Like ``torch.nn.utils.clip_grad_norm_``, but accepts FSDP2 DTensor gradients mixed
+    with plain replicated ones (e.g. PC gains kept out of FSDP2), which torch's version
+    cannot stack together: ``norm^2 = ||DTensor grads||^2 (all ranks' shards) +
+    ||plain grads||^2`` (counted once). Collective when DTensors are present.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    sharded = [g for g in grads if isinstance(g, DTensor)]
+    plain = [g for g in grads if not isinstance(g, DTensor)]
+    total_sq = torch.zeros((), dtype=torch.float64)
+    if sharded:
+        norm = torch.nn.utils.get_total_norm(sharded, 2.0)
+        norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+        total_sq += norm.double().cpu() ** 2
+    if plain:
+        total_sq += torch.nn.utils.get_total_norm(plain, 2.0).double().cpu() ** 2
+    total = float(total_sq.sqrt())
+    if math.isfinite(total) and max_norm < math.inf and total > max_norm:
+        coef = max_norm / (total + 1e-6)
+        for g in grads:
+            g.mul_(coef)
+    return total
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` from rank ``src`` on every rank (identity without a process group)."""
+    if not is_distributed() or get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+class NullWriter:
+    """Stands in for ``SummaryWriter`` on ranks other than 0: every call does nothing."""
+
+    log_dir = None
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+    @staticmethod
+    def for_rank(make_writer: Any) -> Any:
+        """``make_writer()`` on rank 0 (or a lone process), a :class:`NullWriter` elsewhere."""
+        return make_writer() if is_main_process() else NullWriter()
