@@ -216,9 +216,12 @@ def test_pc_effective_and_raw_spectra_differ_as_the_polynomial_says(tmp_path) ->
     pc_mod = pytest.importorskip("specopt.pc.parametrization")
     model = _model(seed=7)
     handle = pc_mod.apply_pc(model, level=4, targets="layers.0.feed_forward.w2")
-    mon = SpectralMonitor(model, log_dir=tmp_path, include="*.feed_forward.*", budget=None)
-    snap = mon.snapshot(1)
+    mon = SpectralMonitor(model, log_dir=tmp_path, include="*.feed_forward.*", budget=None,
+                          every=1, alarms=[ConditionNumberAlarm(1.0001, metric="condition_number")])
+    snap = mon.step(1)
     mon.close()
+    # Snapshot alarms judge effective weights only (a raw PC weight may be ill-conditioned).
+    assert {a.layer for a in mon.alarms_fired} == {k for k in snap.metrics if "/raw" not in k}
     path = "layers.0.feed_forward.w2"
     assert {path, path + "/raw"} <= set(snap.metrics)
     assert "layers.0.feed_forward.w1/raw" not in snap.metrics  # plain layer: one entry

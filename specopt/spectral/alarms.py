@@ -67,7 +67,8 @@ class Observation:
         step: optimizer step.
         sigma_max: ``{layer: sigma_max}`` from warm-started power iteration (the cheap
             every-step signal); empty on steps where it was not computed.
-        metrics: ``{layer: {metric: value}}`` on full-snapshot steps, else None.
+        metrics: ``{layer: {metric: value}}`` on full-snapshot steps, else None (the
+            monitor passes effective weights only, not ``<path>/raw`` entries).
         nonfinite_weights: layers whose weights contain NaN/Inf.
         nonfinite_grads: layers whose gradients contain NaN/Inf.
         loss: training loss of this step when the user passed it, else None.

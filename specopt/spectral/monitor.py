@@ -559,9 +559,12 @@ class SpectralMonitor:
             snapshot = self._snapshot(step)  # includes the sink writes
             self._snapshot_ms = (time.perf_counter() - ts) * 1e3
             bad_w = sorted(set(bad_w) | set(snapshot.nonfinite))
+        # Snapshot rules judge the weights the model computes with (effective); a PC raw
+        # weight may be ill-conditioned by design. Growth rules see the trained tensors.
         obs = Observation(
             step=step, sigma_max=sigma_pi,
-            metrics=snapshot.metrics if snapshot is not None else None,
+            metrics=None if snapshot is None else {
+                k: v for k, v in snapshot.metrics.items() if not k.endswith(RAW_SUFFIX)},
             nonfinite_weights=bad_w, nonfinite_grads=bad_g,
             loss=None if loss is None else float(
                 loss.detach() if isinstance(loss, Tensor) else loss),
