@@ -536,8 +536,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         cfg = DeepLinearConfig()
         if args.quick:
-            cfg = DeepLinearConfig(dim=8, samples=16, networks=[(2, 8), (4, 12)],
-                                   a_values=[0.5], steps=300, lr=0.05)
+            cfg = DeepLinearConfig(dim=8, samples=16, networks=[(2, 8), (3, 12)],
+                                   a_values=[0.5], steps=200, lr=0.05)
         if args.nets is not None:
             cfg.networks = [tuple(int(x) for x in n.lower().split("x")) for n in args.nets]
         for name in ("a_values", "pc_levels", "steps", "lr", "seed"):
