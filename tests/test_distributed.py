@@ -402,3 +402,35 @@ def _check_ns_split(results) -> None:
     assert stats[0].matrices_local + stats[1].matrices_local == stats[0].matrices_total
     assert min(s.matrices_local for s in stats) > 0
     assert all(s.bytes_received > 0 for s in stats)
+
+
+@pytest.mark.slow
+def test_torchrun_cli_fsdp_smoke(tmp_path):
+    """`torchrun --nproc_per_node 2 -m specopt train --fsdp` trains, logs once, checkpoints."""
+    import os
+    import subprocess
+    import sys
+
+    from distributed_utils import free_port
+
+    from specopt.cli.train import build_model
+    from specopt.distributed import load_distributed_checkpoint
+    from specopt.models import PRESETS
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+           "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "-m", "specopt", "train", "--fsdp",
+           "--preset", "tiny", "--steps", "3", "--batch-size", "2", "--seq-len", "32",
+           "--monitor-every", "3", "--eval-every", "0", "--eval-batches", "1",
+           "--ckpt-every", "0", "--log-dir", str(run), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("final validation") == 1  # rank 0 alone prints
+    assert len(list(run.glob("events.out.tfevents.*"))) == 1
+    ckpt = run / "checkpoints" / "step_0000003"
+    assert (ckpt / ".metadata").is_file()
+    model, _ = build_model(PRESETS["tiny"], pc=True, pc_level=2)
+    extra = load_distributed_checkpoint(ckpt, model)
+    assert extra["step"] == 3

@@ -27,11 +27,13 @@ from specopt.distributed.fsdp import ddp_model, fully_shard_model
 
 __all__ = [
     "MODES",
+    "LossForward",
     "NullWriter",
     "broadcast_object",
     "clip_grad_norm_",
     "init_from_env",
     "muon_mode",
+    "train_loss",
     "unwrap",
     "wrap_model",
 ]
@@ -65,18 +67,46 @@ def init_from_env(backend: str | None = None, timeout_s: float = 600.0) -> bool:
     return True
 
 
+class LossForward(nn.Module):
+    """``forward(tokens, targets) = model.loss(tokens, targets)``.
+
+    DDP synchronizes gradients only for forwards through its wrapper, and a model's
+    ``loss`` method is not its ``forward``: wrapping this module instead keeps the model's
+    own loss (no copy of its formula) on the synchronized path.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: Tensor, targets: Tensor) -> Tensor:
+        return self.model.loss(tokens, targets)
+
+
 def wrap_model(model: nn.Module, mode: str) -> nn.Module:
-    """``"ddp"``: DistributedDataParallel; ``"fsdp"``: FSDP2 per block (in place)."""
+    """``"ddp"``: ``DistributedDataParallel(LossForward(model))``; ``"fsdp"``: FSDP2 per
+    block (in place). Compute the training loss with :func:`train_loss`."""
     if mode == "ddp":
-        return ddp_model(model)
+        return ddp_model(LossForward(model))
     if mode == "fsdp":
         return fully_shard_model(model)
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The user's model inside a DDP wrapper (FSDP2 wraps in place: returned as is)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    """The user's model inside DDP (and :class:`LossForward`); FSDP2 wraps in place."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    return model.model if isinstance(model, LossForward) else model
+
+
+def train_loss(model: nn.Module, tokens: Tensor, targets: Tensor) -> Tensor:
+    """``model.loss(tokens, targets)`` through the wrapper, so DDP syncs the gradients."""
+    if isinstance(model, nn.parallel.DistributedDataParallel) and isinstance(
+        model.module, LossForward
+    ):
+        return model(tokens, targets)
+    return model.loss(tokens, targets)
 
 
 def muon_mode(mode: str | None) -> str:
