@@ -108,6 +108,24 @@ def test_resume_is_bit_identical(pc_run, tmp_path, capsys):
     np.testing.assert_array_equal(r_loss, s_loss[6:])
 
 
+def test_fresh_run_refuses_an_used_log_dir(pc_run, capsys):
+    code, _, err = run_cli(capsys, "train", *TINY, "--steps", "2", "--log-dir", pc_run)
+    assert code == 2 and "already holds a run; pass --resume" in err
+
+
+def test_train_compare_runs_baseline_and_pc(tmp_path, capsys, data_file):
+    code, out, _ = run_cli(capsys, "train", "--compare", *TINY, "--steps", "3", "--no-monitor",
+                           "--eval-every", "0", "--ckpt-every", "0", "--data", data_file,
+                           "--log-dir", tmp_path)
+    assert code == 0 and "run comparison" in out
+    assert imread(tmp_path / "compare.png").ndim == 3
+    base = load_checkpoint(tmp_path / "baseline" / "checkpoints" / "step_0000003.pt")
+    pc = load_checkpoint(tmp_path / "pc" / "checkpoints" / "step_0000003.pt")
+    assert not base["config"]["pc"] and pc["config"]["pc"]
+    # Same seed: identical initial draw of the data stream.
+    assert torch.equal(base["data"]["generator"], pc["data"]["generator"])
+
+
 def test_resume_errors(pc_run, tmp_path, capsys):
     code, _, err = run_cli(capsys, "train", "--resume", tmp_path / "none")
     assert code == 2 and "does not exist" in err

@@ -78,18 +78,18 @@ class TrainConfig:
     pc_level: int | None = None  # None: 2 for muon, 4 for adamw
     # Default run sized to finish in about 2 minutes on a loaded 2-core CPU (README table).
     preset: str = "tiny"  # key of specopt.models.PRESETS
-    steps: int = 300
+    steps: int = 250
     batch_size: int = 16
     seq_len: int = 128
     lr: float | None = None  # peak LR; None: DEFAULT_LR[optimizer]
-    warmup: int = 30  # linear warmup steps
+    warmup: int = 25  # linear warmup steps
     final_lr_ratio: float = 0.1  # cosine decays to this fraction of the peak
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     seed: int = 0
     log_dir: str | None = None  # None: runs/<name>
     ckpt_every: int = 100  # 0: only the final checkpoint
-    keep_checkpoints: int = 2  # newest step checkpoints kept (the final one always)
+    keep_checkpoints: int = 2  # newest step checkpoints kept; 0: keep all
     monitor: bool = True
     monitor_every: int = 10
     monitor_budget: float = 0.05  # max monitor time / step time before it backs off; 0: never
@@ -314,6 +314,11 @@ def train(
                 f"{cfg.steps}; pass a larger --steps to continue"
             )
     log_dir = _resolve_log_dir(cfg)
+    if ckpt is None and any(log_dir.glob("events.out.tfevents.*")):
+        raise CommandError(
+            f"log dir {str(log_dir)!r} already holds a run; pass --resume {log_dir} to continue "
+            "it, or another --log-dir"
+        )
     if cfg.threads == 0:  # resolved once and saved, so a resume uses the same count
         cfg = dataclasses.replace(cfg, threads=auto_threads())
     torch.set_num_threads(cfg.threads)
