@@ -333,17 +333,35 @@ def _check_against_reference(results, ref_model, ref_losses) -> None:
         assert torch.equal(results[0]["pc"][k], results[1]["pc"][k]), k
 
 
+def _ddp_then_fsdp_worker(rank: int, world: int, steps: int, root: str) -> dict:
+    """One process group for both runs: saves a spawn (~10-30 s on a busy box)."""
+    ddp = _train_worker(rank, world, "ddp", "hybrid", True, steps, None, f"{root}/ddp_logs")
+    fsdp = _train_worker(rank, world, "fsdp", "hybrid", True, steps, f"{root}/ckpt",
+                         f"{root}/fsdp_logs")
+    return {"ddp": ddp, "fsdp": fsdp}
+
+
+_STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def parallel_runs(tmp_path_factory):
+    """DDP then FSDP2 training on 2 gloo ranks (Muon + AdamW + PC + monitor)."""
+    root = tmp_path_factory.mktemp("parallel")
+    results = run_distributed(_ddp_then_fsdp_worker, args=(_STEPS, str(root)), timeout=240)
+    return root, {k: [r[k] for r in results] for k in ("ddp", "fsdp")}
+
+
 @pytest.mark.slow
-def test_fsdp_matches_single_process_and_resumes_on_one_process(tmp_path, one_thread):
+def test_fsdp_matches_single_process_and_resumes_on_one_process(parallel_runs, one_thread):
     """FSDP2, Muon + AdamW (build_optimizer) + PC + monitor: equal to one process; state
     sharded; only rank 0 wrote events; a 2-process DCP checkpoint resumes on 1 process
     identically; merge_pc from it."""
     from specopt.distributed import load_distributed_checkpoint
 
-    opt_name, pc, steps, more = "hybrid", True, 3, 2
-    ckpt = str(tmp_path / "ckpt")
-    logs = tmp_path / "logs"
-    results = run_distributed(_train_worker, args=("fsdp", opt_name, pc, steps, ckpt, str(logs)))
+    opt_name, pc, steps, more = "hybrid", True, _STEPS, 2
+    root, runs = parallel_runs
+    ckpt, logs, results = str(root / "ckpt"), root / "fsdp_logs", runs["fsdp"]
     ref_model, ref_opt, ref_losses = _reference(opt_name, pc, steps)
     _check_against_reference(results, ref_model, ref_losses)
     _check_monitor_log(logs, results, ref_model, steps)
@@ -383,16 +401,14 @@ def test_fsdp_matches_single_process_and_resumes_on_one_process(tmp_path, one_th
 
 
 @pytest.mark.slow
-def test_ddp_matches_single_process(tmp_path, one_thread):
+def test_ddp_matches_single_process(parallel_runs, one_thread):
     """DDP, Muon + AdamW + PC + monitor: equal to one process; NS split across the 2
     ranks; only rank 0 wrote event files, with the right spectra."""
-    opt_name, pc, steps = "hybrid", True, 3
-    results = run_distributed(_train_worker,
-                              args=("ddp", opt_name, pc, steps, None, str(tmp_path)))
-    ref_model, _, ref_losses = _reference(opt_name, pc, steps)
-    _check_against_reference(results, ref_model, ref_losses)
-    _check_ns_split(results)
-    _check_monitor_log(tmp_path, results, ref_model, steps)
+    root, runs = parallel_runs
+    ref_model, _, ref_losses = _reference("hybrid", True, _STEPS)
+    _check_against_reference(runs["ddp"], ref_model, ref_losses)
+    _check_ns_split(runs["ddp"])
+    _check_monitor_log(root / "ddp_logs", runs["ddp"], ref_model, _STEPS)
 
 
 def _check_ns_split(results) -> None:
@@ -434,3 +450,26 @@ def test_torchrun_cli_fsdp_smoke(tmp_path):
     model, _ = build_model(PRESETS["tiny"], pc=True, pc_level=2)
     extra = load_distributed_checkpoint(ckpt, model)
     assert extra["step"] == 3
+
+
+@pytest.mark.slow
+def test_bench_distributed_quick(tmp_path):
+    """tools/bench_distributed.py --quick runs and reports both modes with a ratio."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "tools" / "bench_distributed.py"
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--quick", "--repeats", "1", "--d", "32",
+         "--json", str(out)], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "all/split" in proc.stdout
+    summary = {row["mode"]: row for row in json.loads(out.read_text())["summary"]}
+    assert set(summary) == {"ddp", "fsdp"}
+    for row in summary.values():
+        assert row["split_ms"] > 0 and row["all_ms"] > 0 and row["ratio_all_over_split"] > 0
+        assert row["split_bytes_received_per_step"] > 0
+    assert summary["ddp"]["all_bytes_received_per_step"] == 0  # every rank did all NS

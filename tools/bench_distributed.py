@@ -198,17 +198,18 @@ def _table(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--d", type=int, default=512, help="model width")
+    ap.add_argument("--d", type=int, default=None, help="model width (default 512; quick 128)")
     ap.add_argument("--ffn", type=int, default=None, help="FFN width (default 4*d)")
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--layers", type=int, default=None, help="default 4; quick 1")
+    ap.add_argument("--repeats", type=int, default=None, help="default 7; quick 3")
     ap.add_argument("--modes", default="ddp,fsdp", help="comma list of ddp, fsdp")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, finishes in seconds")
     ap.add_argument("--json", default=None, metavar="PATH", help="write results as JSON")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds before giving up")
     args = ap.parse_args(argv)
-    if args.quick:
-        args.d, args.layers, args.repeats = 128, 1, 3
+    for name, full, quick in (("d", 512, 128), ("layers", 4, 1), ("repeats", 7, 3)):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
     if bad:
