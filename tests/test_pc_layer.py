@@ -534,3 +534,19 @@ def test_meta_device_construction_then_reset():
     true = torch.linalg.matrix_norm(raw.detach(), 2).item()
     assert pc.sigma(raw).item() == pytest.approx(true, rel=1e-2)
     assert torch.isfinite(model(_batch()[0])).all()
+
+
+def test_merging_a_deep_copy_leaves_the_original_pc_model_intact():
+    import copy
+
+    model = _tiny_llama()
+    apply_pc(model)
+    x, _ = _batch()
+    with torch.no_grad():
+        before = model(x)
+    export = merge_pc(copy.deepcopy(model))
+    assert is_pc_module(model.layers[0].feed_forward.w1)
+    assert type(export.layers[0].feed_forward.w1) is nn.Linear
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+        torch.testing.assert_close(export(x), before, rtol=1e-5, atol=1e-6)

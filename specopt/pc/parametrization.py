@@ -598,5 +598,16 @@ def merge_pc(model: nn.Module) -> nn.Module:
                 raise ValueError(f"merge_pc: effective weight of '{name}' "
                                  f"{tuple(w_eff.shape)} is not finite; nothing was merged")
         for _, module in pcs:
+            _give_private_class(module)
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
     return model
+
+
+def _give_private_class(module: nn.Module) -> None:
+    # torch's remove_parametrizations deletes the ``weight`` property from the module's
+    # generated class; copy.deepcopy shares that class between the copy and the original,
+    # so merging a deep copy would break the original. A private copy of the class confines
+    # the deletion to this module.
+    cls = module.__class__
+    namespace = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, namespace)
