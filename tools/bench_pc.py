@@ -7,7 +7,8 @@ Side by side in one process, for Llama-style models (``specopt.models.Llama`` pr
   projection (``apply_pc`` defaults), including the post-step u, v refresh (10 power
   iterations). Ratio = PC / plain; overhead = ratio - 1.
 * ``accum`` (full mode): the same step split into micro-batches, PC using
-  ``PCHandle.accumulate()`` (W_eff once per step) vs plain with the same micro-batches.
+  ``PCHandle.accumulate()`` (W_eff once per step) vs plain with the same micro-batches;
+  ``accum-naive``: PC recomputing W_eff (forward and backward) for every micro-batch.
 * ``infer``: forward (no grad, eval) of ``merge_pc(model)`` vs a never-PC model of the same
   config. Same architecture, so the expected ratio is 1.00. Also the unmerged PC model
   (W_eff recomputed every forward) for reference.
@@ -126,8 +127,11 @@ def bench_size(size: str, tokens_list: list[int], *, seq: int, repeats: int, war
             t = _interleaved({
                 "plain": lambda b=micro: _train_step(plain, opt_plain, b),
                 "pc": lambda b=micro: _accum_step(pc, opt_pc, handle, b),
+                "naive": lambda b=micro: _train_step(pc, opt_pc, b),
             }, repeats, warmup, device)
             yield _row(size, f"accum{accum}", batch * seq, params, t["plain"], t["pc"], "pc")
+            yield _row(size, f"accum{accum}-naive", batch * seq, params, t["plain"], t["naive"],
+                       "pc")
     # Inference on the largest batch: merged vs plain (and unmerged PC for reference).
     pc.eval()
     plain.eval()
