@@ -77,6 +77,23 @@ def test_local_path_calls_function_once():
     assert calls == [2] and all(torch.equal(o, 2 * m) for o, m in zip(out, x, strict=True))
 
 
+def test_muon_distributed_option_validated_and_noop_alone():
+    from specopt import Muon
+
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    with pytest.raises(ValueError, match=r"distributed must be one of \('auto', 'ddp', 'off'\), "
+                       r"got 'bogus'"):
+        Muon([w], distributed="bogus")
+    # Without a process group every mode is the single-process step.
+    outs = []
+    for mode in ("auto", "ddp", "off"):
+        p = torch.nn.Parameter(torch.ones(4, 3))
+        p.grad = torch.arange(12.0).reshape(4, 3)
+        Muon([p], lr=0.1, distributed=mode).step()
+        outs.append(p.detach())
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
 # ---------------------------------------------------------------- 2 processes
 
 _SHAPES = [(5, 3), (7, 4), (2, 6), (1, 3), (3, 4, 2), (8, 8), (6, 2)]
