@@ -40,7 +40,8 @@ tensor ``module.parametrizations.weight.original``. Module paths never contain `
     monitor/snapshot_ms                   wall time of the snapshot
     monitor/signal_ms                     wall time of the last cheap-signal step
     monitor/step_ms                       median training-step time without the monitor
-    monitor/overhead                      estimated amortized monitor time / step time
+    monitor/overhead                      monitor time / training time over the last
+                                          snapshot interval (measured)
     monitor/every, monitor/signal_every   current (possibly backed-off) cadences
     alarms                                text, one entry per fired alarm (torch's
                                           add_text stores it as alarms/text_summary)
@@ -55,10 +56,11 @@ is computed by calling its ``ParametrizationList`` directly (bypassing
 torch's ``spectral_norm`` does not advance its power iteration; the monitor's own power
 iteration uses its own vectors and a private generator (global RNG untouched).
 
-Overhead control: the monitor times its own work and the training step between its calls
-(median of recent steps). Snapshots may use up to 3/4 of ``budget``; when one costs more,
-the snapshot cadence doubles (and comes back down when it gets cheaper, never below
-``every``). The cheap signal gets what remains (at least 1/4 of the budget) by striding.
+Overhead control: the monitor times its own work and the training between its calls.
+It aims at 80% of ``budget``: snapshots may use 60% of it; when one costs more, the
+snapshot cadence doubles (and comes back down when it gets cheaper, never below
+``every``). The cheap signal gets what remains (at least 20%) by striding, sized from its
+mean cost and corrected by the overhead measured over the last snapshot interval.
 """
 
 from __future__ import annotations
@@ -361,6 +363,8 @@ class SpectralMonitor:
         self._closed = False
         self._own_s = 0.0  # total monitor wall time (hooks and step())
         self._own_interval_s = 0.0  # since the last snapshot
+        self._train_interval_s = 0.0  # training time (between monitor calls) since then
+        self._measured: float | None = None  # own / training time over the last interval
 
     # ------------------------------------------------------------------ setup
     @staticmethod
@@ -537,6 +541,7 @@ class SpectralMonitor:
             raise RuntimeError("SpectralMonitor.step() called after close()")
         if self._last_end is not None:
             self._step_times.append(t0 - self._last_end)
+            self._train_interval_s += t0 - self._last_end
         step = self._step + 1 if global_step is None else int(global_step)
         self._step = step
         if loss is None:
@@ -573,11 +578,13 @@ class SpectralMonitor:
             for alarm in rule.check(obs):
                 self._dispatch(alarm)
         if snapshot is not None:
-            self._adapt_cadence()
             self._charge(time.perf_counter() - t0)
             t0 = time.perf_counter()
+            if self._train_interval_s > 0:
+                self._measured = self._own_interval_s / self._train_interval_s
+            self._adapt_cadence()
             self.sink.write_scalars(step, self._cost_scalars())
-            self._own_interval_s = 0.0
+            self._own_interval_s = self._train_interval_s = 0.0
         # Without hooks (manual step() calls) capture for the update ratio here.
         if self.update_ratio and not self._handles and self._is_snapshot_step(step + 1):
             self._capture(step)
@@ -706,6 +713,10 @@ class SpectralMonitor:
         return statistics.median(self._step_times) * 1e3 if self._step_times else None
 
     def _overhead(self) -> float | None:
+        """Monitor time / training time: measured over the last snapshot interval when
+        there is one, else modelled from the mean signal and last snapshot costs."""
+        if self._measured is not None:
+            return self._measured
         step_ms = self._step_ms()
         if step_ms is None or step_ms <= 0:
             return None
@@ -713,28 +724,41 @@ class SpectralMonitor:
         if self._snapshot_ms is not None:
             frac += self._snapshot_ms / (self._every_eff * step_ms)
         if self._signal_ms and self._signal_stride:
-            frac += statistics.median(self._signal_ms) / (self._signal_stride * step_ms)
+            frac += statistics.fmean(self._signal_ms) / (self._signal_stride * step_ms)
         return frac
 
     def _adapt_cadence(self) -> None:
-        """Back off (or recover) the cadences so the amortized cost fits the budget."""
+        """Back off (or recover) the cadences so the amortized cost fits the budget.
+
+        Aims at 80% of the budget (the rest is headroom for noise and the small fixed
+        cost of every hook call): snapshots may take 60% of the budget, the cheap signal
+        what remains (at least 20%), sized from its mean cost and corrected by the cost
+        measured over the last interval.
+        """
         step_ms = self._step_ms()
         if self.budget is None or step_ms is None or step_ms <= 0:
             return
+        target = 0.8 * self.budget
+        snap_frac_old = 0.0
         if self._snapshot_ms is not None:
-            snap_frac = self._snapshot_ms / (self._every_eff * step_ms)
-            while snap_frac > 0.75 * self.budget and self._every_eff < 2**30:
+            snap_frac = snap_frac_old = self._snapshot_ms / (self._every_eff * step_ms)
+            while snap_frac > 0.6 * self.budget and self._every_eff < 2**30:
                 self._every_eff *= 2
                 snap_frac /= 2
-            while self._every_eff > self.every and 2 * snap_frac < 0.5 * self.budget:
+            while self._every_eff > self.every and 2 * snap_frac < 0.3 * self.budget:
                 self._every_eff //= 2
                 snap_frac *= 2
         else:
             snap_frac = 0.0
         if self.signal_every and self._signal_ms:
-            left = max(self.budget - snap_frac, 0.25 * self.budget)
-            need = statistics.median(self._signal_ms) / (left * step_ms)
+            left = max(target - snap_frac, 0.2 * self.budget)
+            need = statistics.fmean(self._signal_ms) / (left * step_ms)
             stride = max(self.signal_every, math.ceil(need))
+            if self._measured is not None and self._signal_stride:
+                # Feedback: what the interval really cost beyond its snapshot.
+                rest = self._measured - snap_frac_old
+                if rest > left:
+                    stride = max(stride, math.ceil(self._signal_stride * rest / left))
             self._signal_stride = min(stride, max(self._every_eff, self.signal_every))
 
     def _cost_scalars(self) -> dict[str, float]:
