@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import math
+import sys
 
 from rich.console import Console
 
 __all__ = ["CommandError", "console", "err_console", "fmt"]
 
-console = Console(highlight=False, soft_wrap=True)
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+# Piped / captured output gets 120 columns instead of rich's 80, so tables keep their
+# numbers and layer names whole; a terminal uses its own width.
+console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 120)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True,
+                      width=None if sys.stderr.isatty() else 120)
 
 
 class CommandError(Exception):

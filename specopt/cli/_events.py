@@ -76,10 +76,10 @@ def _value_of(value) -> tuple[str, float | str] | None:
     if not value.HasField("tensor"):
         return None
     tensor = value.tensor
-    if plugin == "text" or tensor.string_val:
+    if plugin == "text":
         texts = [s.decode("utf-8", errors="replace") for s in tensor.string_val]
         return "text", "\n".join(texts)
-    if plugin == "scalars" or not tensor.tensor_shape.dim:
+    if plugin in ("scalars", "") and not tensor.tensor_shape.dim:
         if tensor.float_val:
             return "scalar", float(tensor.float_val[0])
         if tensor.double_val:
