@@ -108,6 +108,11 @@ def _fn(mats: list[torch.Tensor]) -> list[torch.Tensor]:
     return [m * m.sum() + m.flatten()[0] for m in mats]
 
 
+def _fn_bf16(mats: list[torch.Tensor]) -> list[torch.Tensor]:
+    # Rounds its input to bf16 first, as NS does: bf16 on the wire then loses nothing.
+    return [_fn([m.to(torch.bfloat16)])[0] for m in mats]
+
+
 def _stage_worker(rank: int, world: int) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -126,6 +131,12 @@ def _stage_worker(rank: int, world: int) -> dict:
         res = orthogonalize_distributed(full, _fn, replicated=True, split=split, stats=stats)
         out[f"ddp_{split}"] = res
         out[f"ddp_stats_{split}"] = stats
+    for name, mats, kw in (("fsdp", sharded, {}), ("ddp", full, {"replicated": True})):
+        stats = CommStats()
+        res = orthogonalize_distributed(mats, _fn_bf16, comm_dtype=torch.bfloat16, stats=stats,
+                                        **kw)
+        out[f"{name}_bf16"] = [getattr(r, "full_tensor", lambda r=r: r)() for r in res]
+        out[f"{name}_bf16_bytes"] = stats.bytes_sent
     calls: list[int] = []
 
     def norms(idx, ts):
@@ -155,6 +166,13 @@ def test_distributed_stage_fsdp_and_ddp_match_local():
         assert sum(s.matrices_local for s in split) == len(_SHAPES)
         assert all(s.matrices_local > 0 for s in split)
         assert all(s.matrices_local == len(_SHAPES) for s in naive)
+    ref16 = [r.float() for r in _fn_bf16(_inputs())]
+    for out in results:
+        for mode in ("fsdp", "ddp"):
+            for r, e in zip(out[f"{mode}_bf16"], ref16, strict=True):
+                assert r.dtype == torch.float32
+                torch.testing.assert_close(r, e, rtol=0, atol=0)
+            assert out[f"{mode}_bf16_bytes"] * 2 == out[f"{mode}_stats_True"].bytes_sent
     # map_on_owners: each tensor computed once (on one rank), results on rank 0 only.
     expected = [torch.linalg.matrix_norm(m.flatten(1), ord=2) for m in _inputs()]
     for key in ("map_fsdp", "map_ddp"):

@@ -89,6 +89,7 @@ def orthogonalize_distributed(
     split: bool = True,
     costs: Sequence[float] | None = None,
     stats: CommStats | None = None,
+    comm_dtype: torch.dtype | None = None,
 ) -> list[Tensor]:
     """Orthogonalize ``matrices`` with the NS work split across ranks.
 
@@ -106,6 +107,10 @@ def orthogonalize_distributed(
             orthogonalizes every matrix), kept for benchmarks.
         costs: per-matrix cost for load balancing (default :func:`ns_flops` of the shape).
         stats: counters updated in place (bytes, collectives, matrices per rank).
+        comm_dtype: move matrices and results in this dtype (default: each input's). Pass
+            the dtype ``orthogonalize`` computes in when it starts by rounding its input to
+            it (as Newton-Schulz in bf16 does): then nothing is lost and bf16 halves the
+            bytes of fp32 parameters.
 
     Returns:
         One result per input, in order, with the input's type, layout and dtype (a
@@ -143,9 +148,11 @@ def orthogonalize_distributed(
         for i, o in zip(local_idx, _call(orthogonalize, mats), strict=True):
             results[i] = _like(o, matrices[i])
     for key, idx in sharded.items():
-        _sharded(matrices, idx, orthogonalize, groups[key], split, costs, stats, results)
+        _sharded(matrices, idx, orthogonalize, groups[key], split, costs, stats, results,
+                 comm_dtype)
     if replicated_idx:
-        _replicated(matrices, replicated_idx, orthogonalize, group, split, costs, stats, results)
+        _replicated(matrices, replicated_idx, orthogonalize, group, split, costs, stats, results,
+                    comm_dtype)
     if fallback_idx:
         # Uncommon layouts: gather everywhere, compute everywhere, keep own piece.
         fulls = [full_tensor(matrices[i]) for i in fallback_idx]
@@ -186,6 +193,7 @@ def _sharded(
     costs: Sequence[float],
     stats: CommStats | None,
     results: list[Tensor | None],
+    comm_dtype: torch.dtype | None = None,
 ) -> None:
     world = dist.get_world_size(pg)
     rank = dist.get_rank(pg)
@@ -218,9 +226,10 @@ def _sharded(
         mine = [k for k, o in enumerate(owners) if o == rank]
 
         # Phase A: each rank's rows of matrix k go to owners[k].
-        gathered, in_splits, out_splits = gather_rows_to_owners(mats, owners, pg)
+        wire = dtype if comm_dtype is None else comm_dtype
+        gathered, in_splits, out_splits = gather_rows_to_owners(mats, owners, pg, wire)
         fulls = [gathered[k] for k in mine]
-        outs = [o.to(dtype) for o in _call(orthogonalize, fulls)]
+        outs = [o.to(wire) for o in _call(orthogonalize, fulls)]
 
         # Phase B: the owner returns to each rank its rows of every result.
         back_parts: list[Tensor] = []
@@ -228,8 +237,8 @@ def _sharded(
             for j, k in enumerate(mine):
                 off, size = chunks[k][d]
                 back_parts.append(outs[j].reshape(rows[k], cols[k])[off : off + size].reshape(-1))
-        send_b = torch.cat(back_parts) if back_parts else torch.empty(0, dtype=dtype, device=device)
-        recv_b = torch.empty(sum(in_splits), dtype=dtype, device=device)
+        send_b = torch.cat(back_parts) if back_parts else torch.empty(0, dtype=wire, device=device)
+        recv_b = torch.empty(sum(in_splits), dtype=wire, device=device)
         dist.all_to_all_single(recv_b, send_b, in_splits, out_splits, group=pg)
 
         offset = 0
@@ -238,12 +247,12 @@ def _sharded(
                 if o == s:
                     size = chunks[k][rank][1] * cols[k]
                     local = recv_b[offset : offset + size]
-                    local = local.view(chunks[k][rank][1], *mats[k].shape[1:])
+                    local = local.view(chunks[k][rank][1], *mats[k].shape[1:]).to(dtype)
                     results[ids[k]] = from_local_rows(local, mats[k])
                     offset += size
 
         if stats is not None:
-            item = torch.empty(0, dtype=dtype).element_size()
+            item = torch.empty(0, dtype=wire).element_size()
             sent = sum(in_splits) - in_splits[rank] + sum(out_splits) - out_splits[rank]
             stats.bytes_sent += sent * item
             stats.bytes_received += sent * item  # phase B mirrors phase A
@@ -264,6 +273,7 @@ def _replicated(
     costs: Sequence[float],
     stats: CommStats | None,
     results: list[Tensor | None],
+    comm_dtype: torch.dtype | None = None,
 ) -> None:
     if not split:
         # Naive baseline: every rank repeats every NS; no communication.
@@ -282,27 +292,28 @@ def _replicated(
         owners = assign_by_cost([costs[i] for i in ids], world)
         mats = [matrices[i] for i in ids]
         mine = [k for k, o in enumerate(owners) if o == rank]
-        outs = [o.to(dtype) for o in _call(orthogonalize, [mats[k] for k in mine])]
+        wire = dtype if comm_dtype is None else comm_dtype
+        outs = [o.to(wire) for o in _call(orthogonalize, [mats[k] for k in mine])]
         lengths = [0] * world
         for k, o in enumerate(owners):
             lengths[o] += mats[k].numel()
         width = max(lengths)
         device = mats[0].device
-        send = torch.zeros(width, dtype=dtype, device=device)
+        send = torch.zeros(width, dtype=wire, device=device)
         if outs:
             packed = torch.cat([o.reshape(-1) for o in outs])
             send[: packed.numel()] = packed
-        recv = torch.empty(world * width, dtype=dtype, device=device)
+        recv = torch.empty(world * width, dtype=wire, device=device)
         dist.all_gather_single(recv, send, group=group)
         for s in range(world):
             offset = s * width
             for k, o in enumerate(owners):
                 if o == s:
                     size = mats[k].numel()
-                    results[ids[k]] = recv[offset : offset + size].view(mats[k].shape)
+                    results[ids[k]] = recv[offset : offset + size].view(mats[k].shape).to(dtype)
                     offset += size
         if stats is not None:
-            item = torch.empty(0, dtype=dtype).element_size()
+            item = torch.empty(0, dtype=wire).element_size()
             stats.bytes_sent += lengths[rank] * (world - 1) * item
             stats.bytes_received += (sum(lengths) - lengths[rank]) * item
             stats.collectives += 1

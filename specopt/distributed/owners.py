@@ -24,7 +24,10 @@ __all__ = ["gather_rows_to_owners", "map_on_owners"]
 
 
 def gather_rows_to_owners(
-    mats: Sequence[DTensor], owners: Sequence[int], group: ProcessGroup
+    mats: Sequence[DTensor],
+    owners: Sequence[int],
+    group: ProcessGroup,
+    dtype: torch.dtype | None = None,
 ) -> tuple[dict[int, Tensor], list[int], list[int]]:
     """Gather row-sharded DTensors (one dtype) to their owners with one ``all_to_all``.
 
@@ -32,6 +35,7 @@ def gather_rows_to_owners(
         mats: DTensors sharded on dim 0 over ``group`` (FSDP2 layout), all of one dtype.
         owners: owner rank of each tensor (the same list on every rank).
         group: the mesh's process group.
+        dtype: send (and return) in this dtype (default: the tensors' own).
 
     Returns:
         ``({k: whole tensor k for k owned here}, input_splits, output_splits)``: the
@@ -40,7 +44,8 @@ def gather_rows_to_owners(
     """
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
-    dtype = mats[0].dtype
+    own_dtype = mats[0].dtype
+    dtype = own_dtype if dtype is None else dtype
     device = mats[0].to_local().device
     rows = [m.shape[0] for m in mats]
     cols = [m.numel() // max(m.shape[0], 1) for m in mats]
@@ -53,8 +58,8 @@ def gather_rows_to_owners(
             if o == d:
                 local = mats[k].to_local()
                 assert local.shape[0] == chunks[k][rank][1], "unexpected shard layout"
-                assert local.dtype == dtype, "one dtype per all_to_all"
-                send_parts.append(local.reshape(-1))
+                assert local.dtype == own_dtype, "one dtype per all_to_all"
+                send_parts.append(local.reshape(-1).to(dtype))
                 in_splits[d] += chunks[k][rank][1] * cols[k]
     out_splits = [sum(chunks[k][s][1] * cols[k] for k in mine) for s in range(world)]
     send = torch.cat(send_parts) if send_parts else torch.empty(0, dtype=dtype, device=device)
