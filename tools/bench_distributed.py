@@ -155,6 +155,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
             return max(r[key] for r in rows if r["mode"] == mode and r["variant"] == v)
 
         summary.append({
+            "name": f"muon_step_{mode}",  # label for `specopt bench`
             "mode": mode,
             "split_ms": 1e3 * med("split"),
             "all_ms": 1e3 * med("all"),
