@@ -19,12 +19,14 @@ Logged scalars (TensorBoard, in the run folder): ``train/loss`` (nats/byte),
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -268,6 +270,24 @@ def _progress(enabled: bool):
     )
 
 
+@contextlib.contextmanager
+def _alarms_above_the_bar() -> Iterator[None]:
+    """Print the monitor's alarm warnings through the rich console (above the progress
+    bar instead of through it), unless the user configured logging themselves."""
+    logger = logging.getLogger("specopt.spectral.alarms")
+    if logger.handlers or logging.getLogger().handlers:
+        yield
+        return
+    from rich.logging import RichHandler
+
+    handler = RichHandler(console=console, show_time=False, show_path=False, markup=False)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+
+
 def train(
     cfg: TrainConfig | None = None,
     *,
@@ -404,7 +424,7 @@ def train(
     last_ckpt: Path | None = None
     step = start_step
     model.train()
-    with _progress(progress) as bar:
+    with _progress(progress) as bar, _alarms_above_the_bar():
         task = bar.add_task("train", total=cfg.steps, completed=start_step, loss="-", lr="-",
                             tps="-", cond="-")
         t_last = time.perf_counter()
