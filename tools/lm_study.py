@@ -242,6 +242,7 @@ def measure_overhead(sc: StudyConfig, optimizer: str, level: int) -> dict[str, A
     from specopt.optim import build_optimizer
 
     corpus = _cached_corpus(None, 4_000_000)
+    torch.set_num_threads(1)  # as `specopt train` picks on the loaded 2-core box
     variants = []
     for pc in (False, True):
         torch.manual_seed(0)
@@ -275,6 +276,7 @@ def measure_overhead(sc: StudyConfig, optimizer: str, level: int) -> dict[str, A
     base_ms = statistics.median(variants[0][3]) * 1e3
     pc_ms = statistics.median(variants[1][3]) * 1e3
     return {"optimizer": optimizer, "pc_level": level, "repeats": sc.timing_repeats,
+            "threads": torch.get_num_threads(),
             "step_ms_nopc": base_ms, "step_ms_pc": pc_ms, "ratio": pc_ms / base_ms}
 
 
@@ -290,7 +292,8 @@ def run_study(sc: StudyConfig, parts: set[str], *, json_path: Path | None = None
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     data: dict[str, Any] = resume or {"runs": [], "sweep": [], "timing": []}
     data.update(config=asdict(sc), machine=_machine(), torch=torch.__version__,
-                threads=torch.get_num_threads())
+                threads=torch.get_num_threads(),  # at start; each run then uses train's choice
+                default_lr={o: _default_lr(o) for o in ("adamw", "muon")})
     done = {(r["arm"], r["seed"], r["lr"], r["steps"]) for r in data["runs"] + data["sweep"]}
     t0 = time.perf_counter()
 
@@ -398,6 +401,11 @@ def stable_edge(sweep: list[dict[str, Any]], arm: str) -> float | None:
     return max(ok) if ok else None
 
 
+def _base_lr(data: dict[str, Any], optimizer: str) -> float:
+    """The default peak LR the study ran with (saved), else the CLI's current one."""
+    return data.get("default_lr", {}).get(optimizer) or _default_lr(optimizer)
+
+
 def tables(data: dict[str, Any]) -> str:
     """Markdown tables: main results, overhead, LR sweep."""
     s = summarize(data)
@@ -428,7 +436,8 @@ def tables(data: dict[str, Any]) -> str:
                          f"{t['step_ms_pc']:.1f} | {t['ratio']:.3f} | {t['repeats']} |")
     if data.get("sweep"):
         arms = list(dict.fromkeys(r["arm"] for r in data["sweep"]))
-        mults = sorted({round(r["lr"] / _default_lr(r["optimizer"]), 6) for r in data["sweep"]})
+        mults = sorted({round(r["lr"] / _base_lr(data, r["optimizer"]), 6)
+                        for r in data["sweep"]})
         lines += ["", "| arm (default LR) | " + " | ".join(f"LR x{m:g}" for m in mults)
                   + f" | largest LR within {STABLE_MARGIN:.0%} of the arm's best |",
                   "|---|" + "---|" * (len(mults) + 1)]
@@ -436,7 +445,7 @@ def tables(data: dict[str, Any]) -> str:
             cells = []
             for m in mults:
                 rs = [r for r in data["sweep"] if r["arm"] == name
-                      and abs(r["lr"] / _default_lr(r["optimizer"]) - m) < 1e-6]
+                      and abs(r["lr"] / _base_lr(data, r["optimizer"]) - m) < 1e-6]
                 if not rs:
                     cells.append("-")
                     continue
@@ -445,7 +454,7 @@ def tables(data: dict[str, Any]) -> str:
                              + (" (div.)" if r["diverged"] else ""))
             opt = _arm(name).optimizer
             edge = stable_edge(data["sweep"], name)
-            lines.append(f"| {name} ({_default_lr(opt):g}) | " + " | ".join(cells)
+            lines.append(f"| {name} ({_base_lr(data, opt):g}) | " + " | ".join(cells)
                          + f" | {_f(edge, 'g')} |")
     return "\n".join(lines)
 
@@ -547,7 +556,8 @@ def doc_section(data: dict[str, Any], img_rel: str = "img") -> str:
         f"{c['eval_batches']} fixed validation batches, GMCN snapshot every "
         f"{c['monitor_every']} steps; seeds {c['seeds']}; {n_runs} main runs, {n_sweep} sweep "
         f"runs ({c['sweep_steps']} steps each, seed 0). Machine: {data['machine']}, torch "
-        f"{data['torch']}, {data.get('threads', '?')} threads, shared with other jobs "
+        f"{data['torch']}; intra-op threads as `specopt train` chose them (1 on this loaded "
+        "machine; the overhead timing also ran at 1); the machine was shared with other jobs "
         "(wall times are noisy).",
         "",
         f"Example run command (every run's command is in the JSON): `{example}`",
