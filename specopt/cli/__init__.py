@@ -1,0 +1,1 @@
+"""The ``specopt`` command line (entry point :func:`specopt.cli.main.main`)."""

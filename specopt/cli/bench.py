@@ -85,7 +85,7 @@ def run_benchmarks(
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "bench", help="run the tools/bench_*.py benchmarks (quick by default) and print ratios",
-        description=__doc__.split("\n\n")[0],
+        description=__doc__.split("\n\n")[0].replace("``", ""),
     )
     p.add_argument("--full", action="store_true", help="full-size runs instead of --quick")
     p.add_argument("--only", nargs="+", default=None, metavar="NAME",

@@ -191,7 +191,7 @@ def compare_runs(run_dirs: list[str | Path], *, out: str | Path) -> list[RunSumm
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "compare", help="compare runs: loss and condition-number plots + table",
-        description=__doc__.split("\n\n")[0],
+        description=__doc__.split("\n\n")[0].replace("``", ""),
     )
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (TensorBoard log dirs)")
     p.add_argument("--out", default="compare.png", help="PNG path (default: compare.png)")

@@ -223,7 +223,7 @@ def print_diagnosis(d: Diagnosis) -> None:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "diagnose", help="find loss spikes in a run's logs and the layers that rose first",
-        description=__doc__.split("\n\n")[0],
+        description=__doc__.split("\n\n")[0].replace("``", ""),
     )
     p.add_argument("logdir", help="run folder with TensorBoard event files")
     p.add_argument("--window", type=int, default=20, help="loss baseline window (logged steps)")

@@ -187,7 +187,7 @@ def _plot(layers: list[LayerSpectrum], out: Path, *, title: str) -> None:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "inspect", help="per-layer spectra of a checkpoint, state_dict or safetensors file",
-        description=__doc__.split("\n\n")[0],
+        description=__doc__.split("\n\n")[0].replace("``", ""),
     )
     p.add_argument("checkpoint", help="specopt checkpoint, torch state_dict or .safetensors")
     p.add_argument("--match", default=None, metavar="REGEX", help="only layers matching REGEX")

@@ -83,7 +83,7 @@ def merge_checkpoint(path: str | Path, out: str | Path) -> tuple[Path, float]:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "merge", help="merge PC layers into plain weights (loads into a plain model)",
-        description=__doc__.split("\n\n")[0],
+        description=__doc__.split("\n\n")[0].replace("``", ""),
     )
     p.add_argument("checkpoint", help="specopt checkpoint (from `specopt train`)")
     p.add_argument("out", help="output file: .pt state_dict or .safetensors")

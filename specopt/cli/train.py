@@ -491,24 +491,33 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train",
         help="train a small Llama on the embedded corpus (Muon/AdamW, PC layer, monitor)",
-        description=__doc__.split("\n\n")[0],
+        description=__doc__.split("\n\n")[0].replace("``", ""),
     )
-    p.add_argument("--optimizer", choices=sorted(DEFAULT_LR), default=d.optimizer)
+    p.add_argument("--optimizer", choices=sorted(DEFAULT_LR), default=d.optimizer,
+                   help=f"muon: Muon on hidden matrices, AdamW on the rest (default: "
+                   f"{d.optimizer})")
     p.add_argument("--pc", action=argparse.BooleanOptionalAction, default=d.pc,
                    help="PC layer on FFN and attention-output weights (default: on)")
     p.add_argument("--pc-level", type=int, default=None,
                    help="PC polynomial level 1-4 (default: 2 for muon, 4 for adamw)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=d.preset, help="model size")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=d.preset,
+                   help=f"model size (default: {d.preset})")
     p.add_argument("--steps", type=int, default=None,
                    help=f"optimizer steps (default: {d.steps})")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help=f"sequences per step (default: {d.batch_size})")
+    p.add_argument("--seq-len", type=int, default=d.seq_len,
+                   help=f"bytes per sequence (default: {d.seq_len})")
     p.add_argument("--lr", type=float, default=None,
                    help=f"peak learning rate (default: {DEFAULT_LR})")
-    p.add_argument("--warmup", type=int, default=d.warmup, help="linear warmup steps")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="0 disables")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--warmup", type=int, default=d.warmup,
+                   help=f"linear warmup steps, then cosine to 0.1x (default: {d.warmup})")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help=f"decoupled weight decay of matrices (default: {d.weight_decay})")
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip,
+                   help=f"max global gradient norm, 0 disables (default: {d.grad_clip})")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help=f"model init and batch order (default: {d.seed})")
     p.add_argument("--log-dir", default=None, help="run folder (default: runs/<name>)")
     p.add_argument("--ckpt-every", type=int, default=None,
                    help=f"checkpoint interval in steps, 0: final only (default: {d.ckpt_every})")
@@ -526,7 +535,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    f"(default: {d.monitor_budget})")
     p.add_argument("--eval-every", type=int, default=None,
                    help=f"validation interval, 0: only at the end (default: {d.eval_every})")
-    p.add_argument("--eval-batches", type=int, default=d.eval_batches)
+    p.add_argument("--eval-batches", type=int, default=d.eval_batches,
+                   help=f"validation batches per evaluation (default: {d.eval_batches})")
     p.add_argument("--data", default=None, help="text file or folder (default: Python stdlib)")
     p.add_argument("--compare", action="store_true",
                    help="run without and with the PC layer back to back, then compare them")
