@@ -113,7 +113,19 @@ def _fn_bf16(mats: list[torch.Tensor]) -> list[torch.Tensor]:
     return [_fn([m.to(torch.bfloat16)])[0] for m in mats]
 
 
-def _stage_worker(rank: int, world: int) -> dict:
+def _layer(name: str, shape: tuple[int, int]) -> torch.nn.Linear:
+    g = torch.Generator().manual_seed(sum(map(ord, name)))
+    lin = torch.nn.Linear(shape[1], shape[0], bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(shape, generator=g))
+    return lin
+
+
+#: Layers each rank holds (pipeline-like): "b" on both (identical), "a"/"c" on one each.
+_RANK_LAYERS = {0: {"a": (6, 4), "b": (5, 5)}, 1: {"b": (5, 5), "c": (3, 7)}}
+
+
+def _stage_worker(rank: int, world: int, log_dir: str) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -146,13 +158,29 @@ def _stage_worker(rank: int, world: int) -> dict:
     out["map_fsdp"] = map_on_owners(sharded, norms)
     out["map_ddp"] = map_on_owners(full, norms, replicated=True)
     out["map_calls"] = calls
+
+    # Monitor on ranks that hold different layers: no hang, rank 0 gets every layer.
+    from specopt import SpectralMonitor
+
+    model = torch.nn.ModuleDict({k: _layer(k, v) for k, v in _RANK_LAYERS[rank].items()})
+    monitor = SpectralMonitor(model, log_dir=log_dir, every=1, budget=None, signal_every=0)
+    snaps = [monitor.step() for _ in range(2)]
+    monitor.close()
+    out["snap"] = None if snaps[-1] is None else {
+        k: v["sigma_max"] for k, v in snaps[-1].metrics.items()}
     return out
 
 
 @pytest.mark.slow
-def test_distributed_stage_fsdp_and_ddp_match_local():
+def test_distributed_stage_fsdp_and_ddp_match_local(tmp_path):
     ref = _fn(_inputs())
-    results = run_distributed(_stage_worker)
+    results = run_distributed(_stage_worker, args=(str(tmp_path),))
+    # Monitor: rank 0 has all 3 layers (one computed by rank 1); rank 1 returns nothing.
+    assert results[1]["snap"] is None
+    expected = {k: torch.linalg.svdvals(_layer(k, v).weight.detach().double())[0].item()
+                for layers in _RANK_LAYERS.values() for k, v in layers.items()}
+    assert results[0]["snap"] == pytest.approx(expected, rel=1e-5)
+    assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 1
     for rank, out in enumerate(results):
         for key in ("fsdp_True", "fsdp_False", "ddp_True", "ddp_False"):
             for r, e in zip(out[key], ref, strict=True):
