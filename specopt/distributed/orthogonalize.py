@@ -10,18 +10,20 @@ needs whole matrices. :func:`orthogonalize_distributed` replaces (3) for a proce
   (batched by the given function), and a second ``all_to_all`` returns to each rank its
   rows of every result, as a DTensor with the input's layout. Per step each rank sends and
   receives about ``2 (W-1)/W * sum(numel)/W`` elements, against ``(W-1)/W * sum(numel)``
-  received by the naive way (all-gather everything, every rank repeats all NS work).
+  received by the naive way (all-gather everything, every rank repeats all NS work): the
+  same at W = 2, W/2 times less beyond. Momentum stays sharded throughout.
 * **Replicated** (DDP: plain tensors, identical on every rank; opt in with
   ``replicated=True``). Each rank orthogonalizes the matrices it owns and one
-  ``all_gather_into_tensor`` of the packed results gives every rank all updates.
+  ``all_gather_single`` of the packed results gives every rank all updates.
 * **Local**: no process group, world size 1, or plain tensors without ``replicated``:
   the function is called once on all matrices; single-process results are unchanged.
 
 Other DTensor layouts fall back to all-gathering on every rank (correct, not fast).
-Results are cast to each input's dtype (an fp32 copy of a bf16 NS output is exact). The
-owner's output for a matrix is bit-identical to what one process computes from the same
-input, so distributed runs match single-process runs up to the gradient reduction's
-rounding.
+Results are cast to each input's dtype (an fp32 copy of a bf16 NS output is exact), and
+``comm_dtype`` moves data in the NS dtype (bf16: half the bytes, no loss, since NS rounds
+its input to that dtype first). The owner's output for a matrix is bit-identical to what
+one process computes from the same input, so a distributed run equals a single-process run
+whose gradients are reduced the same way (tests/test_distributed.py checks this exactly).
 """
 
 from __future__ import annotations
