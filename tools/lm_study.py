@@ -158,12 +158,17 @@ def _command(cfg: Any) -> str:
     )
 
 
-def _group_gmcn(run_log: Any, keys: tuple[str, ...]) -> tuple[list[int], list[float]]:
-    """Geometric mean over the matching layers' effective-weight GMCN, per snapshot step."""
+def _group_gmcn(run_log: Any, keys: tuple[str, ...], *,
+                raw: bool = False) -> tuple[list[int], list[float]]:
+    """Geometric mean over the matching layers' GMCN, per snapshot step: of the effective
+    weights, or with ``raw`` of the trained tensors (``<layer>/raw`` where the layer is
+    parametrized, the plain weight otherwise)."""
     import numpy as np
 
-    tags = [t for t in run_log.tags_with_prefix("spectral/gmcn/")
+    base = [t for t in run_log.tags_with_prefix("spectral/gmcn/")
             if not t.endswith("/raw") and any(k in t for k in keys)]
+    have = set(run_log.scalars)
+    tags = [t + "/raw" if raw and t + "/raw" in have else t for t in base]
     if not tags:
         return [], []
     per_step: dict[int, list[float]] = {}
@@ -178,6 +183,32 @@ def _group_gmcn(run_log: Any, keys: tuple[str, ...]) -> tuple[list[int], list[fl
             steps_out.append(s)
             vals_out.append(float(np.exp(np.mean(np.log(vs)))))
     return steps_out, vals_out
+
+
+def _gmcn_fields(log: Any) -> dict[str, list[float]]:
+    gs_pc, gv_pc = _group_gmcn(log, PC_TARGET_KEYS)
+    gs_raw, gv_raw = _group_gmcn(log, PC_TARGET_KEYS, raw=True)
+    gs_np, gv_np = _group_gmcn(log, NON_PC_KEYS)
+    r5 = lambda xs: [float(f"{x:.5g}") for x in xs]  # noqa: E731
+    return {"gmcn_steps": gs_pc, "gmcn_pc_blocks": r5(gv_pc),
+            "gmcn_raw_steps": gs_raw, "gmcn_pc_blocks_raw": r5(gv_raw),
+            "gmcn_qkv_steps": gs_np, "gmcn_qkv_blocks": r5(gv_np)}
+
+
+def reread_logs(data: dict[str, Any], run_root: Path) -> int:
+    """Re-extract the GMCN fields of saved runs from their TensorBoard folders (kept under
+    ``run_root``); returns how many runs were updated. For JSON written before a field
+    existed: the numbers come from the same runs' logs, nothing is retrained."""
+    from specopt.cli._events import read_run
+
+    n = 0
+    for key in ("runs", "sweep"):
+        for r in data.get(key, []):
+            folder = run_root / key / f"{r['arm']}-lr{r['lr']:g}-s{r['seed']}"
+            if folder.is_dir():
+                r.update(_gmcn_fields(read_run(folder)))
+                n += 1
+    return n
 
 
 def run_one(sc: StudyConfig, arm: Arm, seed: int, *, lr: float, steps: int,
@@ -202,8 +233,6 @@ def run_one(sc: StudyConfig, arm: Arm, seed: int, *, lr: float, steps: int,
     log = read_run(log_dir)
     vs, vv = log.series("val/bpb")
     ts, tv = log.series("train/loss")
-    gs_pc, gv_pc = _group_gmcn(log, PC_TARGET_KEYS)
-    gs_np, gv_np = _group_gmcn(log, NON_PC_KEYS)
     final = float(vv[-1]) if vv.size and int(vs[-1]) == res.steps else math.nan
     return {
         "arm": arm.name, "optimizer": arm.optimizer, "pc_level": arm.pc_level, "seed": seed,
@@ -213,8 +242,7 @@ def run_one(sc: StudyConfig, arm: Arm, seed: int, *, lr: float, steps: int,
         "val_steps": vs.tolist(), "val_bpb": vv.tolist(),
         "train_steps": ts.tolist()[:: max(1, steps // 100)],
         "train_loss": [float(f"{x:.4g}") for x in tv.tolist()[:: max(1, steps // 100)]],
-        "gmcn_steps": gs_pc, "gmcn_pc_blocks": [float(f"{x:.5g}") for x in gv_pc],
-        "gmcn_qkv_steps": gs_np, "gmcn_qkv_blocks": [float(f"{x:.5g}") for x in gv_np],
+        **_gmcn_fields(log),
         "command": _command(cfg),
     }
 
@@ -379,6 +407,8 @@ def summarize(data: dict[str, Any]) -> dict[str, Any]:
                                         if r["gmcn_pc_blocks"]]),
             "gmcn_qkv_blocks": _geomean([r["gmcn_qkv_blocks"][-1] for r in runs
                                          if r["gmcn_qkv_blocks"]]),
+            "gmcn_pc_blocks_raw": _geomean([r["gmcn_pc_blocks_raw"][-1] for r in runs
+                                            if r.get("gmcn_pc_blocks_raw")]),
             "wall_s": _stats([r["wall_s"] for r in runs]),
             "diverged": sum(r["diverged"] for r in runs),
         }
@@ -411,8 +441,9 @@ def tables(data: dict[str, Any]) -> str:
     s = summarize(data)
     lines = [
         "| arm | seeds | final val bits/byte: mean ± std [min, max] | token efficiency vs "
-        "baseline (reached) | GMCN PC-target blocks | GMCN q/k/v blocks | wall s/run |",
-        "|---|---|---|---|---|---|---|",
+        "baseline (reached) | GMCN PC-target blocks | same, raw W | GMCN q/k/v blocks | "
+        "wall s/run |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, a in s.items():
         f = a["final"]
@@ -425,7 +456,8 @@ def tables(data: dict[str, Any]) -> str:
             f"| {name} | {len(a['seeds'])} | {_f(f['mean'], '.4f')} ± {_f(f['std'], '.4f')} "
             f"[{_f(f['min'], '.4f')}, {_f(f['max'], '.4f')}] | "
             f"{_f(e['mean'], '.3f')}x ({a['reached']}/{len(a['seeds'])}) | "
-            f"{_f(a['gmcn_pc_blocks'], '.2f')}{rel} | {_f(a['gmcn_qkv_blocks'], '.2f')} | "
+            f"{_f(a['gmcn_pc_blocks'], '.2f')}{rel} | {_f(a['gmcn_pc_blocks_raw'], '.2f')} | "
+            f"{_f(a['gmcn_qkv_blocks'], '.2f')} | "
             f"{_f(a['wall_s']['mean'], '.1f')} |"
         )
     if data.get("timing"):
@@ -501,6 +533,12 @@ def plot(data: dict[str, Any], out_dir: Path) -> list[Path]:
                     xs, ys = mean_curve(runs, "gmcn_steps", "gmcn_pc_blocks", geo=True)
                     ax.semilogy([x * tps for x in xs], ys, color=colors[arm], lw=1.3,
                                 label=f"{arm}: FFN+wo")
+                    if runs[0]["pc_level"] is not None and all(
+                            r.get("gmcn_pc_blocks_raw") for r in runs):
+                        xs, ys = mean_curve(runs, "gmcn_raw_steps", "gmcn_pc_blocks_raw",
+                                            geo=True)
+                        ax.semilogy([x * tps for x in xs], ys, color=colors[arm], lw=1.0,
+                                    ls=":", label=f"{arm}: FFN+wo raw W")
                     xs, ys = mean_curve(runs, "gmcn_qkv_steps", "gmcn_qkv_blocks", geo=True)
                     ax.semilogy([x * tps for x in xs], ys, color=colors[arm], lw=1.0, ls="--",
                                 label=f"{arm}: q,k,v")
@@ -587,12 +625,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arms", nargs="+", help=f"subset of {[a.name for a in ARMS]}")
     p.add_argument("--sweep-multipliers", type=float, nargs="+")
     p.add_argument("--run-root", help="folder for the runs' TensorBoard logs")
+    p.add_argument("--reread-logs", action="store_true",
+                   help="with --plot-only: refresh GMCN fields of --json from the run folders "
+                   "under --run-root (or the saved run_root) and rewrite --json")
     args = p.parse_args(argv)
 
     if args.plot_only:
         if args.json is None:
             p.error("--plot-only needs --json PATH to read")
         data = json.loads(args.json.read_text())
+        if args.reread_logs:
+            root = Path(args.run_root or data["config"]["run_root"])
+            print(f"re-read GMCN of {reread_logs(data, root)} runs from {root}")
+            _save(data, args.json)
     else:
         sc = StudyConfig(**(QUICK if args.quick else {}))
         for name in ("seeds", "steps", "arms", "sweep_multipliers", "run_root"):
