@@ -173,6 +173,13 @@ def test_summarize_efficiency_and_spread():
     assert "(-75%)" in lm.tables({"runs": runs})
 
 
+def test_stable_edge_is_largest_lr_near_the_best():
+    rows = [{"arm": "adamw", "lr": lr, "final_val_bpb": v, "diverged": v > 8}
+            for lr, v in ((1e-3, 4.0), (4e-3, 3.5), (1.6e-2, 3.8), (6.4e-2, 3.9), (0.25, 9.0))]
+    assert lm.stable_edge(rows, "adamw") == pytest.approx(1.6e-2)  # 3.8 <= 1.1 * 3.5 < 3.9
+    assert lm.stable_edge(rows, "muon") is None
+
+
 def test_unknown_arm_rejected():
     with pytest.raises(ValueError, match="unknown arm 'sgd'"):
         lm._arm("sgd")
@@ -188,14 +195,21 @@ def test_lm_study_quick_end_to_end(tmp_path, capsys):
     assert [r["arm"] for r in data["runs"]] == ["adamw", "adamw+pc4"]
     for r in data["runs"]:
         assert math.isfinite(r["final_val_bpb"]) and r["val_steps"][-1] == r["steps"]
-        assert r["gmcn_pc_blocks"] and r["gmcn_qkv_blocks"]
+        assert r["gmcn_pc_blocks"] and r["gmcn_qkv_blocks"] and r["gmcn_pc_blocks_raw"]
         assert r["command"].startswith("specopt train --optimizer adamw")
+    base, pc = data["runs"]
+    assert base["gmcn_pc_blocks_raw"] == base["gmcn_pc_blocks"]  # no PC: raw is effective
+    assert pc["gmcn_pc_blocks"][-1] < pc["gmcn_pc_blocks_raw"][-1]  # f compresses spectra
     assert {r["arm"] for r in data["sweep"]} == {"adamw", "muon+pc2"}
     assert [t["optimizer"] for t in data["timing"]] == ["adamw"]
     for name in ("lm_val_loss.png", "lm_gmcn.png", "lm_lr_sweep.png"):
         _png_ok(img / name)
     table = lm.tables(data)
     assert table in capsys.readouterr().out and table in doc.read_text()
+    # GMCN re-read from the run folders reproduces the saved fields
+    assert lm.main(["--plot-only", "--reread-logs", "--json", str(js),
+                    "--run-root", str(tmp_path / "runs")]) == 0
+    assert json.loads(js.read_text())["runs"] == data["runs"]
     # resume: nothing left to run, same tables
     assert lm.main([*argv, "--resume", "--parts", "main,sweep"]) == 0
     assert lm.tables(json.loads(js.read_text())) == table
