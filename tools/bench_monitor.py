@@ -179,6 +179,9 @@ def main(argv: list[str] | None = None) -> dict:
         (f"one snapshot, {args.snapshot_preset} ({n_big} matrices)", f"{snap_big * 1e3:.1f} ms"),
         ("weights bit-identical with/without", str(identical)),
     ]
+    if args.quick:
+        rows.append(("note", "--quick: 20 tiny steps, the budget control has not settled; "
+                             "overhead figures are a smoke test, not a measurement"))
     width = max(len(k) for k, _ in rows)
     print("SpectralMonitor overhead (side by side, interleaved step by step)")
     for k, v in rows:
