@@ -9,6 +9,15 @@ One step, in order (the data flow of DESIGN.md)::
                                            # spectral monitor logs spectra on its cadence
     scheduler.step()                       # linear warmup, cosine to final_lr_ratio * lr
 
+Data parallel (``torchrun --nproc_per_node N -m specopt train --ddp`` or ``--fsdp``; gloo
+on CPU): every rank builds the same model (same seed), wraps it (DDP, or FSDP2 per block),
+and samples its own batches (seed + rank), so ``--batch-size`` is per rank and the global
+batch is N times larger. Muon splits its Newton-Schulz work across ranks, the PC layer and
+the monitor gather sharded weights where they need whole matrices, only rank 0 prints and
+writes logs, and checkpoints are ``torch.distributed.checkpoint`` directories
+(``checkpoints/step_<n>/``) that ``specopt.distributed.load_distributed_checkpoint`` loads
+on any world size (``--resume`` of a distributed run is not supported yet).
+
 Resume restores model (incl. PC buffers), optimizer, scheduler, RNG and sampler state,
 so ``N`` straight steps and ``N/2 + resume + N/2`` give bit-identical parameters.
 Logged scalars (TensorBoard, in the run folder): ``train/loss`` (nats/byte),
@@ -43,6 +52,18 @@ from specopt.checkpoint import (
 )
 from specopt.cli._console import CommandError, console
 from specopt.data import BatchSampler, DataError, bits_per_byte, eval_windows, load_corpus
+from specopt.distributed.checkpoint import save_distributed_checkpoint
+from specopt.distributed.env import get_rank, is_main_process
+from specopt.distributed.launch import (
+    NullWriter,
+    broadcast_object,
+    clip_grad_norm_,
+    init_from_env,
+    muon_mode,
+    train_loss,
+    unwrap,
+    wrap_model,
+)
 from specopt.models.llama import PRESETS, Llama, LlamaConfig
 
 __all__ = [
@@ -100,6 +121,7 @@ class TrainConfig:
     data: str | None = None  # None: embedded stdlib corpus
     max_data_bytes: int = 4_000_000
     threads: int = 0  # torch intra-op threads; 0: auto (idle cores, see auto_threads)
+    parallel: str | None = None  # "ddp" or "fsdp" under torchrun; None: one process
 
     def __post_init__(self) -> None:
         if self.optimizer not in DEFAULT_LR:
@@ -118,6 +140,8 @@ class TrainConfig:
             raise ValueError(f"monitor_budget must be in [0, 1], got {self.monitor_budget}")
         if not 0.0 <= self.final_lr_ratio <= 1.0:
             raise ValueError(f"final_lr_ratio must be in [0, 1], got {self.final_lr_ratio}")
+        if self.parallel not in (None, "ddp", "fsdp"):
+            raise ValueError(f"parallel must be None, 'ddp' or 'fsdp', got {self.parallel!r}")
         if self.pc_level is not None and self.pc_level <= 0:
             raise ValueError(f"pc_level must be positive, got {self.pc_level}")
 
@@ -194,7 +218,11 @@ def build_model(
 def _build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     from specopt.optim import build_optimizer
 
-    return build_optimizer(model, cfg.optimizer, lr=cfg.peak_lr, weight_decay=cfg.weight_decay)
+    # Data parallel: Muon splits its NS work across ranks (specopt.distributed).
+    extra = ({"distributed": muon_mode(cfg.parallel)}
+             if cfg.optimizer == "muon" and cfg.parallel is not None else {})
+    return build_optimizer(unwrap(model), cfg.optimizer, lr=cfg.peak_lr,
+                           weight_decay=cfg.weight_decay, **extra)
 
 
 def _unique(base: Path) -> Path:
@@ -333,8 +361,15 @@ def train(
                 f"checkpoint {str(ckpt_path)!r} is at step {ckpt['step']}, already >= --steps "
                 f"{cfg.steps}; pass a larger --steps to continue"
             )
-    log_dir = _resolve_log_dir(cfg)
-    if ckpt is None and any(log_dir.glob("events.out.tfevents.*")):
+    if cfg.parallel is not None:
+        if ckpt is not None:
+            raise CommandError("--resume is not supported with --ddp/--fsdp yet")
+        init_from_env()
+        if not is_main_process():
+            console.quiet = True  # rank 0 alone prints
+    # Rank 0 decides (and checks) the folder before anyone writes: ranks must agree.
+    log_dir = Path(broadcast_object(str(_resolve_log_dir(cfg))))
+    if broadcast_object(ckpt is None and any(log_dir.glob("events.out.tfevents.*"))):
         raise CommandError(
             f"log dir {str(log_dir)!r} already holds a run; pass --resume {log_dir} to continue "
             "it, or another --log-dir"
@@ -346,7 +381,7 @@ def train(
     try:
         corpus = load_corpus(cfg.data, max_bytes=cfg.max_data_bytes)
         sampler = BatchSampler(corpus.train, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
-                               seed=cfg.seed)
+                               seed=cfg.seed + get_rank())  # data parallel: own batches
         val_batches = eval_windows(corpus.val, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
                                    max_batches=cfg.eval_batches)
     except DataError as exc:
@@ -359,6 +394,8 @@ def train(
         base = PRESETS[cfg.preset]
         model_cfg = dataclasses.replace(base, max_seq_len=max(base.max_seq_len, cfg.seq_len))
     model, pc_handle = build_model(model_cfg, pc=cfg.pc, pc_level=cfg.level)
+    if cfg.parallel is not None:
+        model = wrap_model(model, cfg.parallel)
     optimizer = _build_optimizer(model, cfg)
     if pc_handle is not None:
         pc_handle.attach(optimizer)
@@ -377,22 +414,22 @@ def train(
 
     log_dir.mkdir(parents=True, exist_ok=True)
     # purge_step: a resumed run hides what the crashed run logged after its checkpoint.
-    writer = SummaryWriter(str(log_dir), purge_step=start_step if ckpt else None,
-                           max_queue=1000, flush_secs=10)
+    writer = NullWriter.for_rank(lambda: SummaryWriter(
+        str(log_dir), purge_step=start_step if ckpt else None, max_queue=1000, flush_secs=10))
     if cfg.monitor:
         from specopt.spectral.monitor import SpectralMonitor
 
         # One writer for the trainer and the monitor: one event file per (re)start.
         # Called by hand after optimizer.step() (not attached) so the loop gets the snapshot
         # back for the progress bar; same numbers as attach().
-        monitor: Any = SpectralMonitor(model, writer=writer, every=cfg.monitor_every,
+        monitor: Any = SpectralMonitor(unwrap(model), writer=writer, every=cfg.monitor_every,
                                        budget=cfg.monitor_budget or None, start_step=start_step)
     else:
         monitor = _NullMonitor()
     if start_step == 0:
         writer.add_text("config", "```\n" + json.dumps(cfg.to_dict(), indent=2) + "\n```", 0)
 
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(p.numel() for p in unwrap(model).parameters())
     console.print(
         f"[bold]specopt train[/] {cfg.name}: {n_params:,} parameters, optimizer {cfg.optimizer} "
         f"(lr {cfg.peak_lr:g}), PC {'level ' + str(cfg.level) if cfg.pc else 'off'}, "
@@ -401,7 +438,24 @@ def train(
     if ckpt is not None:
         console.print(f"resumed from step {start_step}")
 
+    def checkpoint_distributed(step: int) -> Path:
+        folder = log_dir / CHECKPOINT_DIR
+        path = save_distributed_checkpoint(
+            folder / f"step_{step:07d}", unwrap(model), optimizer,
+            extra={"step": step, "scheduler": scheduler.state_dict(),
+                   "config": {"train": cfg.to_dict(), "model": model_cfg.to_dict(),
+                              "pc": cfg.pc, "pc_level": cfg.level if cfg.pc else None}})
+        if is_main_process() and cfg.keep_checkpoints:
+            import shutil
+
+            for old in sorted(folder.glob("step_*"))[: -cfg.keep_checkpoints]:
+                if old != path and old.is_dir():
+                    shutil.rmtree(old, ignore_errors=True)
+        return path
+
     def checkpoint(step: int) -> Path:
+        if cfg.parallel is not None:
+            return checkpoint_distributed(step)
         payload = {
             "step": step,
             "model": model.state_dict(),
@@ -424,18 +478,23 @@ def train(
     last_ckpt: Path | None = None
     step = start_step
     model.train()
-    with _progress(progress) as bar, _alarms_above_the_bar():
+    with _progress(progress and is_main_process()) as bar, _alarms_above_the_bar():
         task = bar.add_task("train", total=cfg.steps, completed=start_step, loss="-", lr="-",
                             tps="-", cond="-")
         t_last = time.perf_counter()
         while step < cfg.steps:
             x, y = next(sampler)
-            loss = model.loss(x, y)
+            loss = train_loss(model, x, y)
             loss_val = float(loss.detach())
+            if cfg.parallel is not None:  # log the global-batch loss; same on every rank
+                loss_val = float(_mean_over_ranks(loss.detach()))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+            if cfg.parallel is not None:  # FSDP2 DTensor + plain grads; a global norm
+                grad_norm = clip_grad_norm_(unwrap(model).parameters(), max_norm)
+            else:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
             if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
                 # Never step on a non-finite gradient: weights stay as they were.
                 writer.add_scalar("train/loss", loss_val, step)
@@ -462,7 +521,7 @@ def train(
             if snapshot is not None:
                 cond = snapshot.aggregates.get("condition_number_max", math.nan)
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-                val_loss = evaluate(model, val_batches)
+                val_loss = evaluate(unwrap(model), val_batches)
                 val_bpb = bits_per_byte(val_loss)
                 writer.add_scalar("val/loss", val_loss, step)
                 writer.add_scalar("val/bpb", val_bpb, step)
@@ -481,6 +540,14 @@ def train(
     console.print(f"logs and checkpoints: [bold]{escape(str(log_dir))}[/]")
     console.print(f"view them:  tensorboard --logdir {escape(str(log_dir))}")
     return TrainResult(log_dir, step, last_ckpt, val_bpb, loss_val, wall, diverged)
+
+
+def _mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    x = x.float().clone()
+    dist.all_reduce(x)  # gloo has no AVG: sum, then divide
+    return x / dist.get_world_size()
 
 
 # ---------------------------------------------------------------- command line
@@ -543,6 +610,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=d.threads,
                    help="torch threads; 0: auto, the cores not busy with other work (default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    par = p.add_mutually_exclusive_group()
+    par.add_argument("--ddp", dest="parallel", action="store_const", const="ddp", default=None,
+                     help="data parallel with DDP (launch with torchrun; --batch-size per rank)")
+    par.add_argument("--fsdp", dest="parallel", action="store_const", const="fsdp",
+                     help="data parallel with FSDP2 sharding (launch with torchrun)")
     p.set_defaults(func=run)
 
 
@@ -558,6 +630,8 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "parallel", None) and (args.resume or args.compare):
+        raise CommandError("--ddp/--fsdp cannot be combined with --resume or --compare yet")
     if args.resume and args.compare:
         raise CommandError("--compare starts two fresh runs; it cannot be combined with --resume")
     if args.resume:
@@ -566,7 +640,14 @@ def run(args: argparse.Namespace) -> int:
         return 1 if result.diverged else 0
     cfg = _config_from_args(args)
     if not args.compare:
-        result = train(cfg, progress=not args.no_progress)
+        try:
+            result = train(cfg, progress=not args.no_progress)
+        finally:
+            if cfg.parallel is not None:
+                import torch.distributed as dist
+
+                if dist.is_initialized():
+                    dist.destroy_process_group()
         return 1 if result.diverged else 0
     from specopt.cli.compare import compare_runs
 
