@@ -1,19 +1,24 @@
 """Deep linear network, three ways: plain GD, GD with spectra clipped to [a, b], and GD
 through the PC layer's functional core (``specopt.pc.pc_weight``).
 
-    python examples/deep_linear.py
+    python examples/deep_linear.py [--steps 300]
 
-Prints the loss every 50 steps. The full study (several depths, rate fits, plots) is
-``tools/deep_linear.py``; its results are in docs/results.md.
+Prints the loss every 50 steps (about a minute on 2 CPU cores). The full study (several
+depths, rate fits, plots) is ``tools/deep_linear.py``; its results are in docs/results.md.
 """
+
+import argparse
 
 import torch
 
 from specopt.pc import pc_weight, resolve_polynomial
 from specopt.spectral.power_iteration import init_singular_vectors, power_iteration_
 
+parser = argparse.ArgumentParser()
+parser.add_argument("--steps", type=int, default=300)
+steps = parser.parse_args().steps
 torch.manual_seed(0)
-d, depth, lr, steps, a = 16, 4, 0.02, 300, 0.5
+d, depth, lr, a = 16, 4, 0.02, 0.5
 X = torch.linalg.qr(torch.randn(64, d, dtype=torch.float64))[0].T  # whitened: X X^T = I
 Y = torch.randn(d, d, dtype=torch.float64) / d**0.5 @ X + X  # target A = I + noise
 
@@ -35,10 +40,10 @@ def train(arm: str) -> list[float]:
     uv = [init_singular_vectors(W.shape, dtype=torch.float64) for W in Ws]
     losses = []
     for _ in range(steps + 1):
-        with torch.no_grad():
-            for W, (u, v) in zip(Ws, uv, strict=True):
-                power_iteration_(W, u, v, iters=10)  # warm-started sigma_max of W
         if arm == "pc":  # W_eff = gamma * s * f(W / s), gradients reach W and gamma
+            with torch.no_grad():
+                for W, (u, v) in zip(Ws, uv, strict=True):
+                    power_iteration_(W, u, v, iters=10)  # warm-started sigma_max of W
             effective = [pc_weight(W, u.clone(), v.clone(), g, coefficients)
                          for W, (u, v), g in zip(Ws, uv, gammas, strict=True)]
         else:
@@ -62,5 +67,5 @@ def train(arm: str) -> list[float]:
 
 curves = {arm: train(arm) for arm in ("gd", "clip", "pc")}
 print("step   " + "  ".join(f"{arm:>10s}" for arm in curves))
-for t in range(0, steps + 1, 50):
+for t in sorted({*range(0, steps + 1, 50), steps}):
     print(f"{t:5d}  " + "  ".join(f"{curves[arm][t]:10.3e}" for arm in curves))

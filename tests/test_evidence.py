@@ -141,6 +141,22 @@ def test_deep_linear_quick_end_to_end(tmp_path, capsys):
     assert doc.read_text() == text
 
 
+def test_example_runs_and_pc_and_clip_beat_plain_gd(monkeypatch, capsys):
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", ["deep_linear.py", "--steps", "40"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 16x16 matrices: extra threads only spin on a busy box
+    try:
+        runpy.run_path(str(TOOLS.parent / "examples" / "deep_linear.py"), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split() == ["step", "gd", "clip", "pc"]
+    step, gd, clip, pc = lines[-1].split()
+    assert int(step) == 40 and float(clip) < float(gd) and float(pc) < float(gd)
+
+
 # ---------------------------------------------------------------- LM study
 
 

@@ -527,7 +527,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--init-cond", type=float)
     p.add_argument("--seed", type=int)
     args = p.parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # 16x16 matrices: threads only add contention on a shared box
+    try:
+        return _main(p, args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _main(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
     if args.plot_only:
         if args.json is None:

@@ -327,7 +327,6 @@ def run_study(sc: StudyConfig, parts: set[str], *, json_path: Path | None = None
               resume: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the requested parts; the JSON is rewritten after every run."""
     _use_cached_corpus()
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     data: dict[str, Any] = resume or {"runs": [], "sweep": [], "timing": []}
     data.update(config=asdict(sc), machine=_machine(), torch=torch.__version__,
                 threads=torch.get_num_threads(),  # at start; each run then uses train's choice
@@ -641,7 +640,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --plot-only: refresh GMCN fields of --json from the run folders "
                    "under --run-root (or the saved run_root) and rewrite --json")
     args = p.parse_args(argv)
+    threads = torch.get_num_threads()
+    try:  # `specopt train` and the timing set the thread count: restore it for callers
+        return _main(p, args)
+    finally:
+        torch.set_num_threads(threads)
 
+
+def _main(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.plot_only:
         if args.json is None:
             p.error("--plot-only needs --json PATH to read")
