@@ -524,16 +524,18 @@ def test_meta_device_construction_then_reset():
         model = Llama(TINY)
     handle = apply_pc(model)
     model.to_empty(device="cpu")
+    torch.manual_seed(0)
     with torch.no_grad():  # parameters() yields the raw PC weights (``...original``)
         for p in model.parameters():
             p.normal_(std=0.02)
-    handle.reset()
+    handle.reset(iters=200)  # random Gaussian weights: small spectral gap, slow convergence
     pc = get_pc(model.layers[0].feed_forward.w1)
     raw = _raw(model.layers[0].feed_forward.w1)
     assert pc.gamma.item() == 1.0
     true = torch.linalg.matrix_norm(raw.detach(), 2).item()
     assert pc.sigma(raw).item() == pytest.approx(true, rel=1e-2)
-    assert torch.isfinite(model(_batch()[0])).all()
+    # (the model's own rope buffers are left uninitialised by to_empty: check the PC layer)
+    assert torch.isfinite(model.layers[0].feed_forward.w1(torch.randn(3, TINY.dim))).all()
 
 
 def test_merging_a_deep_copy_leaves_the_original_pc_model_intact():
