@@ -58,14 +58,15 @@ _CLOCK: Callable[[], float] = time.perf_counter
 
 def _interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int,
                  device: torch.device) -> dict[str, float]:
-    """Median seconds per call of each function, calls interleaved round-robin."""
+    """Median seconds per call of each function, calls interleaved (order alternating)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     _sync(device)
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    for i in range(repeats):
+        # Alternate the order (A B C, C B A, ...) so no variant always runs after the same one.
+        for name, fn in list(fns.items())[:: 1 if i % 2 == 0 else -1]:
             _sync(device)
             t0 = _CLOCK()
             fn()
