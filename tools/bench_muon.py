@@ -296,7 +296,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         nargs="+",
         choices=PEERS,
         default=["torch", "torch-math"],
-        help="compared against specopt.Muon (heavyball: if installed; compiles ~2 min on CPU)",
+        help="compared against specopt.Muon (heavyball: if installed; compiles ~2 min on CPU "
+        "and, rounding to bf16, is as slow as torch where bf16 is emulated)",
     )
     ap.add_argument("--sweep", action="store_true", help="print the default-selection table")
     ap.add_argument("--quick", action="store_true", help="d=32, 3 repeats, 1 Llama step, 1 thread")
