@@ -40,8 +40,8 @@ tensor ``module.parametrizations.weight.original``. Module paths never contain `
     monitor/snapshot_ms                   wall time of the snapshot
     monitor/signal_ms                     wall time of the last cheap-signal step
     monitor/step_ms                       median training-step time without the monitor
-    monitor/overhead                      monitor time / training time over the last
-                                          snapshot interval (measured)
+    monitor/overhead                      monitor time over the last snapshot interval /
+                                          (its steps x median step time), measured
     monitor/every, monitor/signal_every   current (possibly backed-off) cadences
     alarms                                text, one entry per fired alarm (torch's
                                           add_text stores it as alarms/text_summary)
@@ -57,9 +57,10 @@ torch's ``spectral_norm`` does not advance its power iteration; the monitor's ow
 iteration uses its own vectors and a private generator (global RNG untouched).
 
 Overhead control: the monitor times its own work and the training between its calls.
-It aims at 80% of ``budget``: snapshots may use 60% of it; when one costs more, the
-snapshot cadence doubles (and comes back down when it gets cheaper, never below
-``every``). The cheap signal gets what remains (at least 20%) by striding, sized from its
+The step time is the median time between its calls (robust to pauses such as evaluation
+or checkpointing). It aims at 80% of ``budget``: snapshots may use 60% of it; when one
+costs more, the snapshot cadence doubles (and comes back down when it gets cheaper, never
+below ``every``). The cheap signal gets what remains (at least 20%) by striding, sized from its
 mean cost and corrected by the overhead measured over the last snapshot interval.
 """
 
@@ -363,7 +364,7 @@ class SpectralMonitor:
         self._closed = False
         self._own_s = 0.0  # total monitor wall time (hooks and step())
         self._own_interval_s = 0.0  # since the last snapshot
-        self._train_interval_s = 0.0  # training time (between monitor calls) since then
+        self._steps_in_interval = 0  # monitor calls since then
         self._measured: float | None = None  # own / training time over the last interval
 
     # ------------------------------------------------------------------ setup
@@ -541,7 +542,7 @@ class SpectralMonitor:
             raise RuntimeError("SpectralMonitor.step() called after close()")
         if self._last_end is not None:
             self._step_times.append(t0 - self._last_end)
-            self._train_interval_s += t0 - self._last_end
+        self._steps_in_interval += 1
         step = self._step + 1 if global_step is None else int(global_step)
         self._step = step
         if loss is None:
@@ -580,11 +581,15 @@ class SpectralMonitor:
         if snapshot is not None:
             self._charge(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            if self._train_interval_s > 0:
-                self._measured = self._own_interval_s / self._train_interval_s
+            step_ms = self._step_ms()
+            if step_ms:
+                # Relative to the median step, so pauses between steps (evaluation,
+                # checkpoints, another model) do not make the monitor look cheaper.
+                self._measured = self._own_interval_s / (
+                    self._steps_in_interval * step_ms / 1e3)
             self._adapt_cadence()
             self.sink.write_scalars(step, self._cost_scalars())
-            self._own_interval_s = self._train_interval_s = 0.0
+            self._own_interval_s, self._steps_in_interval = 0.0, 0
         # Without hooks (manual step() calls) capture for the update ratio here.
         if self.update_ratio and not self._handles and self._is_snapshot_step(step + 1):
             self._capture(step)
