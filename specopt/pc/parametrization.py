@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
+from specopt.distributed.dtensor import full_tensor
 from specopt.pc.polynomials import OddPolynomial, odd_matrix_polynomial, resolve_polynomial
 from specopt.spectral.power_iteration import (
     DEFAULT_EPS,
@@ -236,6 +237,7 @@ class PCParametrization(nn.Module):
         NaN/Inf the previous vectors are kept (no NaN enters the buffers); checked without
         a host sync.
         """
+        weight = full_tensor(weight)  # FSDP2 (DTensor rows): gather; collective
         self._check_shapes(weight)
         u_prev, v_prev = self.u.clone(), self.v.clone()
         power_iteration_(weight, self.u, self.v, iters=self.power_iters if iters is None else iters,
@@ -352,7 +354,9 @@ class PCHandle:
         groups: dict[tuple, list[tuple[PCParametrization, Tensor]]] = {}
         for name, module in self.modules.items():
             pc = self._pc(name, module)
-            weight = module.parametrizations.weight.original
+            # FSDP2 shards W by rows (DTensor): every rank gathers the full W and runs the
+            # same iteration, so u, v stay identical across ranks (collective).
+            weight = full_tensor(module.parametrizations.weight.original)
             key = (tuple(weight.shape), weight.device, pc.u.dtype, pc.v.dtype,
                    pc.power_iters if iters is None else iters, pc.eps)
             groups.setdefault(key, []).append((pc, weight))
