@@ -43,3 +43,20 @@ def test_loss_backward_and_config_errors():
         LlamaConfig(dim=30, n_heads=4)
     with pytest.raises(ValueError, match="exceeds max_seq_len"):
         model(torch.zeros(1, 1000, dtype=torch.long))
+
+
+def test_reset_parameters_reaches_parametrized_weights_and_rope_tables():
+    from torch.nn.utils import parametrize
+
+    class Double(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    model = Llama(PRESETS["tiny"])
+    parametrize.register_parametrization(model.layers[0].feed_forward.w1, "weight", Double())
+    raw = model.layers[0].feed_forward.w1.parametrizations.weight.original
+    raw.data.fill_(7.0)
+    model.rope_cos.fill_(0.0)
+    model.reset_parameters()
+    assert raw.abs().max() < 1.0  # re-drawn from N(0, 0.02^2)
+    assert model.rope_cos[0].eq(1.0).all()  # cos(0) = 1

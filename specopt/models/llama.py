@@ -74,6 +74,15 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return out.flatten(-2).type_as(x)
 
 
+def _trainable_weight(module: nn.Module) -> Tensor:
+    # Under a parametrization (e.g. the PC layer) module.weight is computed; the raw
+    # trained tensor is the parametrization's `original`.
+    parametrizations = getattr(module, "parametrizations", None)
+    if parametrizations is not None and "weight" in parametrizations:
+        return parametrizations.weight.original
+    return module.weight
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
@@ -138,15 +147,21 @@ class Llama(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
 
+    @torch.no_grad()
     def reset_parameters(self) -> None:
+        """Re-initialise weights and the rotary tables (also after ``to_empty``)."""
+        cfg = self.config
+        cos, sin = rotary_table(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=self.config.init_std)
+                nn.init.normal_(_trainable_weight(module), std=cfg.init_std)
         # Scale residual-branch outputs by depth (GPT-2 style) so the stream stays O(1).
-        out_std = self.config.init_std / math.sqrt(2 * self.config.n_layers)
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
         for block in self.layers:
-            nn.init.normal_(block.attention.wo.weight, std=out_std)
-            nn.init.normal_(block.feed_forward.w2.weight, std=out_std)
+            nn.init.normal_(_trainable_weight(block.attention.wo), std=out_std)
+            nn.init.normal_(_trainable_weight(block.feed_forward.w2), std=out_std)
 
     def forward(self, tokens: Tensor) -> Tensor:
         T = tokens.shape[1]

@@ -95,7 +95,7 @@ def vectors_are_valid(weight: Tensor, u: Tensor | None, v: Tensor | None) -> boo
 
 
 def _normalize_or_keep(x: Tensor, previous: Tensor, eps: float) -> Tensor:
-    norm = x.norm(dim=-1, keepdim=True)
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
     return torch.where(norm > eps, x / norm.clamp_min(eps), previous)
 
 
@@ -121,13 +121,15 @@ def power_iteration_(
         return
     dtype = _compute_dtype(u.dtype)
     w = weight.detach().to(dtype)
-    uu = u.to(dtype)
-    vv = v.to(dtype)
+    # Row vectors times the matrix, (..., 1, m) @ (..., m, n): on CPU the batched
+    # matrix-times-column form (..., m, n) @ (..., n, 1) is ~8x slower for the same math.
+    uu = u.to(dtype).unsqueeze(-2)
+    vv = v.to(dtype).unsqueeze(-2)
     for _ in range(iters):
-        vv = _normalize_or_keep((w.mT @ uu.unsqueeze(-1)).squeeze(-1), vv, eps)
-        uu = _normalize_or_keep((w @ vv.unsqueeze(-1)).squeeze(-1), uu, eps)
-    u.copy_(uu)
-    v.copy_(vv)
+        vv = _normalize_or_keep(uu @ w, vv, eps)  # v <- normalize(W^T u)
+        uu = _normalize_or_keep(vv @ w.mT, uu, eps)  # u <- normalize(W v)
+    u.copy_(uu.squeeze(-2))
+    v.copy_(vv.squeeze(-2))
 
 
 def sigma_max_estimate(weight: Tensor, u: Tensor, v: Tensor) -> Tensor:
