@@ -58,7 +58,7 @@ iteration uses its own vectors and a private generator (global RNG untouched).
 
 Overhead control: the monitor times its own work and the training between its calls.
 The step time is the median time between its calls (robust to pauses such as evaluation
-or checkpointing). It aims at 80% of ``budget``: snapshots may use 60% of it; when one
+or checkpointing). It aims at 70% of ``budget``: snapshots may use 50% of it; when one
 costs more, the snapshot cadence doubles (and comes back down when it gets cheaper, never
 below ``every``). The cheap signal gets what remains (at least 20%) by striding, sized from its
 mean cost and corrected by the overhead measured over the last snapshot interval.
@@ -366,6 +366,7 @@ class SpectralMonitor:
         self._own_interval_s = 0.0  # since the last snapshot
         self._steps_in_interval = 0  # monitor calls since then
         self._measured: float | None = None  # own / training time over the last interval
+        self._signal_floor = signal_every  # stride floor set by the measured feedback
 
     # ------------------------------------------------------------------ setup
     @staticmethod
@@ -559,6 +560,10 @@ class SpectralMonitor:
             ts = time.perf_counter()
             sigma_pi, bad_w, bad_g = self._signal(step)
             self._signal_ms.append((time.perf_counter() - ts) * 1e3)
+            if len(self._step_times) >= 3 and not self._is_snapshot_step(step):
+                # Size the signal stride from the first steps on, not at the first snapshot.
+                self._adapt_signal(self._snapshot_ms and self._snapshot_ms / (
+                    self._every_eff * self._step_ms()))
         snapshot = None
         if self._is_snapshot_step(step):
             ts = time.perf_counter()
@@ -735,35 +740,48 @@ class SpectralMonitor:
     def _adapt_cadence(self) -> None:
         """Back off (or recover) the cadences so the amortized cost fits the budget.
 
-        Aims at 80% of the budget (the rest is headroom for noise and the small fixed
-        cost of every hook call): snapshots may take 60% of the budget, the cheap signal
-        what remains (at least 20%), sized from its mean cost and corrected by the cost
-        measured over the last interval.
+        Aims at 70% of the budget (the rest is headroom for noise and costs it cannot
+        time, e.g. the TensorBoard writer thread): snapshots may take 50% of the budget,
+        the cheap signal what remains (at least 20%), sized from its mean cost, with a
+        floor from the cost measured over the last interval.
         """
         step_ms = self._step_ms()
         if self.budget is None or step_ms is None or step_ms <= 0:
             return
-        target = 0.8 * self.budget
         snap_frac_old = 0.0
         if self._snapshot_ms is not None:
             snap_frac = snap_frac_old = self._snapshot_ms / (self._every_eff * step_ms)
-            while snap_frac > 0.6 * self.budget and self._every_eff < 2**30:
+            while snap_frac > 0.5 * self.budget and self._every_eff < 2**30:
                 self._every_eff *= 2
                 snap_frac /= 2
-            while self._every_eff > self.every and 2 * snap_frac < 0.3 * self.budget:
+            while self._every_eff > self.every and 2 * snap_frac < 0.25 * self.budget:
                 self._every_eff //= 2
                 snap_frac *= 2
         else:
             snap_frac = 0.0
+        self._adapt_signal(snap_frac, snap_frac_old, feedback=True)
+
+    def _adapt_signal(self, snap_frac: float | None, snap_frac_old: float = 0.0, *,
+                      feedback: bool = False) -> None:
+        """Cheap-signal stride so that it fits what the snapshots leave of the budget
+        (``feedback``: at a snapshot, also re-set the floor from the measured cost)."""
+        step_ms = self._step_ms()
+        if self.budget is None or not step_ms:
+            return
+        snap_frac = snap_frac or 0.0
+        target = 0.7 * self.budget
         if self.signal_every and self._signal_ms:
             left = max(target - snap_frac, 0.2 * self.budget)
             need = statistics.fmean(self._signal_ms) / (left * step_ms)
             stride = max(self.signal_every, math.ceil(need))
-            if self._measured is not None and self._signal_stride:
-                # Feedback: what the interval really cost beyond its snapshot.
-                rest = self._measured - snap_frac_old
-                if rest > left:
-                    stride = max(stride, math.ceil(self._signal_stride * rest / left))
+            if feedback:
+                self._signal_floor = self.signal_every
+                if self._measured is not None and self._signal_stride:
+                    # What the interval really cost beyond its snapshot.
+                    rest = self._measured - snap_frac_old
+                    if rest > left:
+                        self._signal_floor = math.ceil(self._signal_stride * rest / left)
+            stride = max(stride, self._signal_floor)
             self._signal_stride = min(stride, max(self._every_eff, self.signal_every))
 
     def _cost_scalars(self) -> dict[str, float]:
