@@ -33,7 +33,8 @@ Orthogonalization configuration:
   step 0.249 s vs torch.optim.Muon 3.66 s (14.7x, torch's bf16 is emulated there) and vs
   torch's iteration in fp32 0.392 s (1.58x); error 0.205 / 0.273 (momentum buffers /
   3-decade spectra) vs torch's 0.247 / 0.352. At d=512 (``--d 512 --threads 1 --peers
-  torch-math``): 7.96 s vs 15.09 s for torch's iteration in fp32 (1.90x), error 0.320 /
+  torch-math``): 7.96 s vs 15.09 s for torch's iteration in fp32 (1.90x; 1.71x, 3.62 s vs
+  6.21 s, on a quieter rerun), error 0.320 /
   0.291 vs 0.372 / 0.445. ``ns_schedule="polar_express"`` (5 steps) is the more accurate
   choice (d=128: 0.128 / 0.099) at 1.2x pe4's FLOPs.
 
