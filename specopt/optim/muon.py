@@ -52,6 +52,22 @@ the parameter (names come from ``model.named_parameters()``, else group/index/sh
 anything is modified; ``"skip"`` leaves that parameter (weights and momentum) untouched for
 the step and counts it in the group's ``"nonfinite_skips"`` list
 (see :attr:`Muon.nonfinite_skips`).
+
+Distributed (``distributed=``, see :mod:`specopt.distributed.orthogonalize`): stages 1, 2
+and 4 are elementwise and run on whatever each rank holds; stage 3 is split so that each
+matrix is orthogonalized on exactly one rank, owners balanced by NS FLOPs.
+
+- ``"auto"`` (default): FSDP2 parameters (DTensors sharded on dim 0) are gathered to their
+  owner with one ``all_to_all`` and each rank gets its rows of the result back with a
+  second; momentum buffers stay sharded DTensors. Plain tensors are handled locally, so a
+  single process (or a job whose ranks hold different parameters) is unchanged.
+- ``"ddp"``: plain parameters are replicated (DDP) on ``process_group``: each rank
+  orthogonalizes its share and one ``all_gather`` gives every rank every update.
+- ``"off"``: every rank orthogonalizes every matrix (DTensors are all-gathered), as
+  ``torch.optim.Muon`` would; kept as the benchmark baseline.
+
+Communication counters are in :attr:`Muon.comm_stats`. ``split_sizes`` is not supported
+for sharded parameters (their row blocks would straddle shards).
 """
 
 from __future__ import annotations
@@ -64,6 +80,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from specopt.distributed.dtensor import is_dtensor
+from specopt.distributed.orthogonalize import CommStats, orthogonalize_distributed
 from specopt.optim.newton_schulz import (
     DEFAULT_EPS,
     METHODS,
@@ -85,6 +103,7 @@ __all__ = [
 
 ADJUST_LR_FNS = ("original", "match_rms_adamw", "spectral")
 NONFINITE_POLICIES = ("raise", "skip")
+DISTRIBUTED_MODES = ("auto", "ddp", "off")
 #: The specopt default schedule (see the module docstring and tools/bench_muon.py --sweep).
 DEFAULT_NS_SCHEDULE = "pe4"
 TORCH_NS_STEPS = 5  # torch.optim.Muon's default ns_steps
@@ -205,6 +224,10 @@ class Muon(Optimizer):
         split_sizes: row-block sizes (summing to ``shape[0]``) orthogonalized separately,
             e.g. ``(d, d, d)`` for a fused QKV weight; give it in that parameter's group.
         nonfinite: ``"raise"`` or ``"skip"`` (module docstring).
+        distributed: ``"auto"``, ``"ddp"`` or ``"off"``: how stage 3 is split across
+            ranks (module docstring); no effect without a process group.
+        process_group: the group replicated (``"ddp"``) parameters live on (default: the
+            default group); DTensors use their own mesh.
 
     State per parameter: ``"momentum_buffer"`` (shape and dtype of the gradient).
     """
@@ -227,11 +250,21 @@ class Muon(Optimizer):
         ns_normalize: str | None = None,
         split_sizes: Sequence[int] | None = None,
         nonfinite: str = "raise",
+        distributed: str = "auto",
+        process_group: Any = None,
     ) -> None:
         _check_range(
             "nonfinite", nonfinite, nonfinite in NONFINITE_POLICIES, f"one of {NONFINITE_POLICIES}"
         )
+        _check_range(
+            "distributed", distributed, distributed in DISTRIBUTED_MODES,
+            f"one of {DISTRIBUTED_MODES}",
+        )
         self.nonfinite = nonfinite
+        self.distributed = distributed
+        self.process_group = process_group
+        #: Counters of the distributed stage 3 on this rank (bytes, matrices, collectives).
+        self.comm_stats = CommStats()
         defaults = {
             "lr": lr,
             "weight_decay": weight_decay,
@@ -337,6 +370,11 @@ class Muon(Optimizer):
                 raise ValueError(f"Muon does not support complex parameters: {what}")
             if split is not None and sum(split) != p.shape[0]:
                 raise ValueError(f"split_sizes {split} must sum to shape[0]={p.shape[0]} of {what}")
+            if split is not None and is_dtensor(p):
+                raise ValueError(
+                    f"split_sizes is not supported for sharded (DTensor) {what}: its row blocks "
+                    "would straddle shards; orthogonalize it whole or split the module"
+                )
 
     # -- stage 3, separable (distributed variants override or wrap this)
 
@@ -367,6 +405,30 @@ class Muon(Optimizer):
             return []
         return orthogonalize_many(matrices, **self.ns_options(group, matrices[0].device))
 
+    def _orthogonalize_stage(self, matrices: list[Tensor], group: dict[str, Any]) -> list[Tensor]:
+        """Stage 3 as configured by ``distributed``: local, or split across ranks."""
+        # getattr: an unpickled optimizer (torch pickles only defaults/state/groups).
+        mode = getattr(self, "distributed", "auto")
+        sharded = any(is_dtensor(m) for m in matrices)
+        if not sharded and mode != "ddp":
+            return self.orthogonalize(matrices, group)  # single-process path, unchanged
+        if not hasattr(self, "comm_stats"):
+            self.comm_stats = CommStats()
+        # NS starts by rounding its input to the NS dtype and returns that dtype, so moving
+        # matrices and results in it (bf16: half the bytes of fp32) loses nothing.
+        ns_dtype = self.ns_options(group, matrices[0].device)["dtype"] if matrices else None
+        narrow = ns_dtype is not None and all(
+            ns_dtype.itemsize < m.dtype.itemsize for m in matrices)
+        return orthogonalize_distributed(
+            matrices,
+            lambda mats: self.orthogonalize(mats, group),
+            replicated=mode == "ddp",
+            group=getattr(self, "process_group", None),
+            split=mode != "off",
+            stats=self.comm_stats,
+            comm_dtype=ns_dtype if narrow else None,
+        )
+
     # -- the step
 
     def _param_label(self, group: dict[str, Any], i: int, p: Tensor) -> str:
@@ -388,6 +450,8 @@ class Muon(Optimizer):
         if grads:
             # One host sync per group: inf-norm is NaN/inf exactly when a grad is non-finite.
             norms = torch.stack([n.float() for n in torch._foreach_norm(grads, float("inf"))])
+            if is_dtensor(norms):  # FSDP2: max over ranks, so every rank takes the same branch
+                norms = norms.full_tensor()
             bad = (~torch.isfinite(norms)).nonzero().flatten().tolist()
             if bad and self.nonfinite == "raise":
                 k = bad[0]
@@ -427,7 +491,7 @@ class Muon(Optimizer):
                 grads, bufs, momentum=group["momentum"], nesterov=group["nesterov"]
             )
             mats, counts = split_matrices(updates, group["split_sizes"])
-            ortho = self.orthogonalize(mats, group)
+            ortho = self._orthogonalize_stage(mats, group)
             muon_apply_(
                 params,
                 ortho,
