@@ -135,6 +135,19 @@ def _block_of(path: str) -> str:
     return "other"
 
 
+def _is_dtensor(t: Any) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
+def _distributed_world() -> tuple[int, int]:
+    """(rank, world size) of an initialised process group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def _get_pc(module: nn.Module) -> Any:
     # specopt.pc is a sibling subsystem; import lazily and tolerate its absence.
     try:
@@ -326,6 +339,19 @@ class SpectralMonitor:
         self._matrices = self._discover(_patterns("include", include),
                                         _patterns("exclude", exclude))
 
+        # Under torch.distributed every rank builds the monitor; rank 0 alone writes, and
+        # each matrix's spectrum is computed once, on its owner rank (OwnerPlan).
+        self._rank, world = _distributed_world()
+        self._plan: Any = None
+        if world > 1:
+            from specopt.distributed.spectra import OwnerPlan
+
+            entries = [(m.info.key, m.trained) for m in self._matrices]
+            entries += [(m.raw_info.key, m.trained) for m in self._matrices if m.raw_info]
+            self._plan = OwnerPlan(entries)
+        if self._rank != 0:
+            log_dir = writer = None
+            save_spectra = console = False
         log_path = self._prepare_log_dir(log_dir) if log_dir is not None else None
         if save_spectra and log_path is None and getattr(writer, "log_dir", None) is None:
             raise ValueError("save_spectra=True needs log_dir (or a writer with a log_dir)")
@@ -428,6 +454,8 @@ class SpectralMonitor:
         by_shape: dict[tuple, list[_Matrix]] = {}
         for m in self._matrices:
             t = m.trained
+            if _is_dtensor(t):
+                continue  # sharded (FSDP2): no cheap signal, snapshots only
             by_shape.setdefault((tuple(t.shape), t.device, t.dtype), []).append(m)
         groups = []
         for (shape, device, dtype), mats in by_shape.items():
@@ -567,9 +595,11 @@ class SpectralMonitor:
         snapshot = None
         if self._is_snapshot_step(step):
             ts = time.perf_counter()
-            snapshot = self._snapshot(step)  # includes the sink writes
+            snapshot = (self._snapshot(step) if self._plan is None
+                        else self._snapshot_distributed(step))  # includes the sink writes
             self._snapshot_ms = (time.perf_counter() - ts) * 1e3
-            bad_w = sorted(set(bad_w) | set(snapshot.nonfinite))
+            if snapshot is not None:
+                bad_w = sorted(set(bad_w) | set(snapshot.nonfinite))
         # Snapshot rules judge the weights the model computes with (effective); a PC raw
         # weight may be ill-conditioned by design. Growth rules see the trained tensors.
         obs = Observation(
@@ -602,9 +632,11 @@ class SpectralMonitor:
         self._charge(self._last_end - t0)
         return snapshot
 
-    def snapshot(self, step: int | None = None) -> Snapshot:
-        """Take a full snapshot now (outside the cadence) and write it to the sinks."""
-        return self._snapshot(self._step if step is None else step)
+    def snapshot(self, step: int | None = None) -> Snapshot | None:
+        """Take a full snapshot now (outside the cadence) and write it to the sinks
+        (distributed: collective, None on ranks other than 0)."""
+        step = self._step if step is None else step
+        return self._snapshot(step) if self._plan is None else self._snapshot_distributed(step)
 
     def flush(self) -> None:
         self.sink.flush()
@@ -632,13 +664,14 @@ class SpectralMonitor:
             power_iteration_(w, g.u, g.v, iters=self.power_iters)
             sigmas.append(sigma_max_estimate(w, g.u, g.v))
         keys = [k for g in self._groups for k in g.keys]
-        values = torch.cat([s.reshape(-1).double().cpu() for s in sigmas]).tolist()
+        values = (torch.cat([s.reshape(-1).double().cpu() for s in sigmas]).tolist()
+                  if sigmas else [])
         sigma = dict(zip(keys, values, strict=True))
         bad_w = [k for k, s in sigma.items() if not math.isfinite(s)]
         if bad_w:
             for g in self._groups:
                 self._repair_vectors(g)
-        grads = [m.trained.grad for m in self._matrices]
+        grads = [None if _is_dtensor(m.trained) else m.trained.grad for m in self._matrices]
         # Sparse gradients (nn.Embedding(sparse=True)): check their stored values.
         present = [(m.trained_key, gr._values() if gr.is_sparse else gr)
                    for m, gr in zip(self._matrices, grads, strict=True) if gr is not None]
@@ -674,6 +707,13 @@ class SpectralMonitor:
                     delta_keys.append(key)
                     weights.append(m.trained.detach() - previous[key])
         sigmas = singular_values(weights, dtype=self.dtype)
+        spectra = {info.key: sig for info, sig in zip(infos, sigmas[: len(infos)], strict=True)}
+        delta_norms = {key: float(sig[0]) if sig.numel() else math.nan
+                       for key, sig in zip(delta_keys, sigmas[len(infos):], strict=True)}
+        return self._finish_snapshot(step, t0, infos, spectra, delta_norms)
+
+    def _finish_snapshot(self, step: int, t0: float, infos: Sequence[LayerInfo],
+                         sigmas: dict[str, Tensor], delta_norms: dict[str, float]) -> Snapshot:
         # Metrics batched per shape: one spectrum_metrics call and one host copy per group.
         by_shape: dict[tuple[int, int], list[int]] = {}
         for i, info in enumerate(infos):
@@ -681,7 +721,8 @@ class SpectralMonitor:
         values: list[dict[str, float]] = [{}] * len(infos)
         spectra_list: list[np.ndarray] = [np.empty(0)] * len(infos)
         for shape, idx in by_shape.items():
-            stacked = torch.stack([sigmas[i] for i in idx]).double().cpu()
+            stacked = torch.stack([torch.as_tensor(sigmas[infos[i].key]) for i in idx])
+            stacked = stacked.double().cpu()
             got = {k: v.tolist() for k, v in spectrum_metrics(stacked, shape=shape).items()}
             block = stacked.numpy()
             for j, i in enumerate(idx):
@@ -700,9 +741,8 @@ class SpectralMonitor:
                 for name, value in vals.items():
                     per_metric[name].append(value)
         update_ratio: dict[str, float] = {}
-        for key, sig in zip(delta_keys, sigmas[len(infos):], strict=True):
+        for key, norm_d in delta_norms.items():
             norm_w = metrics[key]["sigma_max"]
-            norm_d = float(sig[0]) if sig.numel() else math.nan
             update_ratio[key] = norm_d / norm_w if norm_w > 0 else math.inf
         snap = Snapshot(
             step=step, metrics=metrics, spectra=spectra, update_ratio=update_ratio,
@@ -711,6 +751,54 @@ class SpectralMonitor:
         )
         self.sink.write_snapshot(snap)
         return snap
+
+    @torch.no_grad()
+    def _snapshot_distributed(self, step: int) -> Snapshot | None:
+        """Each matrix's spectrum on its owner rank (:class:`specopt.distributed.spectra.
+        OwnerPlan`), results gathered to rank 0, which alone writes. Collective: every rank
+        calls it at the same steps. Other ranks return None."""
+        t0 = time.perf_counter()
+        plan = self._plan
+        local: dict[str, Tensor] = {}
+        by_key: dict[str, tuple[_Matrix, bool]] = {}
+        for m in self._matrices:
+            local[m.info.key] = m.trained.detach()
+            by_key[m.info.key] = (m, False)
+            if m.raw_info is not None:
+                local[m.raw_info.key] = m.trained.detach()
+                by_key[m.raw_info.key] = (m, True)
+        owned = plan.gather(local)
+        for key in owned:
+            m, raw = by_key[key]
+            if m.parametrized and not raw and not _is_dtensor(m.trained):
+                owned[key] = m.effective()
+        keys = list(owned)
+        sig = singular_values([owned[k] for k in keys], dtype=self.dtype) if keys else []
+        payload = {k: (by_key[k][0].info.shape, by_key[k][1], s.double().cpu())
+                   for k, s in zip(keys, sig, strict=True)}
+        previous = self._previous if self._previous_step == step - 1 else None
+        self._previous, self._previous_step = None, None
+        deltas = {}
+        if previous is not None:
+            dk = [k for k in keys if k in previous and not _is_dtensor(previous[k])
+                  and by_key[k][0].trained_key == k]
+            dsig = singular_values([by_key[k][0].trained.detach() - previous[k] for k in dk],
+                                   dtype=self.dtype) if dk else []
+            deltas = {k: float(d[0]) for k, d in zip(dk, dsig, strict=True)}
+        gathered = plan.to_main((payload, deltas))
+        if gathered is None:
+            return None
+        spectra: dict[str, Tensor] = {}
+        meta: dict[str, tuple[tuple[int, int], bool]] = {}
+        delta_norms: dict[str, float] = {}
+        for part, dpart in gathered:
+            for k, (shape, raw, s) in part.items():
+                spectra[k], meta[k] = s, (tuple(shape), raw)
+            delta_norms.update(dpart)
+        order = [k for k in plan.keys if k in spectra]
+        infos = [LayerInfo(key=k, path=k.removesuffix(RAW_SUFFIX), shape=meta[k][0],
+                           block=_block_of(k), raw=meta[k][1]) for k in order]
+        return self._finish_snapshot(step, t0, infos, spectra, delta_norms)
 
     def _dispatch(self, alarm: Alarm) -> None:
         self.alarms_fired.append(alarm)
