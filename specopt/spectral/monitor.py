@@ -196,10 +196,24 @@ class _Matrix:
         return self.raw_info.key if self.raw_info is not None else self.info.key
 
     @torch.no_grad()
-    def effective(self) -> Tensor:
+    def effective(self, raw: Tensor | None = None) -> Tensor:
+        """The weight the module computes with; ``raw``: a whole (gathered) copy of the
+        trained tensor to apply the parametrizations to (FSDP2 owners)."""
         if not self.parametrized:
             return self.trained.detach()
         plist = self.module.parametrizations["weight"]
+        if raw is not None:
+            modes = [(m, m.training) for m in plist.modules()]
+            try:
+                for m, _ in modes:
+                    m.training = False
+                w = raw
+                for p in plist:
+                    w = p(w)
+            finally:
+                for m, mode in modes:
+                    m.training = mode
+            return (w.full_tensor() if _is_dtensor(w) else w).detach()
         modes = [(m, m.training) for m in plist.modules()]
         try:
             # Eval mode: torch's spectral_norm only advances its power iteration in
@@ -770,8 +784,8 @@ class SpectralMonitor:
         owned = plan.gather(local)
         for key in owned:
             m, raw = by_key[key]
-            if m.parametrized and not raw and not _is_dtensor(m.trained):
-                owned[key] = m.effective()
+            if m.parametrized and not raw:
+                owned[key] = m.effective(owned[key] if _is_dtensor(m.trained) else None)
         keys = list(owned)
         sig = singular_values([owned[k] for k in keys], dtype=self.dtype) if keys else []
         payload = {k: (by_key[k][0].info.shape, by_key[k][1], s.double().cpu())
