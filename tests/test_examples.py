@@ -12,14 +12,6 @@ import torch
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Fewer threads than busy cores avoids OpenMP spin-waiting on the shared CI box.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def run_example(monkeypatch, capsys, name: str, *args: str) -> str:
     monkeypatch.setattr(sys, "argv", [name, *args])

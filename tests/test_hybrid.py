@@ -35,15 +35,6 @@ MATRICES = (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matrices: intra-op threads only add contention on the shared 2-core box
-    # (measured 50x slower steps with 2 threads under load).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _model(tied: bool = False, seed: int = 0) -> Llama:
     torch.manual_seed(seed)

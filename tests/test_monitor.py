@@ -29,17 +29,6 @@ from specopt.spectral import (
 )
 from specopt.spectral.sinks import Sink
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny batched mat-vecs: with several OpenMP threads on a busy 2-core box they spend
-    # their time spinning on barriers (x50 slower); one thread keeps this file fast.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 CFG = LlamaConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, max_seq_len=32)
 ATTN = ["layers.0.attention.wq", "layers.0.attention.wk", "layers.0.attention.wv",
         "layers.0.attention.wo"]

@@ -14,8 +14,6 @@ from specopt import Muon
 from specopt.optim.muon import adjust_lr, default_ns_dtype
 from specopt.optim.newton_schulz import orthogonality_error, orthogonalize
 
-torch.set_num_threads(1)  # 2 shared cores: one thread is faster and steadier here
-
 KJ = (3.4445, -4.7750, 2.0315)
 HAS_TORCH_MUON = hasattr(torch.optim, "Muon")
 needs_torch_muon = pytest.mark.skipif(not HAS_TORCH_MUON, reason="torch.optim.Muon missing")

@@ -27,8 +27,6 @@ from specopt.optim.newton_schulz import (
     resolve_schedule,
 )
 
-torch.set_num_threads(1)  # 2 shared cores: one thread is faster and steadier here
-
 
 def spectrum_matrix(m: int, n: int, lo: float, seed: int = 0) -> torch.Tensor:
     """float64 (m, n) matrix with singular values log-spaced from 1 down to ``lo``."""

@@ -25,14 +25,6 @@ from specopt.pc import (
 TINY = PRESETS["tiny"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matrices: one thread is fastest, and avoids oversubscribing a busy 2-core box.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _tiny_llama(seed: int = 0, **overrides) -> Llama:
     torch.manual_seed(seed)

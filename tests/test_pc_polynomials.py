@@ -15,14 +15,6 @@ from specopt.pc import (
 )
 from specopt.pc.design import compare_with_levels
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 # Figures from shared/reference/pc-layer.md (slope at 0, peak on [0,1], kappa_out for
 # input spectra [1/k, 1] with k = 100 and k = 10), rounded as published.
 PUBLISHED = {
