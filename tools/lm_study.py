@@ -150,13 +150,6 @@ def _cached_corpus(path: Any, max_bytes: int) -> Any:
     return load_corpus(path, max_bytes=max_bytes)
 
 
-def _use_cached_corpus() -> None:
-    """Load the (deterministic) corpus once per process instead of once per run (~6 s)."""
-    import specopt.cli.train as train_mod
-
-    train_mod.load_corpus = lambda path, max_bytes: _cached_corpus(path, max_bytes)
-
-
 def _command(cfg: Any) -> str:
     pc = f"--pc --pc-level {cfg.pc_level}" if cfg.pc else "--no-pc"
     return (
@@ -239,7 +232,7 @@ def run_one(sc: StudyConfig, arm: Arm, seed: int, *, lr: float, steps: int,
         import shutil
 
         shutil.rmtree(log_dir)
-    res = train(cfg, progress=False)
+    res = train(cfg, progress=False, corpus=_cached_corpus(cfg.data, cfg.max_data_bytes))
     log = read_run(log_dir)
     vs, vv = log.series("val/bpb")
     ts, tv = log.series("train/loss")
@@ -326,7 +319,6 @@ def _save(data: dict[str, Any], path: Path | None) -> None:
 def run_study(sc: StudyConfig, parts: set[str], *, json_path: Path | None = None,
               resume: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the requested parts; the JSON is rewritten after every run."""
-    _use_cached_corpus()
     data: dict[str, Any] = resume or {"runs": [], "sweep": [], "timing": []}
     data.update(config=asdict(sc), machine=_machine(), torch=torch.__version__,
                 threads=torch.get_num_threads(),  # at start; each run then uses train's choice

@@ -51,7 +51,14 @@ from specopt.checkpoint import (
     save_checkpoint,
 )
 from specopt.cli._console import CommandError, console
-from specopt.data import BatchSampler, DataError, bits_per_byte, eval_windows, load_corpus
+from specopt.data import (
+    BatchSampler,
+    Corpus,
+    DataError,
+    bits_per_byte,
+    eval_windows,
+    load_corpus,
+)
 from specopt.distributed.checkpoint import save_distributed_checkpoint
 from specopt.distributed.env import get_rank, is_main_process
 from specopt.distributed.launch import (
@@ -322,6 +329,7 @@ def train(
     resume: str | Path | None = None,
     overrides: Mapping[str, Any] | None = None,
     progress: bool = True,
+    corpus: Corpus | None = None,
 ) -> TrainResult:
     """Run one training run (``cfg``) or resume one; returns where it logged and its
     final numbers.
@@ -333,6 +341,8 @@ def train(
         overrides: options changed on resume, among :data:`RESUME_OVERRIDES` (e.g. a
             larger ``steps`` extends the run; ``log_dir`` defaults to the checkpoint's run).
         progress: show the rich progress bar.
+        corpus: an already loaded corpus to use instead of loading ``cfg.data`` (studies
+            that run many configurations in one process load it once).
     """
     if (cfg is None) == (resume is None):
         raise ValueError("give exactly one of cfg (fresh run) or resume (checkpoint)")
@@ -379,7 +389,8 @@ def train(
     torch.set_num_threads(cfg.threads)
 
     try:
-        corpus = load_corpus(cfg.data, max_bytes=cfg.max_data_bytes)
+        if corpus is None:
+            corpus = load_corpus(cfg.data, max_bytes=cfg.max_data_bytes)
         sampler = BatchSampler(corpus.train, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
                                seed=cfg.seed + get_rank())  # data parallel: own batches
         val_batches = eval_windows(corpus.val, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
