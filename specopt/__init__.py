@@ -10,6 +10,7 @@ from specopt.models import Llama, LlamaConfig
 from specopt.optim.hybrid import HybridOptimizer, RoutingReport, build_optimizer, describe_routing
 from specopt.optim.muon import Muon
 from specopt.optim.newton_schulz import orthogonalize, polar_factor
+from specopt.optim.nonfinite import NonFiniteGradientError
 
 # -- PC layer (specopt.pc) --
 from specopt.pc import (
@@ -56,6 +57,7 @@ __all__ = [
     "LossSpikeAlarm",
     "Muon",
     "NonFiniteAlarm",
+    "NonFiniteGradientError",
     "OddPolynomial",
     "PCHandle",
     "PCParametrization",

@@ -10,12 +10,14 @@ from specopt.optim.newton_schulz import (
     orthogonalize_many,
     polar_factor,
 )
+from specopt.optim.nonfinite import NonFiniteGradientError
 
 __all__ = [
     "SCHEDULES",
     "HybridOptimizer",
     "Muon",
     "NSSchedule",
+    "NonFiniteGradientError",
     "RoutingReport",
     "build_optimizer",
     "describe_routing",

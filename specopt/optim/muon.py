@@ -89,6 +89,7 @@ from specopt.optim.newton_schulz import (
     orthogonalize_many,
     resolve_schedule,
 )
+from specopt.optim.nonfinite import NonFiniteGradientError, nonfinite_indices
 
 __all__ = [
     "ADJUST_LR_FNS",
@@ -448,14 +449,10 @@ class Muon(Optimizer):
             params.append(p)
             grads.append(p.grad)
         if grads:
-            # One host sync per group: inf-norm is NaN/inf exactly when a grad is non-finite.
-            norms = torch.stack([n.float() for n in torch._foreach_norm(grads, float("inf"))])
-            if is_dtensor(norms):  # FSDP2: max over ranks, so every rank takes the same branch
-                norms = norms.full_tensor()
-            bad = (~torch.isfinite(norms)).nonzero().flatten().tolist()
+            bad = nonfinite_indices(grads)  # same answer on every rank under FSDP2
             if bad and self.nonfinite == "raise":
                 k = bad[0]
-                raise FloatingPointError(
+                raise NonFiniteGradientError(
                     f"non-finite gradient in {self._param_label(group, idx[k], params[k])}; "
                     "no parameter was updated. Pass nonfinite='skip' to skip such steps."
                 )
