@@ -1,7 +1,13 @@
-"""Suite-wide test settings."""
+"""Suite-wide test settings and helpers."""
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
+
+TOOLS_DIR = Path(__file__).resolve().parents[1] / "tools"
 
 
 @pytest.fixture(autouse=True)
@@ -13,3 +19,17 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def load_tool():
+    """``load_tool("bench_pc")`` imports ``tools/bench_pc.py`` as a module (tools/ is not a
+    package: the scripts are run by path)."""
+
+    def load(name: str) -> ModuleType:
+        spec = importlib.util.spec_from_file_location(name, TOOLS_DIR / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

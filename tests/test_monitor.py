@@ -483,14 +483,10 @@ def test_bad_model_and_log_dir(tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_bench_monitor_quick_runs_and_writes_json(tmp_path) -> None:
-    import importlib.util
+def test_bench_monitor_quick_runs_and_writes_json(tmp_path, load_tool) -> None:
     import json
 
-    path = os.path.join(os.path.dirname(__file__), os.pardir, "tools", "bench_monitor.py")
-    spec = importlib.util.spec_from_file_location("bench_monitor", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_tool("bench_monitor")
     threads = torch.get_num_threads()
     try:
         res = bench.main(["--quick", "--json", str(tmp_path / "out.json")])

@@ -325,15 +325,10 @@ def test_sparse_grad_rejected():
 
 @needs_torch_muon
 @pytest.mark.slow
-def test_bench_quick_runs_and_default_error_is_no_worse(tmp_path):
-    import importlib.util
+def test_bench_quick_runs_and_default_error_is_no_worse(tmp_path, load_tool):
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "tools" / "bench_muon.py"
-    spec = importlib.util.spec_from_file_location("bench_muon", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_tool("bench_muon")
     out = tmp_path / "muon.json"
     result = bench.main(["--quick", "--json", str(out)])
     assert json.loads(out.read_text())["matrices"] == result["matrices"] == 28

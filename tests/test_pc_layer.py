@@ -494,15 +494,10 @@ def test_autocast_does_not_lower_pc_precision():
     torch.testing.assert_close(got.detach(), want, rtol=0, atol=0)
 
 
-def test_bench_pc_quick_runs_and_writes_json(tmp_path):
-    import importlib.util
+def test_bench_pc_quick_runs_and_writes_json(tmp_path, load_tool):
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "tools" / "bench_pc.py"
-    spec = importlib.util.spec_from_file_location("bench_pc", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_tool("bench_pc")
     out = tmp_path / "pc.json"
     assert bench.main(["--quick", "--tokens", "128", "--repeats", "1", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
