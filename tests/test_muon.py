@@ -97,7 +97,12 @@ def test_default_update_is_near_orthogonal_and_beats_torch_error():
     for p, d, g in zip(params, deltas, _grads(params, 0), strict=True):
         A, B = p.shape
         O = -d / math.sqrt(A / B)  # undo the spectral lr rule
-        torch.testing.assert_close(O, orthogonalize(g, dtype=default_ns_dtype(p.device)))
+        # The NS dtype follows the CPU kind (bf16 where bf16 matmul is native); the update
+        # is cast back to the parameter's dtype, so compare in that dtype at the NS precision.
+        ns_dtype = default_ns_dtype(p.device)
+        expected = orthogonalize(g, dtype=ns_dtype).to(p.dtype)
+        tol = 1e-2 if ns_dtype == torch.bfloat16 else 1.3e-6
+        torch.testing.assert_close(O, expected, rtol=tol, atol=tol)
         torch_mode = orthogonalize(g, schedule="jordan", normalize="frobenius", method="standard")
         assert orthogonality_error(O) < orthogonality_error(torch_mode)
 
