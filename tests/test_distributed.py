@@ -11,22 +11,19 @@ import torch
 from distributed_utils import run_distributed
 
 from specopt.distributed import (
-    CommStats,
     assign_by_cost,
     get_rank,
     get_world_size,
     is_distributed,
     is_main_process,
-    map_on_owners,
-    ns_flops,
-    orthogonalize_distributed,
     rank_loads,
     row_chunks,
 )
+from specopt.optim.distributed import CommStats, ns_flops, orthogonalize_distributed
 
 
 def _monitor_is_distributed() -> bool:
-    """The spectral monitor's DDP/FSDP2 support (specopt.distributed.spectra) is wired in."""
+    """The spectral monitor's DDP/FSDP2 support (specopt.spectral.owners) is wired in."""
     from specopt.spectral.monitor import SpectralMonitor
 
     return hasattr(SpectralMonitor, "_snapshot_distributed")
@@ -34,7 +31,7 @@ def _monitor_is_distributed() -> bool:
 
 _NEEDS_MONITOR = pytest.mark.skipif(
     not _monitor_is_distributed(),
-    reason="SpectralMonitor without distributed support (specopt.distributed.spectra not wired)",
+    reason="SpectralMonitor without distributed support (specopt.spectral.owners not wired)",
 )
 
 # ---------------------------------------------------------------- single process
@@ -162,15 +159,6 @@ def _stage_worker(rank: int, world: int, log_dir: str) -> dict:
                                         **kw)
         out[f"{name}_bf16"] = [getattr(r, "full_tensor", lambda r=r: r)() for r in res]
         out[f"{name}_bf16_bytes"] = stats.bytes_sent
-    calls: list[int] = []
-
-    def norms(idx, ts):
-        calls.extend(idx)
-        return [torch.linalg.matrix_norm(t.flatten(1), ord=2) for t in ts]
-
-    out["map_fsdp"] = map_on_owners(sharded, norms)
-    out["map_ddp"] = map_on_owners(full, norms, replicated=True)
-    out["map_calls"] = calls
 
     # Monitor on ranks that hold different layers: no hang, rank 0 gets every layer.
     if not _monitor_is_distributed():
@@ -229,13 +217,6 @@ def test_distributed_stage_fsdp_and_ddp_match_local(stage_runs):
                 assert r.dtype == torch.float32
                 torch.testing.assert_close(r, e, rtol=0, atol=0)
             assert out[f"{mode}_bf16_bytes"] * 2 == out[f"{mode}_stats_True"].bytes_sent
-    # map_on_owners: each tensor computed once (on one rank), results on rank 0 only.
-    expected = [torch.linalg.matrix_norm(m.flatten(1), ord=2) for m in _inputs()]
-    for key in ("map_fsdp", "map_ddp"):
-        torch.testing.assert_close(results[0][key], expected, rtol=0, atol=0)
-        assert results[1][key] is None
-    calls = results[0]["map_calls"] + results[1]["map_calls"]
-    assert sorted(calls) == sorted(list(range(len(_SHAPES))) * 2)
     fsdp = [out["fsdp_stats_True"] for out in results]
     assert fsdp[0].collectives == 2 and fsdp[0].bytes_sent > 0
 
@@ -344,7 +325,8 @@ def _train_worker(rank: int, world: int, wrap: str, opt_name: str, pc: bool, ste
                   ckpt: str | None, log_dir: str | None = None) -> dict:
     import os
 
-    from specopt.distributed import ddp_model, fully_shard_model, save_distributed_checkpoint
+    from specopt.cli.dcp import save_distributed_checkpoint
+    from specopt.cli.launch import ddp_model, fully_shard_model
 
     model, handle = _model(pc)
     model = fully_shard_model(model) if wrap == "fsdp" else ddp_model(model)
@@ -448,7 +430,7 @@ def test_fsdp_matches_single_process_and_resumes_on_one_process(parallel_runs, o
     """FSDP2, Muon + AdamW (build_optimizer) + PC (+ monitor attached): equal to one
     process; state sharded; a 2-process DCP checkpoint resumes on 1 process identically;
     merge_pc from it."""
-    from specopt.distributed import load_distributed_checkpoint
+    from specopt.cli.dcp import load_distributed_checkpoint
 
     opt_name, pc, steps, more = "hybrid", True, _STEPS, 2
     root, runs = parallel_runs
@@ -529,8 +511,8 @@ def test_torchrun_cli_fsdp_smoke(tmp_path):
 
     from distributed_utils import free_port
 
+    from specopt.cli.dcp import load_distributed_checkpoint
     from specopt.cli.train import build_model
-    from specopt.distributed import load_distributed_checkpoint
     from specopt.models import PRESETS
 
     run = tmp_path / "run"

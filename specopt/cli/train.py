@@ -15,7 +15,7 @@ and samples its own batches (seed + rank), so ``--batch-size`` is per rank and t
 batch is N times larger. Muon splits its Newton-Schulz work across ranks, the PC layer and
 the monitor gather sharded weights where they need whole matrices, only rank 0 prints and
 writes logs, and checkpoints are ``torch.distributed.checkpoint`` directories
-(``checkpoints/step_<n>/``) that ``specopt.distributed.load_distributed_checkpoint`` loads
+(``checkpoints/step_<n>/``) that ``specopt.cli.dcp.load_distributed_checkpoint`` loads
 on any world size (``--resume`` of a distributed run is not supported yet).
 
 Resume restores model (incl. PC buffers), optimizer, scheduler, RNG and sampler state,
@@ -51,17 +51,8 @@ from specopt.checkpoint import (
     save_checkpoint,
 )
 from specopt.cli._console import CommandError, console
-from specopt.data import (
-    BatchSampler,
-    Corpus,
-    DataError,
-    bits_per_byte,
-    eval_windows,
-    load_corpus,
-)
-from specopt.distributed.checkpoint import save_distributed_checkpoint
-from specopt.distributed.env import get_rank, is_main_process
-from specopt.distributed.launch import (
+from specopt.cli.dcp import save_distributed_checkpoint
+from specopt.cli.launch import (
     NullWriter,
     broadcast_object,
     clip_grad_norm_,
@@ -71,6 +62,15 @@ from specopt.distributed.launch import (
     unwrap,
     wrap_model,
 )
+from specopt.data import (
+    BatchSampler,
+    Corpus,
+    DataError,
+    bits_per_byte,
+    eval_windows,
+    load_corpus,
+)
+from specopt.distributed import get_rank, is_main_process
 from specopt.models.llama import PRESETS, Llama, LlamaConfig
 
 __all__ = [
@@ -225,7 +225,7 @@ def build_model(
 def _build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     from specopt.optim import build_optimizer
 
-    # Data parallel: Muon splits its NS work across ranks (specopt.distributed).
+    # Data parallel: Muon splits its NS work across ranks (specopt.optim.distributed).
     extra = ({"distributed": muon_mode(cfg.parallel)}
              if cfg.optimizer == "muon" and cfg.parallel is not None else {})
     return build_optimizer(unwrap(model), cfg.optimizer, lr=cfg.peak_lr,

@@ -56,10 +56,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
 from torch.nn.utils import parametrize
 from torch.optim import Optimizer
 
+from specopt.distributed import is_dtensor
 from specopt.optim.muon import Muon
 from specopt.optim.nonfinite import NonFiniteGradientError, nonfinite_indices
 
@@ -284,7 +284,7 @@ def _matches(patterns: Sequence[str], t: _Tensor) -> list[str]:
 def _storage_key(p: Tensor) -> tuple[str, int] | None:
     # DTensor (FSDP2) and other wrapper subclasses have no storage of their own; tying
     # there is by Parameter identity, which _collect already merges.
-    if p.numel() == 0 or p.device.type == "meta" or isinstance(p, DTensor):
+    if p.numel() == 0 or p.device.type == "meta" or is_dtensor(p):
         return None
     try:
         return (str(p.device), p.untyped_storage().data_ptr())

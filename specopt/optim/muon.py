@@ -53,7 +53,7 @@ anything is modified; ``"skip"`` leaves that parameter (weights and momentum) un
 the step and counts it in the group's ``"nonfinite_skips"`` list
 (see :attr:`Muon.nonfinite_skips`).
 
-Distributed (``distributed=``, see :mod:`specopt.distributed.orthogonalize`): stages 1, 2
+Distributed (``distributed=``, see :mod:`specopt.optim.distributed`): stages 1, 2
 and 4 are elementwise and run on whatever each rank holds; stage 3 is split so that each
 matrix is orthogonalized on exactly one rank, owners balanced by NS FLOPs.
 
@@ -80,8 +80,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from specopt.distributed.dtensor import is_dtensor
-from specopt.distributed.orthogonalize import CommStats, orthogonalize_distributed
+from specopt.distributed import is_dtensor
+from specopt.optim.distributed import CommStats, orthogonalize_distributed
 from specopt.optim.newton_schulz import (
     DEFAULT_EPS,
     METHODS,

@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from torch.distributed.tensor import DTensor
+
+from specopt.distributed import is_dtensor, to_local
 
 __all__ = ["NonFiniteGradientError", "nonfinite_indices"]
 
@@ -28,8 +29,8 @@ def nonfinite_indices(tensors: Sequence[Tensor]) -> list[int]:
     """
     if not tensors:
         return []
-    sharded = any(isinstance(t, DTensor) for t in tensors)
-    local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+    sharded = any(is_dtensor(t) for t in tensors)
+    local = [to_local(t) for t in tensors]
     by_device: dict[torch.device, list[int]] = {}
     for k, t in enumerate(local):
         by_device.setdefault(t.device, []).append(k)

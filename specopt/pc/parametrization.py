@@ -44,14 +44,14 @@ import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
-from specopt.distributed.dtensor import full_tensor
+from specopt.distributed import full_tensor
 from specopt.pc.polynomials import OddPolynomial, odd_matrix_polynomial, resolve_polynomial
 from specopt.spectral.power_iteration import (
     DEFAULT_EPS,
@@ -167,6 +167,10 @@ class PCParametrization(nn.Module):
 
     ``forward`` never modifies ``u``, ``v``; :meth:`refresh_` does (in place, no grad).
     """
+
+    #: Marker read by code that must not import specopt.pc (the spectral monitor finds PC
+    #: layers by this attribute on a ``module.parametrizations.weight`` entry).
+    is_pc_parametrization: ClassVar[bool] = True
 
     def __init__(
         self,

@@ -84,6 +84,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from specopt.distributed import get_rank, get_world_size, is_dtensor
 from specopt.spectral.alarms import Alarm, AlarmRule, Observation, default_alarms
 from specopt.spectral.metrics import (
     METRIC_NAMES,
@@ -136,25 +137,27 @@ def _block_of(path: str) -> str:
 
 
 def _is_dtensor(t: Any) -> bool:
-    return type(t).__name__ == "DTensor"
+    return is_dtensor(t)
 
 
 def _distributed_world() -> tuple[int, int]:
     """(rank, world size) of an initialised process group, else (0, 1)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return get_rank(), get_world_size()
 
 
 def _get_pc(module: nn.Module) -> Any:
-    # specopt.pc is a sibling subsystem; import lazily and tolerate its absence.
-    try:
-        from specopt.pc import get_pc
-    except ImportError:
+    """The PC parametrization on ``module.weight``, or None.
+
+    Duck-typed (the ``is_pc_parametrization`` marker of
+    :class:`specopt.pc.PCParametrization`): spectral never imports specopt.pc, which
+    imports spectral's power iteration.
+    """
+    if not parametrize.is_parametrized(module, "weight"):
         return None
-    return get_pc(module)
+    for p in module.parametrizations["weight"]:
+        if getattr(p, "is_pc_parametrization", False):
+            return p
+    return None
 
 
 def _matches(path: str, patterns: Sequence[str | re.Pattern[str]]) -> bool:
@@ -358,7 +361,7 @@ class SpectralMonitor:
         self._rank, world = _distributed_world()
         self._plan: Any = None
         if world > 1:
-            from specopt.distributed.spectra import OwnerPlan
+            from specopt.spectral.owners import OwnerPlan
 
             entries = [(m.info.key, m.trained) for m in self._matrices]
             entries += [(m.raw_info.key, m.trained) for m in self._matrices if m.raw_info]
@@ -768,7 +771,7 @@ class SpectralMonitor:
 
     @torch.no_grad()
     def _snapshot_distributed(self, step: int) -> Snapshot | None:
-        """Each matrix's spectrum on its owner rank (:class:`specopt.distributed.spectra.
+        """Each matrix's spectrum on its owner rank (:class:`specopt.spectral.owners.
         OwnerPlan`), results gathered to rank 0, which alone writes. Collective: every rank
         calls it at the same steps. Other ranks return None."""
         t0 = time.perf_counter()

@@ -5,7 +5,7 @@ Muon's step is (1) momentum per parameter (elementwise, works on DTensor shards 
 needs whole matrices. :func:`orthogonalize_distributed` replaces (3) for a process group:
 
 * **FSDP2 / DTensor, rows sharded** (``Shard(0)`` on a 1-D mesh). Owners are chosen by
-  :func:`~specopt.distributed.assignment.assign_by_cost`. One ``all_to_all`` sends every
+  :func:`~specopt.distributed.assign_by_cost`. One ``all_to_all`` sends every
   rank's shard of matrix ``k`` to its owner, the owner orthogonalizes its whole matrices
   (batched by the given function), and a second ``all_to_all`` returns to each rank its
   rows of every result, as a DTensor with the input's layout. Per step each rank sends and
@@ -30,22 +30,59 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed import ProcessGroup
-from torch.distributed.tensor import DTensor
 
-from specopt.distributed.assignment import assign_by_cost, ns_flops
-from specopt.distributed.dtensor import from_local_rows, full_tensor, is_row_sharded, row_chunks
-from specopt.distributed.env import get_rank, get_world_size, is_distributed
-from specopt.distributed.owners import gather_rows_to_owners
+from specopt.distributed import (
+    assign_by_cost,
+    from_local_rows,
+    full_tensor,
+    gather_rows_to_owners,
+    get_rank,
+    get_world_size,
+    is_distributed,
+    is_dtensor,
+    is_row_sharded,
+    row_chunks,
+    shard_like,
+    to_local,
+)
+from specopt.optim.newton_schulz import ns_matmul_flops
 
-__all__ = ["CommStats", "orthogonalize_distributed"]
+if TYPE_CHECKING:  # pragma: no cover - typing only; DTensor is imported lazily
+    from torch.distributed import ProcessGroup
+    from torch.distributed.tensor import DTensor
+
+__all__ = ["DEFAULT_NS_STEPS", "CommStats", "ns_flops", "orthogonalize_distributed"]
 
 #: ``orthogonalize(list_of_full_matrices) -> list_of_results`` (same shapes, same order).
 OrthogonalizeFn = Callable[[list[Tensor]], list[Tensor]]
+
+#: NS steps assumed by the cost model when the caller does not say (torch's default).
+DEFAULT_NS_STEPS = 5
+
+
+def ns_flops(shape: Sequence[int], steps: int = DEFAULT_NS_STEPS, method: str = "standard") -> int:
+    """NS cost model for owner balancing: matmul FLOPs of ``steps`` iterations on ``shape``.
+
+    Delegates to :func:`specopt.optim.newton_schulz.ns_matmul_flops` (the standard
+    iteration on ``X`` of ``r x c``, ``r <= c``, costs ``steps * (4 r^2 c + 2 r^3)``).
+    An N-D shape counts as Muon reshapes it, ``(shape[0], prod(shape[1:]))``; a shape
+    with fewer than 2 dims costs its element count.
+    """
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 2:
+        n = 1
+        for s in shape:
+            n *= s
+        return n
+    cols = 1
+    for s in shape[1:]:
+        cols *= s
+    return ns_matmul_flops((shape[0], cols), steps, method)
 
 
 @dataclass
@@ -131,7 +168,7 @@ def orthogonalize_distributed(
     replicated_idx: list[int] = []
     fallback_idx: list[int] = []
     for i, m in enumerate(matrices):
-        if isinstance(m, DTensor):
+        if is_dtensor(m):
             if is_row_sharded(m) and m.device_mesh.size() > 1:
                 pg = m.device_mesh.get_group()
                 sharded.setdefault(id(pg), []).append(i)
@@ -146,7 +183,7 @@ def orthogonalize_distributed(
             local_idx.append(i)
 
     if local_idx:
-        mats = [_local(matrices[i]) for i in local_idx]
+        mats = [to_local(matrices[i]) for i in local_idx]
         for i, o in zip(local_idx, _call(orthogonalize, mats), strict=True):
             results[i] = _like(o, matrices[i])
     for key, idx in sharded.items():
@@ -160,7 +197,7 @@ def orthogonalize_distributed(
         fulls = [full_tensor(matrices[i]) for i in fallback_idx]
         for i, o in zip(fallback_idx, _call(orthogonalize, fulls), strict=True):
             m = matrices[i]
-            assert isinstance(m, DTensor)
+            assert is_dtensor(m)
             results[i] = _shard_full(o.to(m.dtype), m)
     if stats is not None and (sharded or replicated_idx or fallback_idx):
         stats.steps += 1
@@ -169,20 +206,16 @@ def orthogonalize_distributed(
     return results  # type: ignore[return-value]
 
 
-def _local(m: Tensor) -> Tensor:
-    return m.to_local() if isinstance(m, DTensor) else m
-
-
 def _like(out: Tensor, m: Tensor) -> Tensor:
     out = out.to(m.dtype)
-    if isinstance(m, DTensor):  # world-size-1 mesh: local == full
+    if is_dtensor(m):  # world-size-1 mesh: local == full
+        from torch.distributed.tensor import DTensor  # loaded: m is one
+
         return DTensor.from_local(out, m.device_mesh, m.placements, run_check=False)
     return out
 
 
 def _shard_full(full: Tensor, like: DTensor) -> Tensor:
-    from specopt.distributed.dtensor import shard_like
-
     return shard_like(full.contiguous(), like)
 
 

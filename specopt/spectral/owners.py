@@ -23,11 +23,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.tensor import DTensor
 
-from specopt.distributed.dtensor import is_row_sharded
-from specopt.distributed.env import get_rank, get_world_size
-from specopt.distributed.owners import gather_rows_to_owners
+from specopt.distributed import (
+    gather_rows_to_owners,
+    get_rank,
+    get_world_size,
+    is_dtensor,
+    is_row_sharded,
+)
 
 __all__ = ["OwnerPlan", "svd_cost"]
 
@@ -59,7 +62,7 @@ class OwnerPlan:
         self.world_size = get_world_size()
         local = []
         for name, t in entries:
-            sharded = isinstance(t, DTensor)
+            sharded = is_dtensor(t)
             if sharded and not is_row_sharded(t):
                 raise ValueError(
                     f"matrix {name!r}: only DTensors sharded on dim 0 (FSDP2) are supported, "
@@ -103,7 +106,7 @@ class OwnerPlan:
         """
         out: dict[str, Tensor] = {
             k: t for k, t in tensors.items()
-            if not isinstance(t, DTensor) and self.owner.get(k) == self.rank
+            if not is_dtensor(t) and self.owner.get(k) == self.rank
         }
         sharded = [k for k in self._sharded if k in tensors]
         if sharded:
