@@ -4,6 +4,7 @@ spectral monitoring for PyTorch.
 Public API (re-exported here):
 """
 
+from specopt.hooks import AttachHandle
 from specopt.models import Llama, LlamaConfig
 
 # -- optimizers (specopt.optim) --
@@ -50,6 +51,7 @@ __all__ = [
     "PC_LEVELS",
     "Alarm",
     "AlarmRule",
+    "AttachHandle",
     "ConditionNumberAlarm",
     "HybridOptimizer",
     "Llama",

@@ -126,7 +126,7 @@ def test_routing_pc_like_parametrization():
     head = report["output.parametrizations.weight.original"]
     assert head.optimizer == "adamw" and "output head" in head.reason
     # Patterns see the layer name of the raw weight too.
-    report2 = describe_routing(model, adamw_patterns=["layers.0.feed_forward.w1.weight"])
+    report2 = describe_routing(model, exclude=["layers.0.feed_forward.w1.weight"])
     assert report2["layers.0.feed_forward.w1.weight"].optimizer == "adamw"
 
 
@@ -178,12 +178,12 @@ def test_pattern_overrides():
     model = _model()
     report = describe_routing(
         model,
-        muon_patterns=["output.weight"],
-        adamw_patterns=["layers.*.attention.wq.weight"],
+        include=["output.weight"],
+        exclude="layers.*.attention.wq",  # a module path selects its parameters
         no_decay_patterns=["tok_embeddings.*"],
     )
     assert report["output.weight"].optimizer == "muon"
-    assert report["output.weight"].reason == "muon_patterns 'output.weight'"
+    assert report["output.weight"].reason == "include 'output.weight'"
     assert report["layers.1.attention.wq.weight"].optimizer == "adamw"
     assert report["layers.1.attention.wk.weight"].optimizer == "muon"
     emb = report["tok_embeddings.weight"]
@@ -194,22 +194,54 @@ def test_pattern_overrides():
     assert by_name["muon_no_decay"]["weight_decay"] == 0.0
 
 
+def test_deprecated_pattern_aliases_still_route():
+    model = _model()
+    with pytest.warns(DeprecationWarning, match=r"muon_patterns= is deprecated; use include="):
+        old = build_optimizer(model, muon_patterns=["output.weight"])
+    with pytest.warns(DeprecationWarning, match=r"adamw_patterns= is deprecated; use exclude="):
+        old2 = describe_routing(model, adamw_patterns=["*.wq.weight"])
+    new = build_optimizer(model, include=["output.weight"])
+    assert [(g["name"], g["param_names"]) for g in old.param_groups] == [
+        (g["name"], g["param_names"]) for g in new.param_groups]
+    assert old.routing["output.weight"].reason == "muon_patterns 'output.weight'"
+    assert old2["layers.0.attention.wq.weight"].optimizer == "adamw"
+    with pytest.raises(TypeError, match=r"give include \(muon_patterns is its deprecated"):
+        build_optimizer(model, include=["x"], muon_patterns=["x"])
+
+
 @pytest.mark.parametrize(
     ("kwargs", "exc", "match"),
     [
-        ({"adamw_patterns": ["nope.*"]}, ValueError, r"adamw_patterns entry 'nope\.\*' matches no"),
-        ({"no_decay_patterns": ["x"]}, ValueError, "no_decay_patterns entry 'x' matches no"),
-        ({"muon_patterns": "layers.*"}, TypeError, r"wrap it in a list: muon_patterns=\['layers"),
         (
-            {"muon_patterns": ["*.wq.weight"], "adamw_patterns": ["layers.0.*"]},
+            {"exclude": ["layers.0.attention.wqq"]},
             ValueError,
-            r"'layers.0.attention.wq.weight' \(shape \(32, 32\)\) matches muon_patterns",
+            r"exclude pattern 'layers\.0\.attention\.wqq' matches no parameter of the model; "
+            r"candidates \(of \d+\): 'layers\.0\.attention\.wq'",
+        ),
+        ({"no_decay_patterns": ["x"]}, ValueError, "no_decay_patterns pattern 'x' matches no"),
+        ({"include": [3]}, TypeError, r"include must be a glob string.*; got the entry 3"),
+        (
+            {"include": ["*.wq.weight"], "exclude": ["layers.0.*"]},
+            ValueError,
+            r"'layers.0.attention.wq.weight' \(shape \(32, 32\)\) matches include",
         ),
         (
-            {"muon_patterns": ["norm.weight"]},
+            {"include": ["norm.weight"]},
             ValueError,
             r"match parameter 'norm.weight' with shape \(32,\).*ndim >= 2",
         ),
+        (
+            {"split_sizes": {"*.wq": (16, 15)}},
+            ValueError,
+            r"split_sizes \(16, 15\) for parameter 'layers.0.attention.wq.weight' \(shape "
+            r"\(32, 32\), fan-out 32\) must sum to its 32 output rows",
+        ),
+        (
+            {"split_sizes": {"norm": (16, 16)}},
+            ValueError,
+            r"split_sizes pattern 'norm' matches parameter 'norm.weight', which goes to adamw",
+        ),
+        ({"split_sizes": {"*.wq": (0, 32)}}, ValueError, r"positive ints"),
     ],
 )
 def test_bad_patterns(kwargs, exc, match):
@@ -237,6 +269,9 @@ def test_report_forms():
         "optimizer": "adamw",
         "weight_decay": True,
         "reason": "embedding (tied: also the output head output.weight)",
+        "matrix_layout": None,
+        "transposed": False,
+        "split_sizes": None,
     }
     from rich.console import Console
 
@@ -599,10 +634,14 @@ def test_muon_kwargs_reach_muon_and_conv_weights_step():
     net = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
     coeffs = (3.4445, -4.7750, 2.0315)
     opt = build_optimizer(net, ns_coefficients=coeffs, ns_dtype=torch.float32, lr=1e-2)
-    muon_group = next(g for g in opt.param_groups if g["optimizer"] == "muon")
-    assert muon_group["ns_coefficients"] == coeffs and muon_group["ns_dtype"] == torch.float32
-    assert muon_group["param_names"] == ["0.weight", "2.weight"]
-    assert muon_group["adjust_lr_fn"] == "match_rms_adamw" and muon_group["momentum"] == 0.95
+    by_name = {g["name"]: g for g in opt.param_groups if g["optimizer"] == "muon"}
+    # Conv kernels get their own group, read as (out, in * k) by an explicit option.
+    assert by_name["muon"]["param_names"] == ["2.weight"]
+    assert by_name["muon_flatten"]["param_names"] == ["0.weight"]
+    assert by_name["muon_flatten"]["matrix_layout"] == "flatten"
+    for g in by_name.values():
+        assert g["ns_coefficients"] == coeffs and g["ns_dtype"] == torch.float32
+        assert g["adjust_lr_fn"] == "match_rms_adamw" and g["momentum"] == 0.95
     w0 = net[0].weight.detach().clone()
     net(torch.randn(5, 2, 6, 6)).square().mean().backward()
     opt.step()

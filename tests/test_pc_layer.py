@@ -1,7 +1,7 @@
 """PC parametrization, apply_pc / merge_pc: exactness against SVD, gradients, state, bad input."""
 
 import io
-import warnings
+import re
 
 import pytest
 import torch
@@ -65,7 +65,7 @@ def _predicted_singular_values(module: nn.Module) -> torch.Tensor:
 @pytest.mark.parametrize("norm_recovery", [True, False])
 def test_singular_values_equal_gamma_s_f(dtype, rtol, shape, level, norm_recovery):
     lin = _linear(*shape, dtype=dtype)
-    apply_pc(nn.Sequential(lin), targets="0", level=level, norm_recovery=norm_recovery)
+    apply_pc(nn.Sequential(lin), include="0", level=level, norm_recovery=norm_recovery)
     with torch.no_grad():
         get_pc(lin).gamma.fill_(0.7)
     got = torch.linalg.svdvals(lin.weight.detach().double())
@@ -76,13 +76,13 @@ def test_singular_values_equal_gamma_s_f(dtype, rtol, shape, level, norm_recover
 
 def test_identity_polynomial_gives_gamma_times_raw_weight():
     lin = _linear(12, 7, dtype=torch.float64)
-    apply_pc(nn.Sequential(lin), targets="0", coefficients=(1.0,), gamma_init=2.5)
+    apply_pc(nn.Sequential(lin), include="0", coefficients=(1.0,), gamma_init=2.5)
     torch.testing.assert_close(lin.weight, 2.5 * _raw(lin), rtol=1e-14, atol=0)
 
 
 def test_norm_recovery_off_sets_spectral_norm_to_gamma():
     lin = _linear(30, 20, dtype=torch.float64)
-    apply_pc(nn.Sequential(lin), targets="0", level=1, norm_recovery=False, gamma_init=0.5)
+    apply_pc(nn.Sequential(lin), include="0", level=1, norm_recovery=False, gamma_init=0.5)
     # level 1 peaks at 1.00003 and f(1) = 1: sigma_max(W_eff) = gamma * max f(sigma_i / s).
     top = torch.linalg.matrix_norm(lin.weight.detach(), 2)
     assert top.item() == pytest.approx(0.5, rel=1e-4)
@@ -114,7 +114,7 @@ def test_default_targets_on_llama_and_qkv_opt_in():
 
 def test_targets_globs_and_predicate():
     model = _tiny_llama()
-    assert apply_pc(model, targets="layers.*.feed_forward.w2").names == [
+    assert apply_pc(model, include="layers.*.feed_forward.w2").names == [
         "layers.0.feed_forward.w2", "layers.1.feed_forward.w2"]
     model = _tiny_llama()
     h = apply_pc(model, predicate=lambda name, m: name.endswith("wq") and m.out_features == 64)
@@ -360,7 +360,7 @@ def test_zero_weight_gives_zero_not_nan_and_finite_gradient():
     lin = _linear(8, 5)
     with torch.no_grad():
         lin.weight.zero_()
-    apply_pc(nn.Sequential(lin), targets="0")
+    apply_pc(nn.Sequential(lin), include="0")
     assert torch.equal(lin.weight, torch.zeros(8, 5))
     lin(torch.randn(3, 5)).sum().backward()
     grad = _raw(lin).grad
@@ -372,13 +372,13 @@ def test_nonfinite_weight_rejected_at_apply():
     with torch.no_grad():
         lin.weight[0, 0] = float("inf")
     with pytest.raises(ValueError, match=r"'0\.weight' \(8, 5\) has non-finite values"):
-        apply_pc(nn.Sequential(lin), targets="0")
+        apply_pc(nn.Sequential(lin), include="0")
     assert not parametrize.is_parametrized(lin)
 
 
 def test_nonfinite_weight_during_training_keeps_vectors_and_blocks_merge():
     model = nn.Sequential(_linear(8, 5))
-    handle = apply_pc(model, targets="0")
+    handle = apply_pc(model, include="0")
     pc = get_pc(model[0])
     u = pc.u.clone()
     with torch.no_grad():
@@ -404,27 +404,48 @@ def test_merge_without_pc_rejected():
 
 def test_non_linear_target_rejected():
     model = _tiny_llama()
-    with pytest.raises(TypeError, match=r"'tok_embeddings' matches only non-Linear.*Embedding"):
-        apply_pc(model, targets="tok_embeddings")
+    with pytest.raises(TypeError,
+                       match=r"'tok_embeddings' matches only non-matrix modules.*Embedding"):
+        apply_pc(model, include="tok_embeddings")
     assert not any(is_pc_module(m) for m in model.modules())
 
 
 def test_patterns_matching_nothing():
+    # One rule everywhere: a pattern that matches nothing is an error naming it, with
+    # close candidates, and the model is left untouched.
     model = _tiny_llama()
-    with pytest.warns(UserWarning, match=r"pattern 'nope\.\*' matches no module"):
-        handle = apply_pc(model, targets=["nope.*", "*.w2"])
-    assert len(handle) == TINY.n_layers
-    with pytest.raises(ValueError, match="selected no module"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        apply_pc(_tiny_llama(), targets="nope")
+    with pytest.raises(ValueError, match=r"apply_pc: include pattern 'layers\.\*\.feed_forwrd"
+                       r"\.w2' matches no module of the model; candidates \(of \d+\): "
+                       r"'layers\.1\.feed_forward\.w2', 'layers\.0\.feed_forward\.w2'"):
+        apply_pc(model, include=["*.w1", "layers.*.feed_forwrd.w2"])
+    with pytest.raises(ValueError, match=r"exclude pattern 'nope' matches no module"):
+        apply_pc(model, exclude="nope")
+    assert not any(is_pc_module(m) for m in model.modules())
     with pytest.raises(ValueError, match="selected no module"):
         apply_pc(nn.Sequential(nn.ReLU()))
+    with pytest.raises(ValueError, match=r"selected no module.*once exclude="):
+        apply_pc(model, include="*.w2", exclude="*.w2")
+
+
+def test_include_exclude_and_deprecated_targets():
+    model = _tiny_llama()
+    h = apply_pc(model, exclude=["layers.1.*", "*.wo"])  # from the default selection
+    assert h.names == ["layers.0.feed_forward.w1", "layers.0.feed_forward.w2",
+                       "layers.0.feed_forward.w3"]
+    model = _tiny_llama()
+    h = apply_pc(model, include=re.compile(r"feed_forward\.w[12]$"), exclude="layers.0.*")
+    assert h.names == ["layers.1.feed_forward.w1", "layers.1.feed_forward.w2"]
+    with pytest.warns(DeprecationWarning, match=r"targets=\.\.\.\) is deprecated; use include"):
+        h = apply_pc(_tiny_llama(), targets="*.w2")
+    assert h.names == ["layers.0.feed_forward.w2", "layers.1.feed_forward.w2"]
+    with pytest.raises(TypeError, match="not both"):
+        apply_pc(_tiny_llama(), targets="*.w2", include="*.w2")
 
 
 def test_tied_weights_rejected():
     model = _tiny_llama(tie_embeddings=True)
     with pytest.raises(ValueError, match=r"'output\.weight' \(256, 64\) is shared"):
-        apply_pc(model, targets="output")
+        apply_pc(model, include="output")
 
 
 def test_bad_options_rejected():
@@ -435,10 +456,10 @@ def test_bad_options_rejected():
         apply_pc(model, eps=-1.0)
     with pytest.raises(ValueError, match="either level or coefficients"):
         apply_pc(model, level=2, coefficients=(1.0,))
-    with pytest.raises(ValueError, match="either targets or predicate"):
-        apply_pc(model, targets="*", predicate=lambda n, m: True)
+    with pytest.raises(ValueError, match="either include or predicate"):
+        apply_pc(model, include="*", predicate=lambda n, m: True)
     with pytest.raises(ValueError, match="include_qkv only extends the default"):
-        apply_pc(model, targets="*.wq", include_qkv=True)
+        apply_pc(model, include="*.wq", include_qkv=True)
     assert not any(is_pc_module(m) for m in model.modules())
     handle = apply_pc(model)
     with pytest.raises(TypeError, match=r"needs a torch\.optim\.Optimizer"):
@@ -451,7 +472,7 @@ def test_bad_options_rejected():
 def test_custom_polynomial_object_accepted():
     lin = _linear(10, 6, dtype=torch.float64)
     poly = OddPolynomial((1.5, -0.5), name="ns3")
-    apply_pc(nn.Sequential(lin), targets="0", coefficients=poly, learn_gamma=False)
+    apply_pc(nn.Sequential(lin), include="0", coefficients=poly, learn_gamma=False)
     pc = get_pc(lin)
     assert pc.gamma is None and pc.polynomial is poly
     want = _predicted_singular_values(lin)
@@ -464,7 +485,7 @@ def test_batched_refresh_matches_per_module_refresh_and_isolates_nonfinite():
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(6, 9, bias=False), nn.Linear(6, 9, bias=False),
                               nn.Linear(9, 6, bias=False))
-        return model, apply_pc(model, targets="*", init_iters=0)
+        return model, apply_pc(model, include="*", init_iters=0)
 
     batched, handle = build()
     single, _ = build()
@@ -485,7 +506,7 @@ def test_batched_refresh_matches_per_module_refresh_and_isolates_nonfinite():
 
 def test_autocast_does_not_lower_pc_precision():
     lin = _linear(40, 24)
-    apply_pc(nn.Sequential(lin), targets="0")
+    apply_pc(nn.Sequential(lin), include="0")
     want = lin.weight.detach().clone()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = lin.weight

@@ -6,28 +6,47 @@ by side; ``build_optimizer(model, "adamw")`` returns a plain ``torch.optim.AdamW
 decay / no-decay groups. Both carry ``optimizer.routing``, a :class:`RoutingReport`
 saying which parameter went where and why.
 
-Routing rule (first match wins, per unique tensor; tied tensors appear once):
+Routing rule (first match wins, per unique tensor; tied tensors appear once). What a
+matrix is, its orientation and its block come from :mod:`specopt.layers`:
 
 1. ``requires_grad=False`` -> not optimized ("frozen").
-2. User glob patterns (``fnmatch``, ``*`` also matches dots) in ``muon_patterns`` /
-   ``adamw_patterns``, tested against every name of the tensor (all tied aliases) and its
-   layer name (``w1.parametrizations.weight.original`` is also known as ``w1.weight``).
+2. User patterns (the :mod:`specopt.layers` vocabulary: globs, ``*`` also matches dots,
+   or compiled regexes) in ``include`` (-> Muon) / ``exclude`` (-> AdamW), tested against
+   every name of the tensor (all tied aliases), its layer name
+   (``w1.parametrizations.weight.original`` is also known as ``w1.weight``) and its
+   module's path (``"*.mlp.*"`` selects the same layers as in ``apply_pc``).
 3. 0-D / 1-D tensors (biases, norm gains, PC ``gamma``) -> AdamW.
 4. Complex tensors -> AdamW (Muon orthogonalizes real matrices only).
-5. ``nn.Embedding`` / ``nn.EmbeddingBag`` weights, and 2-D+ weights of modules with
-   "embed" in their path (e.g. ``patch_embed.proj``) -> AdamW.
-6. The output head -> AdamW: a tensor sharing storage with an embedding (tied head), a
-   module named like a head (:data:`DEFAULT_HEAD_NAMES` as the first or last component of
-   its path), or, when neither finds a head, the single ``nn.Linear`` whose
-   ``out_features`` equals an embedding's ``num_embeddings``.
-7. Every other tensor with ndim >= 2 (hidden Linear weights, the raw PC weight
-   ``<module>.parametrizations.weight.original``, conv kernels) -> Muon.
+5. Names the model lists in its own ``no_weight_decay()`` (timm's convention: position
+   embeddings, class/distillation tokens; called on every submodule that has it, names
+   prefixed with its path; entries may be globs) -> AdamW, no weight decay.
+6. ``nn.Embedding`` / ``nn.EmbeddingBag`` weights -> AdamW.
+7. The output head -> AdamW: a tensor sharing storage with an embedding (tied head), a
+   module named like a head (:data:`DEFAULT_HEAD_NAMES` -- ``lm_head``, ``head``,
+   ``classifier``, ``score``, ``cls``, ... -- as the first or last component of its path),
+   a module named ``fc`` that is the model's last module with parameters (torchvision /
+   timm ResNet), or, when none of these finds a head, the single ``nn.Linear`` / Conv1D
+   whose fan-out equals an embedding's ``num_embeddings``.
+8. Bare parameters (not the weight of a Linear / Conv1D / conv / embedding module) named
+   like tokens or embeddings (a ``_``-separated word of :data:`TOKEN_WORDS`:
+   ``cls_token``, ``reg_token``, ``pos_embed``, ``position_embeddings``, ``latents``, ...)
+   -> AdamW.
+9. 2-D+ weights of modules with "embed" in their path (e.g. ``patch_embed.proj``) -> AdamW.
+10. A matrix with a size-1 side (e.g. a ``(1, D)`` token, a ``Linear(D, 1)``
+    regression head) -> AdamW: a vector in matrix form, whose orthogonalized update
+    would be its sign pattern.
+11. Every other matrix -> Muon, with the group options that say how to read it:
+    ``nn.Linear`` and bare 2-D tensors as they are; transformers' ``Conv1D`` (stored
+    ``(in, out)``) with ``transposed=True``; ``nn.Conv1d/2d/3d`` kernels with
+    ``matrix_layout="flatten"`` (``(out, in * k)``); other tensors with ndim >= 3 (MoE
+    expert stacks ``(E, out, in)``) with ``matrix_layout="batch"`` (each matrix on its
+    own). The raw PC weight ``<module>.parametrizations.weight.original`` is read as its
+    layer's weight.
 
-Weight decay: tensors with ndim >= 2 are decayed (Muon matrices, and on the AdamW side
-embeddings and the head, the nanoGPT convention: a tied head is an output matrix too);
-0-D / 1-D tensors and anything matching ``no_decay_patterns`` get ``weight_decay=0``.
-Add ``"tok_embeddings.*"`` to ``no_decay_patterns`` for the OLMo-2 style of undecayed
-embeddings.
+Fused projections (``split_sizes``): ``build_optimizer(..., split_sizes={pattern: sizes})``
+orthogonalizes the matched Muon matrices in row blocks of ``sizes`` *output* rows, whatever
+the storage orientation: GPT-2's fused ``c_attn`` (stored ``(d, 3d)``) takes
+``split_sizes={"*.attn.c_attn": (d, d, d)}``. The sizes must sum to the fan-out.
 
 Non-finite gradients: before any weight moves, every gradient is checked (one fused
 2-norm per device, one host sync per step; :mod:`specopt.optim.nonfinite`).
@@ -51,7 +70,6 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
 from typing import Any
 
 import torch
@@ -60,12 +78,25 @@ from torch.nn.utils import parametrize
 from torch.optim import Optimizer
 
 from specopt.distributed import is_dtensor
+from specopt.layers import (
+    HEAD_NAMES,
+    MatrixSpec,
+    Pattern,
+    check_patterns,
+    is_embedding_path,
+    is_head_path,
+    matches,
+    matrix_spec,
+    no_match_error,
+    path_components,
+)
 from specopt.optim.muon import Muon
 from specopt.optim.nonfinite import NonFiniteGradientError, nonfinite_indices
 
 __all__ = [
     "DEFAULT_ADAMW_BETAS",
     "DEFAULT_HEAD_NAMES",
+    "TOKEN_WORDS",
     "HybridOptimizer",
     "NonFiniteGradientError",
     "ParamRoute",
@@ -74,14 +105,22 @@ __all__ = [
     "describe_routing",
 ]
 
-#: Module names recognised as the output head (first or last component of the path).
-DEFAULT_HEAD_NAMES: tuple[str, ...] = (
-    "output",
-    "lm_head",
-    "head",
-    "classifier",
-    "embed_out",
-)
+#: Module names recognised as the output head (first or last component of the path);
+#: the one list of :mod:`specopt.layers` (``fc`` counts only as the last module).
+DEFAULT_HEAD_NAMES: tuple[str, ...] = HEAD_NAMES
+
+#: Words (``_``-separated, lower-cased) that mark a bare parameter as a token or an
+#: embedding (routing rule 8): ``cls_token``, ``pos_embed``, ``register_tokens``, ...
+TOKEN_WORDS: frozenset[str] = frozenset({
+    "token", "tokens", "cls", "reg", "register", "registers", "embed", "embeds",
+    "embedding", "embeddings", "pos", "position", "positions", "positional", "latent",
+    "latents", "prompt", "prompts",
+})
+
+#: Muon group options routing sets (the Muon side reads them; see specopt.Muon).
+_MUON_OPTION_KEYS = ("matrix_layout", "transposed", "split_sizes")
+#: Module kinds whose ``weight`` is a layer's own matrix (not a bare parameter).
+_MODULE_KINDS = ("linear", "transposed", "conv", "embedding")
 
 #: AdamW betas for LLM training (GPT-3 / Llama-2 / the PC-layer paper); torch's default
 #: beta2=0.999 reacts too slowly to loss spikes at LLM batch sizes.
@@ -109,6 +148,11 @@ class ParamRoute:
     names (tied weights, shared modules); ``layer_name`` is the name with a
     parametrization path collapsed (``w1.parametrizations.weight.original`` ->
     ``w1.weight``). ``optimizer`` is ``"muon"``, ``"adamw"`` or ``"frozen"``.
+
+    Muon options (set only on Muon routes, ``None`` / ``False`` otherwise; they become
+    keys of the tensor's Muon param group): ``matrix_layout`` (``"flatten"`` for conv
+    kernels, ``"batch"`` for other ndim >= 3 tensors), ``transposed`` (stored
+    ``(in, out)``, transformers' Conv1D), ``split_sizes`` (row blocks in output rows).
     """
 
     name: str
@@ -119,6 +163,21 @@ class ParamRoute:
     weight_decay: bool
     reason: str
     param: Tensor = field(repr=False, compare=False)
+    matrix_layout: str | None = None
+    transposed: bool = False
+    split_sizes: tuple[int, ...] | None = None
+
+    @property
+    def muon_options(self) -> dict[str, Any]:
+        """The non-default Muon group options of this route (``{}`` for plain matrices)."""
+        out: dict[str, Any] = {}
+        if self.matrix_layout is not None:
+            out["matrix_layout"] = self.matrix_layout
+        if self.transposed:
+            out["transposed"] = True
+        if self.split_sizes is not None:
+            out["split_sizes"] = self.split_sizes
+        return out
 
     @property
     def numel(self) -> int:
@@ -135,6 +194,9 @@ class ParamRoute:
             "optimizer": self.optimizer,
             "weight_decay": self.weight_decay,
             "reason": self.reason,
+            "matrix_layout": self.matrix_layout,
+            "transposed": self.transposed,
+            "split_sizes": None if self.split_sizes is None else list(self.split_sizes),
         }
 
 
@@ -235,6 +297,20 @@ class _Tensor:
     layer_paths: list[str]
     roles: list[str]  # attribute name on the layer ("weight", "bias", "gamma", ...)
 
+    @property
+    def spec(self) -> MatrixSpec:
+        """How the tensor reads as a matrix, from its first owner that knows (a module
+        kind beats a bare alias, e.g. a tied head's Linear vs its embedding)."""
+        specs = [matrix_spec(m, r, self.param)
+                 for m, r in zip(self.layers, self.roles, strict=True)]
+        return next((sp for sp in specs if sp.kind in _MODULE_KINDS), specs[0])
+
+    @property
+    def keys(self) -> list[str]:
+        """Every name a pattern is tested against: full names, layer names, module paths."""
+        return list(dict.fromkeys([*self.names, *self.layer_names,
+                                   *(p for p in self.layer_paths if p)]))
+
 
 def _collect(model: nn.Module) -> list[_Tensor]:
     by_id: dict[int, _Tensor] = {}
@@ -261,24 +337,22 @@ def _collect(model: nn.Module) -> list[_Tensor]:
     return list(by_id.values())
 
 
-def _check_patterns(arg: str, patterns: Sequence[str] | None) -> tuple[str, ...]:
-    if patterns is None:
-        return ()
-    if isinstance(patterns, str):
-        raise TypeError(
-            f"{arg} must be a sequence of glob strings, got the str {patterns!r}; "
-            f"wrap it in a list: {arg}=[{patterns!r}]"
-        )
-    out = tuple(patterns)
-    for p in out:
-        if not isinstance(p, str) or not p:
-            raise TypeError(f"{arg} entries must be non-empty strings, got {p!r}")
-    return out
-
-
-def _matches(patterns: Sequence[str], t: _Tensor) -> list[str]:
-    keys = set(t.names) | set(t.layer_names)
-    return [p for p in patterns if any(fnmatchcase(k, p) for k in keys)]
+def _no_weight_decay_names(model: nn.Module) -> tuple[str, ...]:
+    """Names (or globs) the model's modules list in ``no_weight_decay()`` (timm),
+    prefixed with each module's path."""
+    out: list[str] = []
+    for path, mod in model.named_modules():
+        fn = getattr(mod, "no_weight_decay", None)
+        if not callable(fn):
+            continue
+        try:
+            names = fn()
+        except TypeError:  # a same-named method with another meaning
+            continue
+        if isinstance(names, str) or not isinstance(names, (set, frozenset, list, tuple)):
+            continue
+        out.extend(f"{path}.{n}" if path else n for n in names if isinstance(n, str) and n)
+    return tuple(dict.fromkeys(out))
 
 
 def _storage_key(p: Tensor) -> tuple[str, int] | None:
@@ -292,14 +366,6 @@ def _storage_key(p: Tensor) -> tuple[str, int] | None:
         return None
 
 
-def _is_head_name(path: str, head_names: Sequence[str]) -> bool:
-    parts = path.split(".") if path else []
-    # DDP / torch.compile wrappers prefix "module." / "_orig_mod.": skip them.
-    while parts and parts[0] in ("module", "_orig_mod"):
-        parts = parts[1:]
-    return bool(parts) and (parts[0] in head_names or parts[-1] in head_names)
-
-
 def _small_reason(t: _Tensor) -> str:
     if "bias" in t.roles:
         return "bias"
@@ -308,61 +374,215 @@ def _small_reason(t: _Tensor) -> str:
     return "0-D scalar" if t.param.ndim == 0 else "1-D vector"
 
 
+def _last_param_module(model: nn.Module) -> str | None:
+    """Path of the last module (registration order) that owns a trainable parameter."""
+    last = None
+    for path, mod in model.named_modules():
+        if isinstance(mod, parametrize.ParametrizationList):
+            continue
+        own = any(p.requires_grad for p in mod.parameters(recurse=False))
+        plist = getattr(mod, "parametrizations", None)
+        if own or (plist is not None and any(p.requires_grad for p in plist.parameters())):
+            last = path
+    return last
+
+
+def _is_token_name(t: _Tensor) -> bool:
+    return any(set(r.lower().split("_")) & TOKEN_WORDS for r in t.roles)
+
+
+def _muon_route(t: _Tensor, spec: MatrixSpec, reason: str | None = None
+                ) -> tuple[str, str, dict[str, Any]]:
+    """Muon, with the group options that tell Muon how to read the tensor."""
+    shape = "x".join(map(str, spec.matrix_shape))
+    if spec.kind == "transposed":
+        return "muon", reason or f"hidden matrix, stored (in, out): operator {shape}", {
+            "transposed": True}
+    if spec.layout == "flatten":
+        return "muon", reason or (
+            f"hidden {len(spec.shape)}-D conv kernel, flattened to (out, in*k) = {shape}"), {
+            "matrix_layout": "flatten"}
+    if spec.layout == "batch":
+        how = "(in, out) each" if spec.transposed else "(out, in) each"
+        opts: dict[str, Any] = {"matrix_layout": "batch"}
+        if spec.transposed:
+            opts["transposed"] = True
+        return "muon", reason or (
+            f"batch of {spec.count} matrices {shape} ({how}; e.g. MoE experts)"), opts
+    bare = spec.kind == "matrix" and not any(
+        matrix_spec(m, r, t.param).kind in _MODULE_KINDS
+        for m, r in zip(t.layers, t.roles, strict=True))
+    return "muon", reason or ("hidden matrix (bare parameter)" if bare else "hidden matrix"), {}
+
+
 def _auto_route(
     t: _Tensor,
     emb_storage: Mapping[tuple[str, int], str],
     head_names: Sequence[str],
-) -> tuple[str, str]:
-    """(optimizer, reason) by module type and shape, before the vocab-size fallback."""
+    last_module: str | None,
+    nwd_hits: Sequence[str],
+) -> tuple[str, str, dict[str, Any]]:
+    """(optimizer, reason, Muon options) by module kind, name and shape (rules 3-11 of the
+    module docstring), before the vocab-size head fallback."""
     p = t.param
     if p.ndim < 2:
-        return "adamw", _small_reason(t)
+        return "adamw", _small_reason(t), {}
     if p.is_complex():
-        return "adamw", "complex (Muon orthogonalizes real matrices only)"
+        return "adamw", "complex (Muon orthogonalizes real matrices only)", {}
+    if nwd_hits:
+        return "adamw", f"listed by the model's no_weight_decay() ({nwd_hits[0]!r})", {}
+    spec = t.spec
     is_emb = [isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in t.layers]
     if any(is_emb):
         others = [n for n, e in zip(t.names, is_emb, strict=True) if not e]
         tied = f" (tied: also the output head {', '.join(others)})" if others else ""
-        return "adamw", "embedding" + tied
+        return "adamw", "embedding" + tied, {}
     key = _storage_key(p)
     if key is not None and key in emb_storage:
-        return "adamw", f"output head (shares storage with embedding {emb_storage[key]})"
-    if any(_is_head_name(path, head_names) for path in t.layer_paths):
-        return "adamw", "output head (by module name)"
-    if any("embed" in part for path in t.layer_paths for part in path.split(".")):
-        return "adamw", "input embedding (by module name)"
-    if p.ndim == 2:
-        return "muon", "hidden matrix"
-    return "muon", f"hidden {p.ndim}-D weight (Muon flattens to (out, -1))"
+        return "adamw", f"output head (shares storage with embedding {emb_storage[key]})", {}
+    if any(is_head_path(path, head_names) for path in t.layer_paths):
+        return "adamw", "output head (by module name)", {}
+    if last_module is not None and any(
+        path == last_module and path_components(path)[-1:] == ["fc"] for path in t.layer_paths
+    ):
+        return "adamw", "output head (the model's last module, named 'fc')", {}
+    if spec.kind not in _MODULE_KINDS and _is_token_name(t):
+        return "adamw", f"token / position embedding (bare parameter {t.roles[0]!r})", {}
+    if any(is_embedding_path(path) for path in t.layer_paths):
+        return "adamw", "input embedding (by module name)", {}
+    if spec.has_unit_dim:
+        shape = "x".join(map(str, spec.matrix_shape))
+        return "adamw", f"size-1 dimension ({shape}): a vector in matrix form", {}
+    return _muon_route(t, spec)
+
+
+def _split_option(
+    t: _Tensor, spec: MatrixSpec, split: Mapping[Pattern, Sequence[int]], hits: list[Pattern]
+) -> tuple[int, ...]:
+    """The validated row-block sizes the ``split_sizes`` patterns ``hits`` give ``t``."""
+    if len(hits) > 1 and len({tuple(split[h]) for h in hits}) > 1:
+        raise ValueError(f"split_sizes patterns {hits} all match parameter {t.names[0]!r} "
+                         "with different sizes; make them disjoint")
+    sizes = tuple(split[hits[0]])
+    if spec.layout != "matrix":
+        raise ValueError(
+            f"split_sizes {sizes} for parameter {t.names[0]!r} (shape {spec.shape}): "
+            "row blocks apply to 2-D matrices only"
+        )
+    if sum(sizes) != spec.fan_out:
+        stored = "stored (in, out), " if spec.transposed else ""
+        raise ValueError(
+            f"split_sizes {sizes} for parameter {t.names[0]!r} (shape {spec.shape}, "
+            f"{stored}fan-out {spec.fan_out}) must sum to its {spec.fan_out} output rows"
+        )
+    return sizes
+
+
+def _check_split_sizes(value: Any) -> dict[Pattern, tuple[int, ...]]:
+    out: dict[Pattern, tuple[int, ...]] = {}
+    for pat, sizes in value.items():
+        check_patterns("split_sizes keys", pat)
+        try:
+            sizes = tuple(sizes)
+        except TypeError:
+            sizes = ()
+        if not sizes or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sizes
+        ):
+            raise ValueError(f"split_sizes[{pat!r}] must be a sequence of positive ints, got "
+                             f"{value[pat]!r}")
+        out[pat] = sizes
+    return out
+
+
+def _resolve_aliases(include: Any, exclude: Any, muon_patterns: Any, adamw_patterns: Any
+                     ) -> tuple[Any, Any, str, str]:
+    """``include`` / ``exclude`` from their deprecated aliases (warning at the caller's
+    caller); returns them and the argument names to use in messages."""
+    out = []
+    for new, new_value, old, old_value in (("include", include, "muon_patterns", muon_patterns),
+                                           ("exclude", exclude, "adamw_patterns",
+                                            adamw_patterns)):
+        if old_value is None:
+            out.append((new_value, new))
+            continue
+        if new_value is not None:
+            raise TypeError(f"give {new} ({old} is its deprecated alias), not both")
+        warnings.warn(f"{old}= is deprecated; use {new}= (same patterns)", DeprecationWarning,
+                      stacklevel=3)
+        out.append((old_value, old))
+    (inc, inc_arg), (exc, exc_arg) = out
+    return inc, exc, inc_arg, exc_arg
 
 
 def describe_routing(
     model: nn.Module,
     optimizer: str = "muon",
     *,
-    muon_patterns: Sequence[str] | None = None,
-    adamw_patterns: Sequence[str] | None = None,
-    no_decay_patterns: Sequence[str] | None = None,
+    include: Pattern | Sequence[Pattern] | None = None,
+    exclude: Pattern | Sequence[Pattern] | None = None,
+    no_decay_patterns: Pattern | Sequence[Pattern] | None = None,
+    split_sizes: Mapping[Pattern, Sequence[int]] | None = None,
     head_names: Sequence[str] = DEFAULT_HEAD_NAMES,
+    muon_patterns: Pattern | Sequence[Pattern] | None = None,
+    adamw_patterns: Pattern | Sequence[Pattern] | None = None,
 ) -> RoutingReport:
     """Route every unique parameter of ``model`` (rules in the module docstring).
 
     Pure: reads the model, changes nothing. ``build_optimizer`` calls this with the same
     arguments and builds its groups from the result, so the report is exactly what the
-    optimizer does. Raises ``ValueError`` for an unknown ``optimizer``, a pattern that
-    matches no parameter, a parameter matched by both ``muon_patterns`` and
-    ``adamw_patterns``, or a 0-D/1-D/complex parameter forced to Muon.
+    optimizer does.
+
+    Args:
+        include: patterns of tensors Muon must take (each must be a real matrix).
+        exclude: patterns of tensors kept off Muon (-> AdamW).
+        no_decay_patterns: patterns of extra tensors with ``weight_decay=0``.
+        split_sizes: ``{pattern: row-block sizes}`` for fused projections (output rows).
+        head_names: module names treated as the output head.
+        muon_patterns, adamw_patterns: deprecated aliases of ``include`` / ``exclude``.
+
+    Raises ``ValueError`` for an unknown ``optimizer``, a pattern that matches no
+    parameter (the message lists close names), a parameter matched by both ``include``
+    and ``exclude``, a 0-D/1-D/complex parameter forced to Muon, or ``split_sizes`` that
+    do not fit their parameter.
     """
+    include, exclude, inc_arg, exc_arg = _resolve_aliases(include, exclude, muon_patterns,
+                                                          adamw_patterns)
+    return _route(model, optimizer, include=include, exclude=exclude, inc_arg=inc_arg,
+                  exc_arg=exc_arg, no_decay_patterns=no_decay_patterns,
+                  split_sizes=split_sizes, head_names=head_names)
+
+
+def _route(
+    model: nn.Module,
+    optimizer: str,
+    *,
+    include: Any,
+    exclude: Any,
+    inc_arg: str,
+    exc_arg: str,
+    no_decay_patterns: Any,
+    split_sizes: Any,
+    head_names: Sequence[str],
+) -> RoutingReport:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if optimizer not in _OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {_OPTIMIZERS}, got {optimizer!r}")
-    muon_pats = _check_patterns("muon_patterns", muon_patterns)
-    adamw_pats = _check_patterns("adamw_patterns", adamw_patterns)
-    nodecay_pats = _check_patterns("no_decay_patterns", no_decay_patterns)
-    if optimizer == "adamw" and muon_pats:
-        raise ValueError("muon_patterns has no meaning with optimizer='adamw'")
-    head_names = _check_patterns("head_names", head_names)
+    muon_pats = check_patterns(inc_arg, include)
+    adamw_pats = check_patterns(exc_arg, exclude)
+    nodecay_pats = check_patterns("no_decay_patterns", no_decay_patterns)
+    if split_sizes is not None and not isinstance(split_sizes, Mapping):
+        raise TypeError(f"split_sizes must be a mapping {{pattern: sizes}} here, got "
+                        f"{type(split_sizes).__name__}")
+    split = _check_split_sizes(split_sizes or {})
+    if optimizer == "adamw" and (muon_pats or split):
+        what = inc_arg if muon_pats else "split_sizes"
+        raise ValueError(f"{what} has no meaning with optimizer='adamw'")
+    if isinstance(head_names, str) or not all(isinstance(h, str) and h for h in head_names):
+        raise TypeError(f"head_names must be a sequence of non-empty strings, got "
+                        f"{head_names!r}")
+    head_names = tuple(head_names)
 
     tensors = _collect(model)
     emb_storage: dict[tuple[str, int], str] = {}
@@ -374,66 +594,81 @@ def describe_routing(
                 if key is not None:
                     emb_storage.setdefault(key, name)
                 vocab.setdefault(m.num_embeddings, name)
+    nwd = _no_weight_decay_names(model)
+    last_module = _last_param_module(model)
 
-    used: set[str] = set()
-    decisions: list[tuple[_Tensor, str, str]] = []
+    used: set[Pattern] = set()
+    decisions: list[tuple[_Tensor, str, str, dict[str, Any]]] = []
     for t in tensors:
-        hit_m, hit_a = _matches(muon_pats, t), _matches(adamw_pats, t)
+        keys = t.keys
+        hit_m, hit_a = matches(muon_pats, keys), matches(adamw_pats, keys)
         used.update(hit_m, hit_a)
         shape = tuple(t.param.shape)
         if not t.param.requires_grad:
-            decisions.append((t, "frozen", "requires_grad=False (not optimized)"))
+            decisions.append((t, "frozen", "requires_grad=False (not optimized)", {}))
         elif hit_m and hit_a:
             raise ValueError(
-                f"parameter {t.names[0]!r} (shape {shape}) matches muon_patterns {hit_m} "
-                f"and adamw_patterns {hit_a}; make the patterns disjoint"
+                f"parameter {t.names[0]!r} (shape {shape}) matches {inc_arg} {hit_m} "
+                f"and {exc_arg} {hit_a}; make the patterns disjoint"
             )
         elif hit_m:
             if t.param.ndim < 2 or t.param.is_complex():
                 raise ValueError(
-                    f"muon_patterns {hit_m} match parameter {t.names[0]!r} with shape {shape} "
+                    f"{inc_arg} {hit_m} match parameter {t.names[0]!r} with shape {shape} "
                     f"and dtype {t.param.dtype}: Muon needs real tensors with ndim >= 2"
                 )
-            decisions.append((t, "muon", f"muon_patterns {hit_m[0]!r}"))
+            decisions.append((t, *_muon_route(t, t.spec, f"{inc_arg} {hit_m[0]!r}")))
         elif hit_a:
-            decisions.append((t, "adamw", f"adamw_patterns {hit_a[0]!r}"))
+            decisions.append((t, "adamw", f"{exc_arg} {hit_a[0]!r}", {}))
         else:
-            decisions.append((t, *_auto_route(t, emb_storage, head_names)))
+            decisions.append((t, *_auto_route(t, emb_storage, head_names, last_module,
+                                              matches(nwd, keys))))
 
     notes: list[str] = []
-    if vocab and not adamw_pats and not any("output head" in r for _, _, r in decisions):
-        # No tied or named head (and no user routing to AdamW): fall back to the Linear
-        # that produces vocab-sized logits.
+    if vocab and not adamw_pats and not any("output head" in r for _, _, r, _ in decisions):
+        # No tied or named head (and no user routing to AdamW): fall back to the matrix
+        # module that produces vocab-sized logits.
+        def fan_out(t: _Tensor) -> int | None:
+            sp = t.spec
+            return sp.fan_out if sp.kind in ("linear", "transposed") else None
+
         cands = [
             i
-            for i, (t, opt, reason) in enumerate(decisions)
-            if opt == "muon"
-            and not reason.startswith("muon_patterns")
-            and any(
-                isinstance(m, nn.Linear) and m.out_features in vocab and r == "weight"
-                for m, r in zip(t.layers, t.roles, strict=True)
-            )
+            for i, (t, opt, reason, _) in enumerate(decisions)
+            if opt == "muon" and not reason.startswith(inc_arg) and fan_out(t) in vocab
         ]
         if len(cands) == 1:
-            t, _, _ = decisions[cands[0]]
-            emb = next(vocab[m.out_features] for m in t.layers if isinstance(m, nn.Linear))
-            decisions[cands[0]] = (t, "adamw", f"output head (out_features = vocab of {emb})")
+            t = decisions[cands[0]][0]
+            emb = vocab[fan_out(t)]
+            decisions[cands[0]] = (t, "adamw", f"output head (out_features = vocab of {emb})",
+                                   {})
         elif len(cands) > 1 and optimizer == "muon":  # with "adamw" they go to AdamW anyway
             names = [decisions[i][0].names[0] for i in cands]
             msg = (
                 f"could not identify the output head: {len(cands)} Linear layers have "
                 f"out_features equal to an embedding's num_embeddings ({names[:4]}...); "
-                "they go to Muon. Pass adamw_patterns=[<head name>] to route the head to AdamW."
+                "they go to Muon. Pass exclude=[<head name>] to route the head to AdamW."
             )
             notes.append(msg)
             warnings.warn(msg, UserWarning, stacklevel=2)
 
     routes = []
-    for t, opt, reason in decisions:
-        decay = t.param.ndim >= 2 and not _matches(nodecay_pats, t)
-        used.update(_matches(nodecay_pats, t))
+    split_used: set[Pattern] = set()
+    for t, opt, reason, opts in decisions:
+        hits_nd = matches(nodecay_pats, t.keys)
+        used.update(hits_nd)
+        decay = t.param.ndim >= 2 and not hits_nd and not matches(nwd, t.keys)
         if optimizer == "adamw" and opt == "muon":
-            opt, reason = "adamw", f"{reason} (optimizer='adamw')"
+            opt, reason, opts = "adamw", f"{reason} (optimizer='adamw')", {}
+        sizes = None
+        hits_s = matches(split, t.keys)
+        if hits_s:
+            split_used.update(hits_s)
+            if opt != "muon":
+                raise ValueError(f"split_sizes pattern {hits_s[0]!r} matches parameter "
+                                 f"{t.names[0]!r}, which goes to {opt} ({reason}); "
+                                 "split_sizes is a Muon option")
+            sizes = _split_option(t, t.spec, split, hits_s)
         routes.append(
             ParamRoute(
                 name=t.names[0],
@@ -444,21 +679,22 @@ def describe_routing(
                 weight_decay=decay and opt != "frozen",
                 reason=reason,
                 param=t.param,
+                matrix_layout=opts.get("matrix_layout"),
+                transposed=bool(opts.get("transposed", False)),
+                split_sizes=sizes,
             )
         )
 
-    for arg, pats in (
-        ("muon_patterns", muon_pats),
-        ("adamw_patterns", adamw_pats),
-        ("no_decay_patterns", nodecay_pats),
+    candidates = [k for t in tensors for k in t.keys]
+    for arg, pats, hit in (
+        (inc_arg, muon_pats, used),
+        (exc_arg, adamw_pats, used),
+        ("no_decay_patterns", nodecay_pats, used),
+        ("split_sizes", tuple(split), split_used),
     ):
         for pat in pats:
-            if pat not in used:
-                examples = ", ".join(repr(t.names[0]) for t in tensors[:3])
-                raise ValueError(
-                    f"{arg} entry {pat!r} matches no parameter of the model "
-                    f"(names look like {examples})"
-                )
+            if pat not in hit:
+                raise no_match_error(arg, pat, candidates, "parameter")
     return RoutingReport(mode=optimizer, routes=tuple(routes), notes=tuple(notes))
 
 
@@ -754,6 +990,45 @@ def _guard_plain(opt: Optimizer, nonfinite: str) -> None:
     opt.register_step_post_hook(post)
 
 
+def _param_groups(report: RoutingReport, *, lr: float, adamw_lr: float, weight_decay: float
+                  ) -> list[dict[str, Any]]:
+    """Groups by (side, decay, Muon options), in a fixed order: Muon before AdamW, decayed
+    before not, plain matrices before those with options (first appearance after that)."""
+    buckets: dict[tuple, list[ParamRoute]] = {}
+    for kind in _OPTIMIZERS:
+        for decay in (True, False):
+            buckets[(kind, decay, ())] = []
+    for r in report:
+        if r.optimizer == "frozen":
+            continue
+        opts = tuple(sorted(r.muon_options.items())) if r.optimizer == "muon" else ()
+        buckets.setdefault((r.optimizer, r.weight_decay, opts), []).append(r)
+    order = sorted(buckets, key=lambda k: (_OPTIMIZERS.index(k[0]), not k[1], k[2] != ()))
+    groups: list[dict[str, Any]] = []
+    names: set[str] = set()
+    for kind, decay, opts in order:
+        routes = buckets[(kind, decay, opts)]
+        if not routes:
+            continue
+        qualifiers = [str(v) if k == "matrix_layout" else k.split("_")[0] for k, v in opts]
+        name = "_".join([kind, *qualifiers] + ([] if decay else ["no_decay"]))
+        base, n = name, 2
+        while name in names:  # e.g. two split_sizes groups with different sizes
+            name, n = f"{base}_{n}", n + 1
+        names.add(name)
+        group = {
+            "params": [(r.name, r.param) for r in routes],
+            "optimizer": kind,
+            "name": name,
+            "lr": lr if kind == "muon" else adamw_lr,
+            "weight_decay": weight_decay if decay else 0.0,
+            "nonfinite_skips": [0] * len(routes),
+        }
+        group.update(dict(opts))
+        groups.append(group)
+    return groups
+
+
 def build_optimizer(
     model: nn.Module,
     optimizer: str = "muon",
@@ -766,12 +1041,15 @@ def build_optimizer(
     momentum: float = 0.95,
     nesterov: bool = True,
     adjust_lr_fn: str | None = "match_rms_adamw",
-    muon_patterns: Sequence[str] | None = None,
-    adamw_patterns: Sequence[str] | None = None,
-    no_decay_patterns: Sequence[str] | None = None,
+    include: Pattern | Sequence[Pattern] | None = None,
+    exclude: Pattern | Sequence[Pattern] | None = None,
+    no_decay_patterns: Pattern | Sequence[Pattern] | None = None,
+    split_sizes: Mapping[Pattern, Sequence[int]] | Sequence[int] | None = None,
     head_names: Sequence[str] = DEFAULT_HEAD_NAMES,
     nonfinite: str = "raise",
     adamw_kwargs: Mapping[str, Any] | None = None,
+    muon_patterns: Pattern | Sequence[Pattern] | None = None,
+    adamw_patterns: Pattern | Sequence[Pattern] | None = None,
     **muon_kwargs: Any,
 ) -> Optimizer:
     """One optimizer for ``model``: Muon + AdamW (``"muon"``) or plain AdamW (``"adamw"``).
@@ -796,19 +1074,30 @@ def build_optimizer(
         adamw_eps: AdamW epsilon (default 1e-8).
         momentum, nesterov, adjust_lr_fn: Muon settings (defaults 0.95, True,
             ``"match_rms_adamw"``); ignored with ``optimizer="adamw"``.
-        muon_patterns, adamw_patterns: glob patterns forcing tensors to one side.
-        no_decay_patterns: glob patterns of extra tensors with ``weight_decay=0``.
+        include: patterns (:mod:`specopt.layers` vocabulary, matched against parameter
+            names and module paths) of tensors Muon must take.
+        exclude: patterns of tensors kept off Muon (they go to AdamW).
+        no_decay_patterns: patterns of extra tensors with ``weight_decay=0``.
+        split_sizes: ``{pattern: sizes}``: orthogonalize the matched Muon matrices in row
+            blocks of ``sizes`` output rows (a fused QKV: GPT-2's ``c_attn`` of width
+            ``d`` takes ``{"*.attn.c_attn": (d, d, d)}``, whatever the storage
+            orientation). A plain sequence is a Muon default for every Muon group
+            (``specopt.Muon(split_sizes=...)``, as before).
         head_names: module names treated as the output head.
         nonfinite: ``"raise"`` (default) or ``"skip"``; see the module docstring.
         adamw_kwargs: extra ``torch.optim.AdamW`` arguments (``fused``, ``foreach``,
             ``amsgrad``, ``maximize``, ``capturable``).
+        muon_patterns, adamw_patterns: deprecated aliases of ``include`` / ``exclude``.
         **muon_kwargs: extra ``specopt.Muon`` arguments (``ns_coefficients``,
             ``ns_steps``, ``eps``, ...); an error with ``optimizer="adamw"``.
 
     Returns:
         The optimizer, with ``.routing`` (a :class:`RoutingReport`). Group names (the
         ``"name"`` key): ``"muon"``, ``"muon_no_decay"``, ``"adamw"``,
-        ``"adamw_no_decay"``; empty groups are left out.
+        ``"adamw_no_decay"``; Muon tensors with group options (routing rule 11) get their
+        own groups, named after the options (``"muon_transposed"``, ``"muon_flatten"``,
+        ``"muon_batch"``, ``"muon_split"``, with ``"_no_decay"`` where it applies). Empty
+        groups are left out.
     """
     if optimizer not in _OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {_OPTIMIZERS}, got {optimizer!r}")
@@ -834,30 +1123,18 @@ def build_optimizer(
             "lr/adamw_lr, betas, adamw_eps, weight_decay arguments"
         )
 
-    report = describe_routing(
-        model,
-        optimizer,
-        muon_patterns=muon_patterns,
-        adamw_patterns=adamw_patterns,
-        no_decay_patterns=no_decay_patterns,
-        head_names=head_names,
-    )
+    include, exclude, inc_arg, exc_arg = _resolve_aliases(include, exclude, muon_patterns,
+                                                          adamw_patterns)
+    split_map = None
+    if split_sizes is not None and not isinstance(split_sizes, Mapping):
+        muon_kwargs["split_sizes"] = split_sizes  # a Muon-wide default, as before
+    else:
+        split_map = split_sizes
+    report = _route(model, optimizer, include=include, exclude=exclude, inc_arg=inc_arg,
+                    exc_arg=exc_arg, no_decay_patterns=no_decay_patterns,
+                    split_sizes=split_map, head_names=head_names)
     a_lr = lr if adamw_lr is None else adamw_lr
-    groups: list[dict[str, Any]] = []
-    for kind, group_lr in (("muon", lr), ("adamw", a_lr)):
-        for decay in (True, False):
-            routes = [r for r in report if r.optimizer == kind and r.weight_decay == decay]
-            if routes:
-                groups.append(
-                    {
-                        "params": [(r.name, r.param) for r in routes],
-                        "optimizer": kind,
-                        "name": kind if decay else f"{kind}_no_decay",
-                        "lr": group_lr,
-                        "weight_decay": weight_decay if decay else 0.0,
-                        "nonfinite_skips": [0] * len(routes),
-                    }
-                )
+    groups = _param_groups(report, lr=lr, adamw_lr=a_lr, weight_decay=weight_decay)
     if not groups:
         frozen = len(report.select("frozen"))
         raise ValueError(

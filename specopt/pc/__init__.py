@@ -3,7 +3,10 @@
 from specopt.pc.design import design_odd_polynomial
 from specopt.pc.parametrization import (
     DEFAULT_PC_TARGETS,
+    PC_KINDS,
+    PC_TARGET_TABLE,
     QKV_NAMES,
+    QKV_TARGETS,
     PCHandle,
     PCParametrization,
     apply_pc,
@@ -21,8 +24,11 @@ from specopt.pc.polynomials import (
 
 __all__ = [
     "DEFAULT_PC_TARGETS",
+    "PC_KINDS",
     "PC_LEVELS",
+    "PC_TARGET_TABLE",
     "QKV_NAMES",
+    "QKV_TARGETS",
     "OddPolynomial",
     "PCHandle",
     "PCParametrization",

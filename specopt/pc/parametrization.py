@@ -1,6 +1,6 @@
 """The PC layer: polynomial weight preconditioning as a ``torch.nn.utils.parametrize`` hook.
 
-For a Linear layer with raw (trained) weight ``W`` of shape ``(out, in)``::
+For a matrix layer with raw (trained) weight ``W``, read as ``(out, in)``::
 
     s     = u^T W v                      power-iteration estimate of sigma_max(W)
     W_eff = gamma * stopgrad(s) * f(W / s)          (norm recovery on, the default)
@@ -9,6 +9,13 @@ For a Linear layer with raw (trained) weight ``W`` of shape ``(out, in)``::
 ``f`` is an odd polynomial (:mod:`specopt.pc.polynomials`) acting on the singular values of
 ``W / s``, which lie in ``[0, ~1]``. The gradient flows through the ``s`` that divides ``W``;
 the ``s`` that multiplies back is detached (arXiv 2606.06470 and the authors' code).
+
+Layers: ``nn.Linear`` (weight stored ``(out, in)``) and transformers' ``Conv1D`` (GPT-2;
+stored ``(in, out)``, recognised by :mod:`specopt.layers`). ``u`` is always the ``(out,)``
+vector and ``v`` the ``(in,)`` one. For a transposed layer ``W_eff`` is computed on the
+stored tensor with the roles of ``u`` and ``v`` swapped: ``f`` is transpose-equivariant
+(``f(X^T) = f(X)^T`` for an odd polynomial) and ``s`` is the same number, so the operator
+is exactly the one the ``(out, in)`` formula gives, and ``W_eff`` keeps the stored layout.
 
 Norm recovery (our name for the ``stopgrad(s)`` factor): with it, ``f(1) = 1`` makes the
 top singular value of ``W_eff`` equal ``gamma * s``, i.e. the PC layer reshapes the
@@ -39,7 +46,6 @@ Gradient accumulation: ``W_eff`` is otherwise recomputed at every access of
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -49,9 +55,16 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
-from torch.utils.hooks import RemovableHandle
 
 from specopt.distributed import full_tensor
+from specopt.hooks import AttachHandle
+from specopt.layers import (
+    Pattern,
+    check_patterns,
+    matches,
+    matrix_spec,
+    no_match_error,
+)
 from specopt.pc.polynomials import OddPolynomial, odd_matrix_polynomial, resolve_polynomial
 from specopt.spectral.power_iteration import (
     DEFAULT_EPS,
@@ -62,7 +75,10 @@ from specopt.spectral.power_iteration import (
 
 __all__ = [
     "DEFAULT_PC_TARGETS",
+    "PC_KINDS",
+    "PC_TARGET_TABLE",
     "QKV_NAMES",
+    "QKV_TARGETS",
     "PCHandle",
     "PCParametrization",
     "apply_pc",
@@ -72,22 +88,40 @@ __all__ = [
     "pc_weight",
 ]
 
-#: Last name component of the Linear layers PC wraps by default: FFN matrices and the
-#: attention output projection of Llama (Meta and HF), GPT-2, OPT/ViT-style models.
-DEFAULT_PC_TARGETS: tuple[str, ...] = (
-    "w1", "w2", "w3",  # Meta Llama FFN
-    "gate_proj", "up_proj", "down_proj",  # HF Llama/Mistral FFN
-    "c_fc", "c_proj",  # GPT-2 FFN and attention output
-    "fc1", "fc2",  # OPT, ViT, BERT-style FFN
-    "wo", "o_proj", "out_proj",  # attention output projections
+#: Default PC targets per model family: suffixes of module paths, matched component by
+#: component (``"mlp.c_fc"`` matches ``transformer.h.0.mlp.c_fc``; ``"fc1"`` any module
+#: named ``fc1``). FFN matrices and the attention output projection, as in the paper;
+#: never q/k/v or a fused qkv (:data:`QKV_TARGETS`). Only matrix modules (``nn.Linear``,
+#: transformers' ``Conv1D``) are wrapped; a non-matrix module with such a name is skipped
+#: with a warning.
+PC_TARGET_TABLE: dict[str, tuple[str, ...]] = {
+    "Llama / Mistral / Qwen (HF)": ("gate_proj", "up_proj", "down_proj", "o_proj"),
+    "specopt Llama / Meta Llama": ("w1", "w2", "w3", "attention.wo"),
+    "GPT-2 (Conv1D) / nanoGPT (Linear)": ("mlp.c_fc", "mlp.c_proj", "attn.c_proj"),
+    "GPT-NeoX / Pythia, Falcon": ("dense_h_to_4h", "dense_4h_to_h", "attention.dense",
+                                  "self_attention.dense"),
+    "BERT / RoBERTa, ViT (HF < 5)": ("intermediate.dense", "output.dense"),
+    "T5": ("wi", "wi_0", "wi_1", "DenseReluDense.wo", "SelfAttention.o", "EncDecAttention.o"),
+    "Phi, OPT, CLIP, ViT, timm ViT": ("fc1", "fc2", "self_attn.dense", "out_proj", "attn.proj"),
+}
+
+#: Every default target suffix, in table order (what ``apply_pc`` wraps by default).
+DEFAULT_PC_TARGETS: tuple[str, ...] = tuple(
+    dict.fromkeys(s for suffixes in PC_TARGET_TABLE.values() for s in suffixes)
 )
 
-#: Query/key/value projections: never wrapped by default (the paper leaves them plain);
-#: added to the defaults with ``include_qkv=True``.
-QKV_NAMES: tuple[str, ...] = (
+#: Query/key/value projections (separate or fused): never wrapped by default (the paper
+#: leaves them plain); added to the defaults with ``include_qkv=True``.
+QKV_TARGETS: tuple[str, ...] = (
     "wq", "wk", "wv", "q_proj", "k_proj", "v_proj", "c_attn", "qkv", "qkv_proj",
-    "query", "key", "value",
+    "query", "key", "value", "query_key_value", "SelfAttention.q", "SelfAttention.k",
+    "SelfAttention.v", "EncDecAttention.q", "EncDecAttention.k", "EncDecAttention.v",
 )
+#: Former name of :data:`QKV_TARGETS`.
+QKV_NAMES = QKV_TARGETS
+
+#: Module kinds (:func:`specopt.layers.matrix_spec`) the PC layer wraps.
+PC_KINDS: tuple[str, ...] = ("linear", "transposed")
 
 #: Power iterations run once when PC is applied (random start); later refreshes are warm.
 DEFAULT_INIT_ITERS = 50
@@ -159,8 +193,12 @@ class PCParametrization(nn.Module):
         v: buffer ``(in,)``, right singular vector estimate.
         gamma: 0-D ``nn.Parameter`` (init ``gamma_init``) or ``None`` when disabled.
 
+    ``(out, in)`` is the operator's orientation: with ``transposed=True`` the weight is
+    stored ``(in, out)`` (transformers' ``Conv1D``) and ``u`` still has ``out`` entries.
+
     Attributes:
         polynomial: the :class:`OddPolynomial` ``f``.
+        transposed: the weight is stored ``(in, out)``.
         power_iters: power iterations per :meth:`refresh_` (10 in all published configs).
         eps: normalisation floor for power iteration and floor on ``s``.
         norm_recovery: see module docstring.
@@ -182,6 +220,7 @@ class PCParametrization(nn.Module):
         learn_gamma: bool = True,
         gamma_init: float = 1.0,
         norm_recovery: bool = True,
+        transposed: bool = False,
     ) -> None:
         super().__init__()
         if weight.ndim != 2:
@@ -201,8 +240,9 @@ class PCParametrization(nn.Module):
         self.power_iters = power_iters
         self.eps = float(eps)
         self.norm_recovery = bool(norm_recovery)
+        self.transposed = bool(transposed)
         u, v = init_singular_vectors(
-            weight.shape, device=weight.device, dtype=_vector_dtype(weight.dtype)
+            self._operator(weight).shape, device=weight.device, dtype=_vector_dtype(weight.dtype)
         )
         self.register_buffer("u", u)
         self.register_buffer("v", v)
@@ -214,6 +254,10 @@ class PCParametrization(nn.Module):
         # Set only inside PCHandle.accumulate(): a detached leaf standing in for W_eff.
         self._accumulation_leaf: Tensor | None = None
 
+    def _operator(self, weight: Tensor) -> Tensor:
+        """The stored weight as the ``(out, in)`` operator (a view)."""
+        return weight.mT if getattr(self, "transposed", False) else weight
+
     def forward(self, weight: Tensor) -> Tensor:
         """``W_eff`` from the raw weight; reads (clones) ``u``, ``v``, never advances them."""
         if self._accumulation_leaf is not None:
@@ -222,15 +266,19 @@ class PCParametrization(nn.Module):
         # Clone: refresh_ updates the buffers in place, which would invalidate a saved graph.
         u = self.u.to(dtype=dtype, copy=True)
         v = self.v.to(dtype=dtype, copy=True)
+        if getattr(self, "transposed", False):
+            # Stored (in, out): rows pair with v. f(W^T) = f(W)^T, so this is the operator's
+            # W_eff in the stored layout (contiguous, no transposes).
+            u, v = v, u
         return pc_weight(
             weight, u, v, self.gamma, self.polynomial.coefficients,
             eps=self.eps, norm_recovery=self.norm_recovery,
         )
 
     def sigma(self, weight: Tensor) -> Tensor:
-        """Current estimate ``s = u^T W v`` (0-D, no grad)."""
+        """Current estimate ``s = u^T W v`` (0-D, no grad); ``weight`` as stored."""
         with torch.no_grad():
-            return sigma_max_estimate(weight, self.u, self.v)
+            return sigma_max_estimate(self._operator(weight), self.u, self.v)
 
     @torch.no_grad()
     def refresh_(self, weight: Tensor, iters: int | None = None) -> None:
@@ -241,7 +289,7 @@ class PCParametrization(nn.Module):
         NaN/Inf the previous vectors are kept (no NaN enters the buffers); checked without
         a host sync.
         """
-        weight = full_tensor(weight)  # FSDP2 (DTensor rows): gather; collective
+        weight = self._operator(full_tensor(weight))  # FSDP2 (DTensor rows): gather; collective
         self._check_shapes(weight)
         u_prev, v_prev = self.u.clone(), self.v.clone()
         power_iteration_(weight, self.u, self.v, iters=self.power_iters if iters is None else iters,
@@ -254,8 +302,9 @@ class PCParametrization(nn.Module):
     def reset_(self, weight: Tensor, iters: int = DEFAULT_INIT_ITERS) -> None:
         """Fresh ``u``, ``v`` (fixed-seed random, then ``iters`` power iterations) and
         ``gamma = gamma_init``: for weights materialised after meta-device construction
-        (``to_empty`` leaves buffers uninitialised) or replaced wholesale."""
-        u, v = init_singular_vectors(weight.shape, device=weight.device, dtype=self.u.dtype)
+        (``to_empty`` leaves buffers uninitialised) or replaced wholesale. ``weight`` as stored."""
+        u, v = init_singular_vectors(self._operator(weight).shape, device=weight.device,
+                                     dtype=self.u.dtype)
         self.u.copy_(u)
         self.v.copy_(v)
         if self.gamma is not None:
@@ -263,6 +312,7 @@ class PCParametrization(nn.Module):
         self.refresh_(weight, iters)
 
     def _check_shapes(self, weight: Tensor) -> None:
+        """``weight``: the ``(out, in)`` operator (see :meth:`_operator`)."""
         if tuple(self.u.shape) != (weight.shape[0],) or tuple(self.v.shape) != (weight.shape[1],):
             self._reinit(weight)
 
@@ -295,6 +345,7 @@ class PCParametrization(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"{self.polynomial.name}{self.polynomial.coefficients}, "
+            f"{'transposed, ' if getattr(self, 'transposed', False) else ''}"
             f"power_iters={self.power_iters}, "
             f"eps={self.eps:g}, gamma={'on' if self.gamma is not None else 'off'}, "
             f"norm_recovery={self.norm_recovery}"
@@ -326,6 +377,12 @@ class PCHandle:
     def __init__(self, modules: dict[str, nn.Module]) -> None:
         self.modules = modules
 
+    @classmethod
+    def from_model(cls, model: nn.Module) -> PCHandle:
+        """A handle over every PC module already in ``model`` (e.g. a model loaded from a
+        checkpoint saved with PC, or one a trainer integration received). May be empty."""
+        return cls({name: m for name, m in model.named_modules() if is_pc_module(m)})
+
     @property
     def names(self) -> list[str]:
         """Qualified names of the wrapped modules."""
@@ -355,22 +412,25 @@ class PCHandle:
         estimator (the rule per matrix is unchanged; it saves ~10 tiny kernel launches per
         iteration and matrix, which dominate the refresh cost).
         """
+        # Grouped by the (out, in) operator's shape: a Conv1D (in, out) and a Linear
+        # (out, in) of the same operator shape share one batched call.
         groups: dict[tuple, list[tuple[PCParametrization, Tensor]]] = {}
         for name, module in self.modules.items():
             pc = self._pc(name, module)
             # FSDP2 shards W by rows (DTensor): every rank gathers the full W and runs the
             # same iteration, so u, v stay identical across ranks (collective).
-            weight = full_tensor(module.parametrizations.weight.original)
-            key = (tuple(weight.shape), weight.device, pc.u.dtype, pc.v.dtype,
+            stored = full_tensor(module.parametrizations.weight.original)
+            key = (tuple(pc._operator(stored).shape), stored.device, pc.u.dtype, pc.v.dtype,
                    pc.power_iters if iters is None else iters, pc.eps)
-            groups.setdefault(key, []).append((pc, weight))
+            groups.setdefault(key, []).append((pc, stored))
         for (_, _, _, _, n_iters, eps), items in groups.items():
             if len(items) == 1:
                 items[0][0].refresh_(items[0][1], n_iters)
                 continue
-            for pc, weight in items:
-                pc._check_shapes(weight)
-            w = torch.stack([weight.detach() for _, weight in items])
+            ops = [pc._operator(stored).detach() for pc, stored in items]
+            for (pc, _), op in zip(items, ops, strict=True):
+                pc._check_shapes(op)
+            w = torch.stack(ops)
             u = torch.stack([pc.u for pc, _ in items])
             v = torch.stack([pc.v for pc, _ in items])
             u_prev, v_prev = u.clone(), v.clone()
@@ -395,13 +455,17 @@ class PCHandle:
         for name, module in self.modules.items():
             self._pc(name, module).reset_(module.parametrizations.weight.original, iters)
 
-    def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
-        """Refresh ``u``, ``v`` after every ``optimizer.step()``; returns the removable hook.
+    def attach(self, optimizer: torch.optim.Optimizer) -> AttachHandle:
+        """Refresh ``u``, ``v`` after every ``optimizer.step()``.
 
         Uses ``optimizer.register_step_post_hook``, so it works with any
         ``torch.optim.Optimizer`` (``specopt.Muon``, ``build_optimizer``'s optimizer,
         ``torch.optim.AdamW``). It runs before ``scheduler.step()`` in the usual loop, so
         the forward at step t uses vectors refined on the current W.
+
+        Returns:
+            An :class:`~specopt.hooks.AttachHandle` (the type ``SpectralMonitor.attach``
+            returns too): ``.remove()`` unregisters the hook; usable as a context manager.
         """
         register = getattr(optimizer, "register_step_post_hook", None)
         if not callable(register):
@@ -409,7 +473,8 @@ class PCHandle:
                 "attach needs a torch.optim.Optimizer (with register_step_post_hook), got "
                 f"{type(optimizer).__name__}"
             )
-        return register(lambda _opt, _args, _kwargs: self.refresh())
+        hook = register(lambda _opt, _args, _kwargs: self.refresh())
+        return AttachHandle(optimizer, [hook], owner="PCHandle")
 
     @contextmanager
     def accumulate(self) -> Iterator[None]:
@@ -446,44 +511,66 @@ class PCHandle:
         return f"PCHandle({len(self)} modules: {', '.join(self.names)})"
 
 
+def _suffix_matches(path: str, suffix: str) -> bool:
+    """``suffix`` (dotted) equals the last components of ``path``."""
+    parts, want = path.split("."), suffix.split(".")
+    return len(parts) >= len(want) and parts[-len(want):] == want
+
+
+def _pc_kind(module: nn.Module) -> bool:
+    """True for a matrix module the PC layer wraps (:data:`PC_KINDS`)."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, Tensor):
+        return False
+    return matrix_spec(module, "weight", weight).kind in PC_KINDS
+
+
+def _describe(items: Sequence[tuple[str, nn.Module]], limit: int = 4) -> str:
+    shown = ", ".join(f"{n} ({type(m).__name__})" for n, m in items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
 def _select_targets(
     model: nn.Module,
-    targets: Sequence[str] | str | None,
+    include: tuple[Pattern, ...],
+    exclude: tuple[Pattern, ...],
     predicate: Callable[[str, nn.Module], bool] | None,
     include_qkv: bool,
 ) -> dict[str, nn.Module]:
-    named = [(name, m) for name, m in model.named_modules() if name]
-    if targets is not None:
-        patterns = [targets] if isinstance(targets, str) else list(targets)
-        if not patterns or not all(isinstance(p, str) and p for p in patterns):
-            raise ValueError(f"targets must be non-empty glob strings, got {targets!r}")
+    # Modules of torch's parametrize machinery are not layers a user selects.
+    named = [(name, m) for name, m in model.named_modules()
+             if name and "parametrizations" not in name.split(".")]
+    names = [n for n, _ in named]
+    if include:
         selected: dict[str, nn.Module] = {}
-        for pattern in patterns:
-            hits = [(n, m) for n, m in named if fnmatch.fnmatchcase(n, pattern)]
-            linear = [(n, m) for n, m in hits if isinstance(m, nn.Linear)]
+        for pattern in include:
+            hits = [(n, m) for n, m in named if matches([pattern], [n])]
             if not hits:
-                warnings.warn(f"apply_pc: target pattern {pattern!r} matches no module",
-                              stacklevel=3)
-            elif not linear:
-                shown = ", ".join(f"{n} ({type(m).__name__})" for n, m in hits[:4])
+                raise no_match_error("apply_pc: include", pattern, names, "module")
+            mats = [(n, m) for n, m in hits if _pc_kind(m)]
+            if not mats:
                 raise TypeError(
-                    f"apply_pc: target pattern {pattern!r} matches only non-Linear modules "
-                    f"({shown}); PC applies to nn.Linear weights"
+                    f"apply_pc: include pattern {pattern!r} matches only non-matrix modules "
+                    f"({_describe(hits)}); PC applies to nn.Linear and transformers Conv1D "
+                    "weights"
                 )
-            selected.update(linear)
-        return selected
-    if predicate is not None:
+            selected.update(mats)
+    elif predicate is not None:
         if not callable(predicate):
             raise TypeError(f"predicate must be callable(name, module), got {predicate!r}")
-        return {n: m for n, m in named if isinstance(m, nn.Linear) and predicate(n, m)}
-    names = set(DEFAULT_PC_TARGETS) | (set(QKV_NAMES) if include_qkv else set())
-    chosen = {n: m for n, m in named if n.rsplit(".", 1)[-1] in names}
-    skipped = [f"{n} ({type(m).__name__})" for n, m in chosen.items()
-               if not isinstance(m, nn.Linear)]
-    if skipped:
-        warnings.warn(f"apply_pc: skipping non-Linear modules named like PC targets: "
-                      f"{', '.join(skipped)}", stacklevel=3)
-    return {n: m for n, m in chosen.items() if isinstance(m, nn.Linear)}
+        selected = {n: m for n, m in named if _pc_kind(m) and predicate(n, m)}
+    else:
+        suffixes = DEFAULT_PC_TARGETS + (QKV_TARGETS if include_qkv else ())
+        chosen = [(n, m) for n, m in named if any(_suffix_matches(n, s) for s in suffixes)]
+        skipped = [(n, m) for n, m in chosen if not _pc_kind(m)]
+        if skipped:
+            warnings.warn("apply_pc: skipping non-matrix modules named like PC targets: "
+                          f"{_describe(skipped, 8)}", stacklevel=3)
+        selected = {n: m for n, m in chosen if _pc_kind(m)}
+    for pattern in exclude:
+        if not matches([pattern], names):
+            raise no_match_error("apply_pc: exclude", pattern, names, "module")
+    return {n: m for n, m in selected.items() if not matches(exclude, [n])}
 
 
 def apply_pc(
@@ -491,7 +578,8 @@ def apply_pc(
     *,
     level: int | None = None,
     coefficients: OddPolynomial | Sequence[float] | None = None,
-    targets: Sequence[str] | str | None = None,
+    include: Pattern | Sequence[Pattern] | None = None,
+    exclude: Pattern | Sequence[Pattern] | None = None,
     predicate: Callable[[str, nn.Module], bool] | None = None,
     include_qkv: bool = False,
     power_iters: int = 10,
@@ -500,18 +588,25 @@ def apply_pc(
     gamma_init: float = 1.0,
     norm_recovery: bool = True,
     init_iters: int = DEFAULT_INIT_ITERS,
+    targets: Pattern | Sequence[Pattern] | None = None,
 ) -> PCHandle:
-    """Wrap Linear layers of ``model`` (in place) with the PC parametrization.
+    """Wrap matrix layers of ``model`` (in place) with the PC parametrization.
 
     Args:
         model: any ``nn.Module``.
         level: published polynomial 1-4 (default 4 when ``coefficients`` is not given;
             the paper uses 4 with AdamW and 2 with Muon).
         coefficients: a custom odd polynomial ``(c1, c3, ...)`` or :class:`OddPolynomial`.
-        targets: glob pattern(s) on qualified module names (``fnmatch``, ``*`` spans dots),
-            e.g. ``"layers.*.feed_forward.*"``. Overrides the default selection.
-        predicate: ``predicate(name, module) -> bool`` called for every ``nn.Linear``.
-        include_qkv: also wrap q/k/v projections (:data:`QKV_NAMES`) in the default selection.
+        include: module-path pattern(s) (:mod:`specopt.layers` vocabulary: glob, ``*``
+            spans dots, or a compiled regex), e.g. ``"layers.*.feed_forward.*"``; replaces
+            the default selection. Each pattern must match a module, and among its matches
+            at least one matrix module.
+        exclude: module-path pattern(s) removed from the selection (default or
+            ``include``); each must match some module.
+        predicate: ``predicate(name, module) -> bool`` called for every matrix module
+            (instead of ``include``).
+        include_qkv: also wrap q/k/v projections (:data:`QKV_TARGETS`) in the default
+            selection.
         power_iters: power iterations per refresh (after each optimizer step).
         eps: floor for power-iteration normalisation and for ``s``.
         learn_gamma: add a learnable scalar ``gamma`` per layer (init ``gamma_init``).
@@ -519,9 +614,12 @@ def apply_pc(
             ``gamma * f(W/s)`` (False); see the module docstring.
         init_iters: power iterations run once now, from the random start, so the first
             forward already uses a converged ``s``.
+        targets: deprecated alias of ``include`` (``DeprecationWarning``).
 
-    Default selection: every ``nn.Linear`` whose last name component is in
-    :data:`DEFAULT_PC_TARGETS` (FFN matrices and attention output projections).
+    Matrix modules: ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2, weight stored
+    ``(in, out)``). Default selection: every matrix module whose path ends with a suffix
+    of :data:`PC_TARGET_TABLE` (FFN matrices and attention output projections of Llama,
+    GPT-2, GPT-NeoX, BERT, T5, Phi/OPT, ViT, nanoGPT and specopt's Llama).
 
     The current weight becomes the raw ``W`` (``module.parametrizations.weight.original``,
     the same Parameter object); ``module.weight`` becomes ``W_eff``, so the model's
@@ -531,25 +629,39 @@ def apply_pc(
         A :class:`PCHandle`; call ``handle.attach(optimizer)`` before training.
 
     Raises:
-        ValueError: bad options, nothing selected, a weight already parametrized (apply
-            twice), shared (tied) weights, non-finite weights.
-        TypeError: a target pattern that only matches non-Linear modules.
+        ValueError: bad options, a pattern that matches no module, nothing selected, a
+            weight already parametrized (apply twice), shared (tied) weights, non-finite
+            weights.
+        TypeError: an ``include`` pattern that only matches non-matrix modules; both
+            ``include`` and its alias ``targets``.
     """
+    if targets is not None:
+        if include is not None:
+            raise TypeError("apply_pc: give include (targets is its deprecated alias), "
+                            "not both")
+        warnings.warn("apply_pc(targets=...) is deprecated; use include=... (same patterns)",
+                      DeprecationWarning, stacklevel=2)
+        include = targets
     polynomial = resolve_polynomial(level, coefficients)
-    if targets is not None and predicate is not None:
-        raise ValueError("give either targets or predicate, not both")
-    if include_qkv and (targets is not None or predicate is not None):
-        raise ValueError("include_qkv only extends the default selection; with targets or "
+    inc = check_patterns("include", include)
+    exc = check_patterns("exclude", exclude)
+    if include is not None and not inc:
+        raise ValueError(f"include must hold at least one pattern, got {include!r}")
+    if inc and predicate is not None:
+        raise ValueError("give either include or predicate, not both")
+    if include_qkv and (inc or predicate is not None):
+        raise ValueError("include_qkv only extends the default selection; with include or "
                          "predicate, select q/k/v explicitly")
     if isinstance(init_iters, bool) or not isinstance(init_iters, int) or init_iters < 0:
         raise ValueError(f"init_iters must be an int >= 0, got {init_iters!r}")
-    selected = _select_targets(model, targets, predicate, include_qkv)
+    selected = _select_targets(model, inc, exc, predicate, include_qkv)
     if not selected:
+        how = (f"include={include!r}" if inc else "the predicate" if predicate is not None
+               else "the default targets (PC_TARGET_TABLE)")
         raise ValueError(
-            "apply_pc selected no module: no nn.Linear matches "
-            + (f"targets={targets!r}" if targets is not None else
-               "the predicate" if predicate is not None else
-               f"the default names {DEFAULT_PC_TARGETS}")
+            f"apply_pc selected no module: no nn.Linear / Conv1D matches {how}"
+            + (f" once exclude={exclude!r} is applied" if exc else "")
+            + "; pass include=[...] with module paths"
         )
     # Validate everything before touching the model, so a failure leaves it unchanged.
     share_count: dict[int, int] = {}
@@ -568,9 +680,11 @@ def apply_pc(
             raise ValueError(f"apply_pc: '{name}.weight' {tuple(weight.shape)} has "
                              "non-finite values")
     for module in selected.values():
+        spec = matrix_spec(module, "weight", module.weight)
         pc = PCParametrization(
             module.weight, polynomial=polynomial, power_iters=power_iters, eps=eps,
             learn_gamma=learn_gamma, gamma_init=gamma_init, norm_recovery=norm_recovery,
+            transposed=spec.transposed,
         )
         # Converge u, v before registering: registration evaluates forward once, and the
         # first training forward must already see a good s. (Meta weights have no values:

@@ -66,7 +66,6 @@ mean cost and corrected by the overhead measured over the last snapshot interval
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import math
 import os
@@ -85,6 +84,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from specopt.distributed import get_rank, get_world_size, is_dtensor
+from specopt.hooks import AttachHandle
+from specopt.layers import Pattern, block_of, check_patterns, matches, matrix_spec, no_match_error
 from specopt.spectral.alarms import Alarm, AlarmRule, Observation, default_alarms
 from specopt.spectral.metrics import (
     METRIC_NAMES,
@@ -114,10 +115,6 @@ __all__ = ["MonitorHandle", "SpectralMonitor"]
 
 logger = logging.getLogger("specopt.spectral.alarms")
 
-_ATTENTION = re.compile(r"(attn|attention|\bw[qkvo]\b|[qkvo]_proj|qkv|query|key|value)")
-_MLP = re.compile(r"(mlp|feed_forward|ffn|\bfc\d*\b|\bw[123]\b|gate|up_proj|down_proj|c_fc)")
-_EMBED = re.compile(r"(embed|wte|wpe|\boutput\b|lm_head)")
-
 #: Power iterations run once per matrix at construction so the first cheap reading is
 #: already converged (later readings are warm-started and need only ``power_iters``).
 _WARMUP_ITERS = 30
@@ -125,15 +122,9 @@ _WARMUP_ITERS = 30
 _STEP_WINDOW = 20
 
 
-def _block_of(path: str) -> str:
-    parts = " ".join(path.split("."))
-    if _ATTENTION.search(parts):
-        return "attention"
-    if _MLP.search(parts):
-        return "mlp"
-    if _EMBED.search(parts):
-        return "embedding"
-    return "other"
+def _block_of(key: str) -> str:
+    """Block label of a monitored key (rule: :func:`specopt.layers.block_of`)."""
+    return block_of(key.removesuffix(RAW_SUFFIX))
 
 
 def _is_dtensor(t: Any) -> bool:
@@ -160,32 +151,10 @@ def _get_pc(module: nn.Module) -> Any:
     return None
 
 
-def _matches(path: str, patterns: Sequence[str | re.Pattern[str]]) -> bool:
-    for pat in patterns:
-        if isinstance(pat, re.Pattern):
-            if pat.search(path):
-                return True
-        elif fnmatch.fnmatchcase(path, pat):
-            return True
-    return False
-
-
-def _patterns(name: str, value: Any) -> list[str | re.Pattern[str]] | None:
-    if value is None:
-        return None
-    items = [value] if isinstance(value, (str, re.Pattern)) else list(value)
-    for item in items:
-        if not isinstance(item, (str, re.Pattern)):
-            raise TypeError(
-                f"{name} must be a glob string, a compiled regex or a list of them, "
-                f"got {type(item).__name__}"
-            )
-    return items
-
-
 @dataclass
 class _Matrix:
-    """A monitored module weight (internal)."""
+    """A monitored matrix (internal): a module weight, or one matrix of a batched
+    parameter (MoE experts ``(E, out, in)``: one entry per expert, ``index`` = e)."""
 
     path: str
     module: nn.Module
@@ -193,17 +162,34 @@ class _Matrix:
     parametrized: bool
     info: LayerInfo  # effective weight (== trained for plain modules)
     raw_info: LayerInfo | None  # raw weight of a parametrized module
+    index: int | None = None  # matrix of a batched tensor (trained.reshape(-1, m, n)[index])
 
     @property
     def trained_key(self) -> str:
         return self.raw_info.key if self.raw_info is not None else self.info.key
+
+    def matrix(self, t: Tensor | None = None) -> Tensor:
+        """The trained tensor (or ``t``, a whole copy of it), detached, as this entry's
+        matrix: itself (stored orientation; singular values do not depend on it), or
+        matrix ``index`` of a batch."""
+        t = (self.trained if t is None else t).detach()
+        if self.index is None:
+            return t
+        return t.reshape(-1, *t.shape[-2:])[self.index]
+
+    def grad(self) -> Tensor | None:
+        """This entry's part of the trained tensor's gradient (None if absent)."""
+        g = None if _is_dtensor(self.trained) else self.trained.grad
+        if g is None or self.index is None:
+            return g
+        return g.reshape(-1, *g.shape[-2:])[self.index]
 
     @torch.no_grad()
     def effective(self, raw: Tensor | None = None) -> Tensor:
         """The weight the module computes with; ``raw``: a whole (gathered) copy of the
         trained tensor to apply the parametrizations to (FSDP2 owners)."""
         if not self.parametrized:
-            return self.trained.detach()
+            return self.matrix(raw)
         plist = self.module.parametrizations["weight"]
         if raw is not None:
             modes = [(m, m.training) for m in plist.modules()]
@@ -240,28 +226,9 @@ class _SignalGroup:
     keys: list[str] = field(default_factory=list)
 
 
-class MonitorHandle:
-    """Returned by :meth:`SpectralMonitor.attach`; ``remove()`` (alias ``detach()``)
-    unregisters the optimizer hooks. Also a context manager."""
-
-    def __init__(self, monitor: SpectralMonitor, hooks: list[Any]) -> None:
-        self._monitor = monitor
-        self._hooks = hooks
-
-    def remove(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-        if self in self._monitor._handles:
-            self._monitor._handles.remove(self)
-
-    detach = remove
-
-    def __enter__(self) -> MonitorHandle:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
+#: Former name of :class:`specopt.hooks.AttachHandle` (what :meth:`SpectralMonitor.attach`
+#: returns, the same type as :meth:`specopt.PCHandle.attach`).
+MonitorHandle = AttachHandle
 
 
 class SpectralMonitor:
@@ -269,13 +236,18 @@ class SpectralMonitor:
 
     Args:
         model: the model; every module whose ``weight`` has >= 2 dims is a matrix
-            (conv kernels read as ``(out, in * k...)``); tied weights are monitored once.
+            (conv kernels read as ``(out, in * k...)``, transformers' ``Conv1D`` as its
+            ``(out, in)`` operator: :mod:`specopt.layers`), and so is each matrix of other
+            parameters with >= 3 dims (MoE experts ``(E, out, in)``, keys
+            ``<module>.<param>.<e>``); tied weights are monitored once.
         log_dir: directory for a TensorBoard event file (created; must be writable).
         writer: an existing ``SummaryWriter`` instead of ``log_dir`` (not closed by us).
             With neither, nothing is written to TensorBoard (alarms still fire).
         every: snapshot cadence in optimizer steps (snapshots at steps divisible by it).
-        include, exclude: glob patterns (``fnmatch`` on the module path, e.g.
-            ``"layers.*.attention.*"``) or compiled regexes (``search``) selecting layers.
+        include, exclude: layer patterns (the :mod:`specopt.layers` vocabulary: globs on
+            the module path or key, e.g. ``"layers.*.attention.*"``, or compiled regexes);
+            each must match some matrix of the model (else ``ValueError`` listing close
+            names).
         histograms: log the two histograms per layer at each snapshot.
         save_spectra: also save raw spectra as ``.npz`` per snapshot (needs a log dir).
         budget: target amortized monitor time as a fraction of step time (default 2%);
@@ -353,8 +325,8 @@ class SpectralMonitor:
         self.rules = rules
         self.on_alarm = on_alarm
         self.alarms_fired: deque[Alarm] = deque(maxlen=1000)
-        self._matrices = self._discover(_patterns("include", include),
-                                        _patterns("exclude", exclude))
+        self._matrices = self._discover(check_patterns("include", include),
+                                        check_patterns("exclude", exclude))
 
         # Under torch.distributed every rank builds the monitor; rank 0 alone writes, and
         # each matrix's spectrum is computed once, on its owner rank (OwnerPlan).
@@ -392,7 +364,7 @@ class SpectralMonitor:
         self.log_dir = log_path
 
         self._groups = self._make_signal_groups()
-        self._handles: list[MonitorHandle] = []
+        self._handles: list[AttachHandle] = []
         self._step = start_step
         self._every_eff = every
         self._signal_stride = signal_every
@@ -423,47 +395,71 @@ class SpectralMonitor:
             raise ValueError(f"log_dir {path!r} is not a writable directory: {exc}") from exc
         return path
 
-    def _discover(self, include: list | None, exclude: list | None) -> list[_Matrix]:
-        found: list[_Matrix] = []
+    def _candidates(self) -> list[tuple[str, nn.Module, Tensor, bool, Any, int | None, str]]:
+        """Every matrix of the model, tied tensors once: ``(key, module, trained tensor,
+        parametrized, MatrixSpec, batch index, module path)``. Module weights with >= 2
+        dims (the raw tensor of a parametrized weight), and one entry per matrix of other
+        parameters with ndim >= 3 (MoE expert stacks; key ``<module>.<param>.<e>``)."""
+        out = []
         seen: set[int] = set()
-        all_paths: list[str] = []
         for path, module in self.model.named_modules():
             if "parametrizations" in path.split("."):
                 continue
             if parametrize.is_parametrized(module, "weight"):
                 plist = module.parametrizations["weight"]
                 trained = getattr(plist, "original", None)
-                if trained is None or trained.ndim < 2:
-                    continue  # multi-tensor right-inverses: not a single raw matrix
                 parametrized = True
             else:
                 trained = getattr(module, "weight", None)
-                if not isinstance(trained, Tensor) or trained.ndim < 2:
-                    continue
                 parametrized = False
-            if id(trained) in seen or trained.numel() == 0:
-                continue  # tied weights (e.g. output = tok_embeddings): monitor once
-            seen.add(id(trained))
-            all_paths.append(path)
-            if include is not None and not _matches(path, include):
-                continue
-            if exclude is not None and _matches(path, exclude):
-                continue
-            shape = (int(trained.shape[0]), int(trained.numel() // trained.shape[0]))
-            block, pc = _block_of(path), _get_pc(module) is not None
-            info = LayerInfo(key=path, path=path, shape=shape, block=block, pc=pc)
-            raw = (LayerInfo(key=path + RAW_SUFFIX, path=path, shape=shape, block=block, pc=pc,
-                             raw=True) if parametrized else None)
-            found.append(_Matrix(path, module, trained, parametrized, info, raw))
-        if not all_paths:
+            if (isinstance(trained, Tensor) and trained.ndim >= 2 and trained.numel()
+                    and id(trained) not in seen):
+                seen.add(id(trained))  # tied weights (e.g. output = tok_embeddings): once
+                spec = matrix_spec(module, "weight", trained)
+                out.append((path, module, trained, parametrized, spec, None, path))
+            for name, p in module.named_parameters(recurse=False):
+                if name == "weight" or p.ndim < 3 or not p.numel() or id(p) in seen:
+                    continue
+                spec = matrix_spec(module, name, p)
+                if spec.kind != "experts" or spec.has_unit_dim:
+                    continue  # (1, N, D) position embeddings and the like: not operators
+                seen.add(id(p))
+                base = f"{path}.{name}" if path else name
+                for e in range(spec.count):
+                    out.append((f"{base}.{e}", module, p, False, spec, e, path))
+        return out
+
+    def _discover(self, include: Sequence[Pattern], exclude: Sequence[Pattern]
+                  ) -> list[_Matrix]:
+        cands = self._candidates()
+        if not cands:
             raise ValueError(
                 f"model {type(self.model).__name__} has no weight matrices to monitor "
                 "(no module with a >= 2-D weight)"
             )
+        names = list(dict.fromkeys(n for c in cands for n in (c[0], c[6])))
+        for arg, pats in (("include", include), ("exclude", exclude)):
+            for pat in pats:
+                if not any(matches([pat], (c[0], c[6])) for c in cands):
+                    raise no_match_error(f"SpectralMonitor: {arg}", pat, names, "weight matrix")
+        found: list[_Matrix] = []
+        for key, module, trained, parametrized, spec, index, path in cands:
+            if include and not matches(include, (key, path)):
+                continue
+            if exclude and matches(exclude, (key, path)):
+                continue
+            # (out, in) of the operator: rms_to_rms and fan-based metrics need the true
+            # orientation (transformers' Conv1D stores (in, out)); conv kernels flattened.
+            shape = spec.matrix_shape
+            block, pc = block_of(path, spec.kind), _get_pc(module) is not None
+            info = LayerInfo(key=key, path=path, shape=shape, block=block, pc=pc)
+            raw = (LayerInfo(key=key + RAW_SUFFIX, path=path, shape=shape, block=block, pc=pc,
+                             raw=True) if parametrized else None)
+            found.append(_Matrix(path, module, trained, parametrized, info, raw, index))
         if not found:
             raise ValueError(
                 f"include/exclude patterns selected no weight matrix; available: "
-                f"{', '.join(all_paths[:20])}{' ...' if len(all_paths) > 20 else ''}"
+                f"{', '.join(names[:20])}{' ...' if len(names) > 20 else ''}"
             )
         return found
 
@@ -473,7 +469,7 @@ class SpectralMonitor:
             t = m.trained
             if _is_dtensor(t):
                 continue  # sharded (FSDP2): no cheap signal, snapshots only
-            by_shape.setdefault((tuple(t.shape), t.device, t.dtype), []).append(m)
+            by_shape.setdefault((tuple(m.matrix().shape), t.device, t.dtype), []).append(m)
         groups = []
         for (shape, device, dtype), mats in by_shape.items():
             vec_dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -487,8 +483,7 @@ class SpectralMonitor:
 
     @staticmethod
     def _stack(g: _SignalGroup) -> Tensor:
-        return torch.stack([m.trained.detach().reshape(m.trained.shape[0], -1)
-                            for m in g.matrices])
+        return torch.stack([m.matrix().reshape(m.matrix().shape[0], -1) for m in g.matrices])
 
     @staticmethod
     def _repair_vectors(g: _SignalGroup) -> None:
@@ -531,7 +526,9 @@ class SpectralMonitor:
         """Register step pre/post hooks on ``optimizer``: the post-hook runs
         :meth:`step` after every ``optimizer.step()``; the pre-hook copies the monitored
         weights just before a snapshot step (for the update ratio). Returns a handle
-        whose ``remove()`` unregisters both; the optimizer is otherwise untouched."""
+        (:class:`~specopt.hooks.AttachHandle`, as ``PCHandle.attach`` returns) whose
+        ``remove()`` unregisters both and which works as a context manager; the
+        optimizer is otherwise untouched."""
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got "
                             f"{type(optimizer).__name__}")
@@ -539,7 +536,8 @@ class SpectralMonitor:
             optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._pre_step()),
             optimizer.register_step_post_hook(lambda opt, args, kwargs: self.step()),
         ]
-        handle = MonitorHandle(self, hooks)
+        handle = AttachHandle(optimizer, hooks, owner="SpectralMonitor",
+                              on_remove=self._handles.remove)
         self._handles.append(handle)
         return handle
 
@@ -568,7 +566,7 @@ class SpectralMonitor:
 
     @torch.no_grad()
     def _capture(self, step: int) -> None:
-        self._previous = {m.trained_key: m.trained.detach().clone() for m in self._matrices}
+        self._previous = {m.trained_key: m.matrix().clone() for m in self._matrices}
         self._previous_step = step
 
     def step(self, global_step: int | None = None, loss: Tensor | float | None = None
@@ -688,7 +686,7 @@ class SpectralMonitor:
         if bad_w:
             for g in self._groups:
                 self._repair_vectors(g)
-        grads = [None if _is_dtensor(m.trained) else m.trained.grad for m in self._matrices]
+        grads = [m.grad() for m in self._matrices]
         # Sparse gradients (nn.Embedding(sparse=True)): check their stored values.
         present = [(m.trained_key, gr._values() if gr.is_sparse else gr)
                    for m, gr in zip(self._matrices, grads, strict=True) if gr is not None]
@@ -712,7 +710,7 @@ class SpectralMonitor:
         for m in self._matrices:
             if m.raw_info is not None:
                 infos.append(m.raw_info)
-                weights.append(m.trained.detach())
+                weights.append(m.matrix())
         # Update ratio: ||W_t - W_{t-1}||_2 of the trained tensors, in the same batched SVD.
         previous = self._previous if self._previous_step == step - 1 else None
         self._previous, self._previous_step = None, None
@@ -722,7 +720,7 @@ class SpectralMonitor:
                 key = m.trained_key
                 if key in previous:
                     delta_keys.append(key)
-                    weights.append(m.trained.detach() - previous[key])
+                    weights.append(m.matrix() - previous[key])
         sigmas = singular_values(weights, dtype=self.dtype)
         spectra = {info.key: sig for info, sig in zip(infos, sigmas[: len(infos)], strict=True)}
         delta_norms = {key: float(sig[0]) if sig.numel() else math.nan
@@ -789,6 +787,8 @@ class SpectralMonitor:
             m, raw = by_key[key]
             if m.parametrized and not raw:
                 owned[key] = m.effective(owned[key] if _is_dtensor(m.trained) else None)
+            else:
+                owned[key] = m.matrix(owned[key])  # one expert of a gathered batch
         keys = list(owned)
         sig = singular_values([owned[k] for k in keys], dtype=self.dtype) if keys else []
         payload = {k: (by_key[k][0].info.shape, by_key[k][1], s.double().cpu())
@@ -799,7 +799,7 @@ class SpectralMonitor:
         if previous is not None:
             dk = [k for k in keys if k in previous and not _is_dtensor(previous[k])
                   and by_key[k][0].trained_key == k]
-            dsig = singular_values([by_key[k][0].trained.detach() - previous[k] for k in dk],
+            dsig = singular_values([by_key[k][0].matrix() - previous[k] for k in dk],
                                    dtype=self.dtype) if dk else []
             deltas = {k: float(d[0]) for k, d in zip(dk, dsig, strict=True)}
         gathered = plan.to_main((payload, deltas))

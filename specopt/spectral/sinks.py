@@ -102,8 +102,10 @@ class LayerInfo:
     Attributes:
         key: tag key: the module path, plus ``/raw`` for a parametrization's raw weight.
         path: module path (``model.named_modules()`` name).
-        shape: ``(m, n)`` of the matrix as analysed (conv kernels flattened).
-        block: ``"attention"``, ``"mlp"``, ``"embedding"`` or ``"other"`` (from the name).
+        shape: ``(m, n)`` = ``(fan_out, fan_in)`` of the operator (conv kernels
+            flattened, transformers' ``Conv1D`` un-transposed; :mod:`specopt.layers`).
+        block: ``"attention"``, ``"mlp"``, ``"embedding"``, ``"head"`` or ``"other"``
+            (:func:`specopt.layers.block_of`).
         pc: the module carries a specopt PC parametrization.
         raw: this entry is the raw weight of a parametrized module.
     """
