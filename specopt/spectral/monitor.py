@@ -237,7 +237,8 @@ class SpectralMonitor:
     Args:
         model: the model; every module whose ``weight`` has >= 2 dims is a matrix
             (conv kernels read as ``(out, in * k...)``, transformers' ``Conv1D`` as its
-            ``(out, in)`` operator: :mod:`specopt.layers`), and so is each matrix of other
+            ``(out, in)`` operator: :mod:`specopt.layers`; weights with a size-1 side
+            are skipped), and so is each matrix of other
             parameters with >= 3 dims (MoE experts ``(E, out, in)``, keys
             ``<module>.<param>.<e>``); tied weights are monitored once.
         log_dir: directory for a TensorBoard event file (created; must be writable).
@@ -398,8 +399,9 @@ class SpectralMonitor:
     def _candidates(self) -> list[tuple[str, nn.Module, Tensor, bool, Any, int | None, str]]:
         """Every matrix of the model, tied tensors once: ``(key, module, trained tensor,
         parametrized, MatrixSpec, batch index, module path)``. Module weights with >= 2
-        dims (the raw tensor of a parametrized weight), and one entry per matrix of other
-        parameters with ndim >= 3 (MoE expert stacks; key ``<module>.<param>.<e>``)."""
+        dims (the raw tensor of a parametrized weight) but no size-1 side, and one entry
+        per matrix of other parameters with ndim >= 3 (MoE expert stacks; key
+        ``<module>.<param>.<e>``)."""
         out = []
         seen: set[int] = set()
         for path, module in self.model.named_modules():
@@ -416,7 +418,10 @@ class SpectralMonitor:
                     and id(trained) not in seen):
                 seen.add(id(trained))  # tied weights (e.g. output = tok_embeddings): once
                 spec = matrix_spec(module, "weight", trained)
-                out.append((path, module, trained, parametrized, spec, None, path))
+                # A (1, n) / (m, 1) weight (a scalar regression head) has one singular
+                # value, its norm: no spectrum to watch, and rank alarms would misfire.
+                if not spec.has_unit_dim:
+                    out.append((path, module, trained, parametrized, spec, None, path))
             for name, p in module.named_parameters(recurse=False):
                 if name == "weight" or p.ndim < 3 or not p.numel() or id(p) in seen:
                     continue

@@ -1,0 +1,112 @@
+"""``SpectralMonitorCallback`` for Lightning (``pip install 'specopt[lightning]'``).
+
+::
+
+    from specopt.integrations.lightning import SpectralMonitorCallback
+
+    class LitModel(L.LightningModule):
+        def configure_optimizers(self):
+            return specopt.build_optimizer(self, "muon", lr=3e-3)
+
+    L.Trainer(max_steps=1000, callbacks=[SpectralMonitorCallback(every=50)]).fit(...)
+
+At ``on_fit_start`` the callback builds a :class:`specopt.SpectralMonitor` on the
+LightningModule and, when it has PC layers (:func:`specopt.apply_pc`), attaches their
+u/v refresh to every optimizer the Trainer steps. After each optimizer step (seen at
+``on_train_batch_end`` as a new ``trainer.global_step``, so gradient accumulation is
+safe) it steps the monitor with that global step and the batch's loss. Where it writes:
+``log_dir`` if given; else the Trainer's ``TensorBoardLogger`` (the same event file as
+Lightning's own metrics); else ``<default_root_dir>/spectral``. Works with the
+``lightning`` and the ``pytorch_lightning`` package names.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from specopt.integrations._common import MonitorSession, check_monitor_kwargs, missing_extra
+
+try:
+    from lightning.pytorch import Callback
+    from lightning.pytorch.loggers import TensorBoardLogger
+except ImportError:  # pragma: no cover - the older package name
+    try:
+        from pytorch_lightning import Callback
+        from pytorch_lightning.loggers import TensorBoardLogger
+    except ImportError as exc:
+        raise missing_extra("lightning", "lightning", "specopt.integrations.lightning") from exc
+
+__all__ = ["SpectralMonitorCallback"]
+
+
+def _loss_of(outputs: Any) -> Any:
+    if isinstance(outputs, dict):
+        return outputs.get("loss")
+    return outputs if hasattr(outputs, "detach") else None
+
+
+class SpectralMonitorCallback(Callback):
+    """Spectral monitoring (and the PC refresh) for a Lightning ``Trainer.fit``.
+
+    Args:
+        every: snapshot cadence in optimizer steps (default 50).
+        log_dir: TensorBoard directory (default: the TensorBoardLogger's, see the module
+            docstring).
+        refresh_pc: attach the PC layers' u/v refresh to the Trainer's optimizers when the
+            module has PC layers (default True; pass False if you attach it yourself).
+        **monitor_kwargs: further :class:`specopt.SpectralMonitor` options.
+
+    Attributes:
+        monitor: the :class:`SpectralMonitor` of the current fit (None outside it).
+        log_dir: the directory it writes to (set at ``on_fit_start``).
+    """
+
+    def __init__(self, *, every: int = 50, log_dir: str | os.PathLike[str] | None = None,
+                 refresh_pc: bool = True, **monitor_kwargs: Any) -> None:
+        check_monitor_kwargs(every, log_dir, monitor_kwargs)
+        self.every = every
+        self.refresh_pc = bool(refresh_pc)
+        self.monitor_kwargs = monitor_kwargs
+        self._log_dir = None if log_dir is None else os.fspath(log_dir)
+        self.log_dir: str | None = self._log_dir
+        self._session: MonitorSession | None = None
+
+    @property
+    def monitor(self) -> Any:
+        return None if self._session is None else self._session.monitor
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        if self._session is not None:
+            self._session.close()
+        writer = None
+        log_dir = self._log_dir
+        if log_dir is None:
+            tb = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+            if tb is not None:
+                writer, log_dir = tb.experiment, tb.log_dir
+                # The monitor writes to the logger's SummaryWriter (rank 0 only).
+                if trainer.global_rank != 0:
+                    writer = None
+            else:
+                log_dir = os.path.join(trainer.default_root_dir, "spectral")
+        self.log_dir = log_dir
+        self._session = MonitorSession(
+            pl_module, trainer.optimizers, start_step=int(trainer.global_step),
+            log_dir=None if writer is not None else log_dir, writer=writer, every=self.every,
+            refresh_pc=self.refresh_pc, monitor_kwargs=self.monitor_kwargs,
+        )
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        # global_step counts optimizer steps: it moves only on accumulation boundaries.
+        if self._session is not None:
+            self._session.step(int(trainer.global_step), loss=_loss_of(outputs))
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self.on_fit_end(trainer, pl_module)
