@@ -39,26 +39,28 @@ Block labels (:func:`block_of`) from the module path, lower-cased, split on ``.`
 wrapper prefixes (``module``, ``_orig_mod``, ``_fsdp_wrapped_module``,
 ``_checkpoint_wrapped_module``) dropped; the first rule that applies wins:
 
-1. ``"embedding"``: the tensor is an embedding table, or a component contains ``embed`` or
-   is one of :data:`EMBEDDING_NAMES` (``wte``, ``wpe``, ``shared``).
+1. ``"embedding"``: the tensor is an embedding table (``nn.Embedding``).
 2. ``"head"``: the first or the last component is one of :data:`HEAD_NAMES`
-   (``lm_head``, ``output``, ``classifier``, ``score``, ...).
-3. Scanning components left to right, the first one that names a block: one containing
+   (``lm_head``, ``output``, ``classifier``, ``score``, ``embed_out``, ...).
+3. ``"embedding"``: a component contains ``embed`` or is one of :data:`EMBEDDING_NAMES`
+   (``wte``, ``wpe``, ``shared``), e.g. a ViT's ``patch_embeddings.projection`` conv.
+4. Scanning components left to right, the first one that names a block: one containing
    ``attn`` or ``attention`` (``self_attn``, ``SelfAttention``, ``EncDecAttention``,
    ``attention``) -> ``"attention"``; one of :data:`MLP_NAMES` (``mlp``, ``feed_forward``,
    ``DenseReluDense``, ``intermediate``, ``experts``, ...) or an inner ``output`` (BERT's
    ``layer.N.output.dense`` is the FFN's second matrix) -> ``"mlp"``.
-4. The last component alone: a q/k/v/output projection name (``q_proj``, ``c_attn``,
+5. The last component alone: a q/k/v/output projection name (``q_proj``, ``c_attn``,
    ``query``, ...) -> ``"attention"``; an FFN matrix name (``fc1``, ``w1``, ``c_fc``,
    ``up_proj``, ``dense_h_to_4h``, ...) -> ``"mlp"``.
-5. ``"other"``.
+6. ``"other"``.
 
 Selection (one vocabulary for ``include`` / ``exclude`` everywhere): a pattern is a glob
 string (``fnmatch``: ``*`` also matches dots, case-sensitive) matched against the whole
 name, or a compiled regex (``re.Pattern``) matched with ``search``. A module is named by
 its path in ``model.named_modules()``; a parameter by its full name, its layer name (a
 parametrization path collapsed: ``fc.parametrizations.weight.original`` -> ``fc.weight``)
-and its module's path, so ``"layers.*.mlp.*"`` selects the same layers for all three.
+and (for a matrix) its module's path, so ``"layers.*.mlp.*"`` selects the same layers for
+all three.
 A pattern that matches nothing is an error (:func:`no_match_error`) naming the argument,
 the pattern and a few close candidate names: a typo never silently selects nothing.
 """
@@ -279,10 +281,12 @@ def block_of(path: str, kind: str | None = None) -> str:
     """Block label of the module at ``path`` (one of :data:`BLOCKS`; rule in the module
     docstring). ``kind``: the tensor's :class:`MatrixSpec` kind, if known."""
     parts = path_components(path)
-    if kind == "embedding" or is_embedding_path(path):
+    if kind == "embedding":
         return "embedding"
     if is_head_path(path):
         return "head"
+    if is_embedding_path(path):
+        return "embedding"
     for i, p in enumerate(parts):
         if "attn" in p or "attention" in p:
             return "attention"

@@ -13,8 +13,9 @@ matrix is, its orientation and its block come from :mod:`specopt.layers`:
 2. User patterns (the :mod:`specopt.layers` vocabulary: globs, ``*`` also matches dots,
    or compiled regexes) in ``include`` (-> Muon) / ``exclude`` (-> AdamW), tested against
    every name of the tensor (all tied aliases), its layer name
-   (``w1.parametrizations.weight.original`` is also known as ``w1.weight``) and its
-   module's path (``"*.mlp.*"`` selects the same layers as in ``apply_pc``).
+   (``w1.parametrizations.weight.original`` is also known as ``w1.weight``) and, for
+   matrices, its module's path (``"*.mlp.*"`` selects the same layers as in ``apply_pc``;
+   a module path names the layer's weight, not its bias).
 3. 0-D / 1-D tensors (biases, norm gains, PC ``gamma``) -> AdamW.
 4. Complex tensors -> AdamW (Muon orthogonalizes real matrices only).
 5. Names the model lists in its own ``no_weight_decay()`` (timm's convention: position
@@ -307,9 +308,10 @@ class _Tensor:
 
     @property
     def keys(self) -> list[str]:
-        """Every name a pattern is tested against: full names, layer names, module paths."""
-        return list(dict.fromkeys([*self.names, *self.layer_names,
-                                   *(p for p in self.layer_paths if p)]))
+        """Every name a pattern is tested against: full names, layer names and, for
+        matrices, module paths (a module path names the layer's weight, not its bias)."""
+        paths = [p for p in self.layer_paths if p] if self.param.ndim >= 2 else []
+        return list(dict.fromkeys([*self.names, *self.layer_names, *paths]))
 
 
 def _collect(model: nn.Module) -> list[_Tensor]:

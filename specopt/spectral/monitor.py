@@ -400,8 +400,8 @@ class SpectralMonitor:
         """Every matrix of the model, tied tensors once: ``(key, module, trained tensor,
         parametrized, MatrixSpec, batch index, module path)``. Module weights with >= 2
         dims (the raw tensor of a parametrized weight) but no size-1 side, and one entry
-        per matrix of other parameters with ndim >= 3 (MoE expert stacks; key
-        ``<module>.<param>.<e>``)."""
+        per matrix of other parameters with ndim >= 3 holding several matrices (MoE expert
+        stacks; key ``<module>.<param>.<e>``)."""
         out = []
         seen: set[int] = set()
         for path, module in self.model.named_modules():
@@ -426,7 +426,7 @@ class SpectralMonitor:
                 if name == "weight" or p.ndim < 3 or not p.numel() or id(p) in seen:
                     continue
                 spec = matrix_spec(module, name, p)
-                if spec.kind != "experts" or spec.has_unit_dim:
+                if spec.kind != "experts" or spec.count < 2 or spec.has_unit_dim:
                     continue  # (1, N, D) position embeddings and the like: not operators
                 seen.add(id(p))
                 base = f"{path}.{name}" if path else name
