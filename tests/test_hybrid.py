@@ -237,9 +237,10 @@ def test_deprecated_pattern_aliases_still_route():
             r"\(32, 32\), fan-out 32\) must sum to its 32 output rows",
         ),
         (
-            {"split_sizes": {"norm": (16, 16)}},
+            {"split_sizes": {"norm.weight": (16, 16)}},
             ValueError,
-            r"split_sizes pattern 'norm' matches parameter 'norm.weight', which goes to adamw",
+            r"split_sizes pattern 'norm.weight' matches parameter 'norm.weight', which goes to "
+            "adamw",
         ),
         ({"split_sizes": {"*.wq": (0, 32)}}, ValueError, r"positive ints"),
     ],
