@@ -537,7 +537,7 @@ def test_torchrun_cli_fsdp_smoke(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_distributed_quick(tmp_path):
+def test_bench_distributed_quick(tmp_path, load_tool):
     """tools/bench_distributed.py --quick runs and reports both modes with a ratio."""
     import json
     import subprocess
@@ -553,7 +553,18 @@ def test_bench_distributed_quick(tmp_path):
     assert "all/split" in proc.stdout
     summary = {row["mode"]: row for row in json.loads(out.read_text())["summary"]}
     assert set(summary) == {"ddp", "fsdp"}
+    cfg = json.loads(out.read_text())["config"]
+    shapes = load_tool("bench_distributed")._shapes(cfg["d"], cfg["layers"], cfg["ffn"])
+    model_bytes = 4 * sum(r * c for r, c in shapes)  # every matrix once, fp32
+    costs = [ns_flops(s) for s in shapes]
+    largest_share = max(costs) / sum(costs)
     for row in summary.values():
-        assert row["split_ms"] > 0 and row["all_ms"] > 0 and row["ratio_all_over_split"] > 0
-        assert row["split_bytes_received_per_step"] > 0
+        assert row["ratio_all_over_split"] == pytest.approx(
+            row["all_ms"] / row["split_ms"], rel=1e-12)
+        # Split mode: a rank receives other ranks' results, never more than the whole model.
+        assert 0 < row["split_bytes_received_per_step"] <= model_bytes
+        per_rank = row["split_ns_gflop_per_rank"]
+        assert len(per_rank) == 2 and min(per_rank) > 0
+        # Cost-balanced owners: the ranks' NS work differs by at most one matrix's share.
+        assert (max(per_rank) - min(per_rank)) / sum(per_rank) <= largest_share + 1e-9
     assert summary["ddp"]["all_bytes_received_per_step"] == 0  # every rank did all NS

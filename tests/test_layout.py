@@ -296,7 +296,7 @@ def test_monitor_finds_pc_layers_without_importing_pc():
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
     torch.nn.utils.parametrizations.spectral_norm(model[1])
-    apply_pc(model, level=2, targets=["0"])
+    apply_pc(model, level=2, include=["0"])
     assert _get_pc(model[0]) is get_pc(model[0]) is not None
     assert _get_pc(model[1]) is None  # parametrized, but not by PC
     assert _get_pc(torch.nn.Linear(2, 2)) is None

@@ -524,7 +524,13 @@ def test_bench_pc_quick_runs_and_writes_json(tmp_path, load_tool):
     rows = json.loads(out.read_text())["rows"]
     kinds = {r["kind"]: r for r in rows}
     assert {"train", "infer", "infer-unmerged"} <= set(kinds)
-    assert all(r["time_ratio"] > 0 for r in rows)
+    for r in rows:  # each ratio is the two medians it reports, not a placeholder
+        ours = r.get("pc_s", r.get("merged_s"))
+        assert ours is not None and r["plain_s"] > 0, r
+        assert r["time_ratio"] == pytest.approx(ours / r["plain_s"], rel=1e-12)
+        assert r["overhead"] == pytest.approx(r["time_ratio"] - 1.0, abs=1e-12)
+    assert "merged_s" in kinds["infer"] and "pc_s" in kinds["infer-unmerged"]
+    assert len({r["params"] for r in rows}) == 1  # one model size compared throughout
 
 
 def test_meta_device_construction_then_reset():
