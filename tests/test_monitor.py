@@ -161,7 +161,7 @@ def _run_bitwise(with_monitor: bool, tmp_path) -> dict[str, torch.Tensor]:
     pc_mod = pytest.importorskip("specopt.pc.parametrization")
     model = _model(seed=5)
     nn.utils.parametrizations.spectral_norm(model.layers[0].attention.wq)
-    handle = pc_mod.apply_pc(model, level=2, targets="layers.0.feed_forward.*")
+    handle = pc_mod.apply_pc(model, level=2, include="layers.0.feed_forward.*")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     handle.attach(opt)
     mon = None
@@ -204,7 +204,7 @@ def test_reading_spectral_norm_weight_never_advances_its_power_iteration() -> No
 def test_pc_effective_and_raw_spectra_differ_as_the_polynomial_says(tmp_path) -> None:
     pc_mod = pytest.importorskip("specopt.pc.parametrization")
     model = _model(seed=7)
-    handle = pc_mod.apply_pc(model, level=4, targets="layers.0.feed_forward.w2")
+    handle = pc_mod.apply_pc(model, level=4, include="layers.0.feed_forward.w2")
     mon = SpectralMonitor(model, log_dir=tmp_path, include="*.feed_forward.*", budget=None,
                           every=1, alarms=[ConditionNumberAlarm(1.0001, metric="condition_number")])
     snap = mon.step(1)

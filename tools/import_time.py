@@ -17,14 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import machine  # noqa: E402  (tools/machine.py: CPU kind and matmul peak)
 
 _PROBE = """
 import json, time
@@ -81,34 +81,6 @@ def top_imports(tree: Path, n: int = 12) -> list[tuple[float, str]]:
     return [(us / 1e6, name) for us, name in rows[:n]]
 
 
-def _cpu_kind() -> str:
-    import torch
-
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-    return f"{model}; {'AVX512-BF16 (native bf16 matmul)' if bf16 else 'no native bf16 matmul'}"
-
-
-def _matmul_gflops(n: int = 512, repeats: int = 5) -> float:
-    import torch
-
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best / 1e9
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tree", action="append", type=Path,
@@ -123,11 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (t / "specopt" / "__init__.py").is_file():
             ap.error(f"--tree {t}: no specopt/__init__.py there")
 
-    import torch
-
-    print(f"CPU: {_cpu_kind()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"fp32 matmul 512^3: {_matmul_gflops():.1f} GFLOP/s; "
-          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(machine.describe())
     runs: dict[Path, list[dict]] = {t: [] for t in trees}
     for _ in range(args.repeats):
         for t in trees:  # interleaved
