@@ -1,21 +1,36 @@
 """Read a run's TensorBoard event files back into arrays (used by compare and diagnose).
 
-Reads every ``events.out.tfevents.*`` file directly under the run folder (all writers of
-one run: the trainer's and the spectral monitor's), in file-creation order, and honours
-TensorBoard's purge rule: a ``SessionLog.START`` event at step ``s`` (written when a run
-resumes from a checkpoint at step ``s``) discards points at steps ``>= s`` read so far,
-so a crashed-and-resumed run reads as one clean history.
+TensorBoard's ``event_accumulator.EventAccumulator`` reads the run folder: every event file directly
+under it (all writers of one run: the trainer's and the spectral monitor's), in name
+order (the names embed the creation time), honouring TensorBoard's purge rule: a
+``SessionLog.START`` event at step ``s`` (written when a run resumes from a checkpoint)
+discards points at steps ``>= s`` read so far, so a crashed-and-resumed run reads as one
+clean history. Nothing is subsampled (TensorBoard keeps a reservoir sample by default).
+One deviation: the accumulator purges its scalar, histogram, image and audio reservoirs
+but not its tensors, where texts (the monitor's alarms) and new-style scalars live; a
+small subclass purges those too, so an alarm from a crashed segment does not survive.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["RunLog", "find_event_files", "read_run"]
+__all__ = ["EventFileError", "RunLog", "find_event_files", "read_run"]
+
+#: Points kept per tag and kind: 0 keeps every point (scalars; tensors: texts and
+#: new-style scalars); kinds specopt never reads back keep 1, so memory stays bounded.
+_SIZE_GUIDANCE = {"scalars": 0, "tensors": 0, "histograms": 1, "compressedHistograms": 1,
+                  "images": 1, "audio": 1}
+
+
+class EventFileError(ValueError):
+    """An event file of the run folder is not a readable TensorBoard event file."""
+
 
 
 @dataclass
@@ -54,7 +69,7 @@ class RunLog:
 def find_event_files(logdir: str | Path) -> list[Path]:
     """Event files directly in ``logdir``, oldest first (TensorBoard names embed the time)."""
     root = Path(logdir)
-    if not root.is_dir():
+    if not root.exists():
         raise FileNotFoundError(f"log folder {str(root)!r} does not exist")
 
     def created(p: Path) -> tuple[float, str]:
@@ -65,74 +80,114 @@ def find_event_files(logdir: str | Path) -> list[Path]:
         except (IndexError, ValueError):
             return p.stat().st_mtime, p.name
 
+    if not root.is_dir():
+        raise NotADirectoryError(
+            f"run folder {str(root)!r} is a file, expected the folder holding the run's "
+            "TensorBoard event files"
+        )
     return sorted((p for p in root.glob("events.out.tfevents.*") if p.is_file()), key=created)
 
 
-def _value_of(value) -> tuple[str, float | str] | None:
-    """('scalar', x) or ('text', s) for one Summary.Value, None for other kinds."""
-    if value.HasField("simple_value"):
-        return "scalar", float(value.simple_value)
-    plugin = value.metadata.plugin_data.plugin_name
-    if not value.HasField("tensor"):
-        return None
-    tensor = value.tensor
-    if plugin == "text":
-        texts = [s.decode("utf-8", errors="replace") for s in tensor.string_val]
-        return "text", "\n".join(texts)
-    if plugin in ("scalars", "") and not tensor.tensor_shape.dim:
-        if tensor.float_val:
-            return "scalar", float(tensor.float_val[0])
-        if tensor.double_val:
-            return "scalar", float(tensor.double_val[0])
-        if tensor.tensor_content:
-            dtype = {1: np.float32, 2: np.float64}.get(tensor.dtype)
-            if dtype is not None:
-                return "scalar", float(np.frombuffer(tensor.tensor_content, dtype=dtype)[0])
-    return None
+def _check_event_file(path: Path) -> None:
+    """Raise :class:`EventFileError` unless ``path`` starts with a TensorBoard record.
 
-
-def read_run(logdir: str | Path) -> RunLog:
-    """Parse all event files of one run folder.
-
-    Raises:
-        FileNotFoundError: the folder does not exist or holds no event files.
+    EventAccumulator silently yields nothing for a file of random bytes; a run whose
+    logs are garbage must say so rather than "no train/loss". An empty file (a writer
+    killed as it opened) holds nothing and is fine.
     """
     from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
 
+    try:
+        if path.stat().st_size == 0:
+            return
+        first = next(iter(LegacyEventFileLoader(str(path)).Load()), None)
+    except OSError as exc:
+        raise EventFileError(f"cannot read event file {str(path)!r}: {exc.strerror or exc}") \
+            from exc
+    except Exception as exc:  # the record reader's DataLossError, a protobuf DecodeError
+        raise EventFileError(f"event file {str(path)!r} is corrupt: {exc}") from exc
+    if first is None or not first.HasField("file_version"):
+        raise EventFileError(
+            f"event file {str(path)!r} is not a TensorBoard event file (no valid first record)"
+        )
+
+
+def _tensor_value(event, plugin: str) -> tuple[str, float | str] | None:
+    """('scalar', x) or ('text', s) of a TensorEvent, None for other kinds."""
+    from tensorboard.util import tensor_util
+
+    array = tensor_util.make_ndarray(event.tensor_proto)
+    if plugin == "text":
+        items = array.reshape(-1).tolist()
+        return "text", "\n".join(
+            x.decode("utf-8", errors="replace") if isinstance(x, bytes) else str(x) for x in items
+        )
+    if plugin in ("scalars", "") and array.ndim == 0 and array.dtype.kind == "f":
+        return "scalar", float(array)
+    return None
+
+
+def _accumulator_class() -> type:
+    """EventAccumulator whose restart purge also covers its tensor reservoir (see the
+    module docstring); built lazily so importing this module does not import tensorboard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    class _Accumulator(EventAccumulator):
+        def _Purge(self, event, by_tags):  # overrides TensorBoard's method
+            super()._Purge(event, by_tags)
+            if not by_tags:  # a SessionLog.START restart at event.step
+                self.tensors.FilterItems(lambda item: item.step < event.step)
+
+    return _Accumulator
+
+
+def read_run(logdir: str | Path) -> RunLog:
+    """Parse all event files of one run folder with TensorBoard's ``EventAccumulator``.
+
+    Raises:
+        FileNotFoundError: the folder does not exist or holds no event files.
+        NotADirectoryError: ``logdir`` is a file.
+        EventFileError: an event file is unreadable or not an event file (named).
+    """
     files = find_event_files(logdir)
     if not files:
         raise FileNotFoundError(
             f"no TensorBoard event files in {str(logdir)!r} (expected a run folder written by "
             "`specopt train` or SpectralMonitor)"
         )
+    for path in files:
+        _check_event_file(path)
+    acc = _accumulator_class()(str(logdir), size_guidance=_SIZE_GUIDANCE)
+    # A resumed run's purge is expected, not news: TensorBoard logs each one as a warning.
+    tb_logger = logging.getLogger("tensorboard")
+    level = tb_logger.level
+    tb_logger.setLevel(logging.ERROR)
+    try:
+        acc.Reload()
+    finally:
+        tb_logger.setLevel(level)
+    tags = acc.Tags()
     points: dict[str, dict[int, float]] = {}
     texts: dict[tuple[int, str], str] = {}
-    first_wall, last_wall = math.inf, -math.inf
-    for path in files:
-        for event in LegacyEventFileLoader(str(path)).Load():
-            step = int(event.step)
-            if event.HasField("session_log") and event.session_log.status == 1:  # START
-                for series in points.values():
-                    for s in [s for s in series if s >= step]:
-                        del series[s]
-                for key in [k for k in texts if k[0] >= step]:
-                    del texts[key]
+    walls: list[float] = []
+    for tag in tags["scalars"]:
+        series = points.setdefault(tag, {})
+        for ev in acc.Scalars(tag):  # in write order: the last value of a step wins
+            series[int(ev.step)] = float(ev.value)
+            walls.append(ev.wall_time)
+    for tag in tags["tensors"]:
+        plugin = acc.SummaryMetadata(tag).plugin_data.plugin_name
+        for ev in acc.Tensors(tag):
+            parsed = _tensor_value(ev, plugin)
+            if parsed is None:
                 continue
-            if not event.HasField("summary"):
-                continue
-            first_wall = min(first_wall, event.wall_time)
-            last_wall = max(last_wall, event.wall_time)
-            for value in event.summary.value:
-                parsed = _value_of(value)
-                if parsed is None:
-                    continue
-                kind, x = parsed
-                if kind == "scalar":
-                    points.setdefault(value.tag, {})[step] = float(x)
-                else:
-                    # torch's add_text writes "<tag>/text_summary": report the user's tag.
-                    tag = value.tag.removesuffix("/text_summary")
-                    texts[(step, tag)] = str(x)
+            walls.append(ev.wall_time)
+            kind, x = parsed
+            if kind == "scalar":
+                points.setdefault(tag, {})[int(ev.step)] = float(x)
+            else:
+                # torch's add_text writes "<tag>/text_summary": report the user's tag.
+                texts[(int(ev.step), tag.removesuffix("/text_summary"))] = str(x)
     run = RunLog(Path(logdir))
     for tag, series in points.items():
         if not series:
@@ -140,6 +195,6 @@ def read_run(logdir: str | Path) -> RunLog:
         steps = np.array(sorted(series), dtype=np.int64)
         run.scalars[tag] = (steps, np.array([series[s] for s in steps], dtype=np.float64))
     run.texts = [(s, tag, text) for (s, tag), text in sorted(texts.items())]
-    if math.isfinite(first_wall):
-        run.wall = (first_wall, last_wall)
+    if walls:
+        run.wall = (min(walls), max(walls))
     return run
