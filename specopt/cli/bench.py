@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from specopt.cli._console import CommandError, console, fmt
+from specopt.cli._files import check_output_path, write_output
 
 __all__ = [
     "RATIO_KEYS", "add_parser", "default_tools_dir", "extract_ratios", "run", "run_benchmarks",
@@ -100,7 +101,11 @@ def run(args: argparse.Namespace) -> int:
     from rich.markup import escape
     from rich.table import Table
 
+    if args.json:
+        check_output_path(args.json, flag="--json")  # before minutes of benchmarks
     tools = Path(args.tools_dir) if args.tools_dir else default_tools_dir()
+    if tools.exists() and not tools.is_dir():
+        raise CommandError(f"--tools-dir {str(tools)!r} is a file, expected a folder")
     if not tools.is_dir():
         raise CommandError(
             f"benchmark folder {str(tools)!r} not found; run from a source checkout or pass "
@@ -122,9 +127,7 @@ def run(args: argparse.Namespace) -> int:
                           f"{seconds:.1f}" if i == 0 else "")
     console.print(table)
     if args.json:
-        from specopt.checkpoint import atomic_write
-
         blob = json.dumps({n: {"returncode": c, "seconds": s, "ratios": r}
                            for n, c, s, r, _ in results}, indent=2).encode()
-        atomic_write(args.json, lambda f: f.write(blob))
+        write_output(args.json, lambda f: f.write(blob), flag="--json")
     return 1 if failed else 0

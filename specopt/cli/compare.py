@@ -17,6 +17,7 @@ import numpy as np
 
 from specopt.cli._console import CommandError, console, fmt
 from specopt.cli._events import RunLog, read_run
+from specopt.cli._files import check_output_path, write_output
 
 __all__ = ["RunSummary", "add_parser", "compare_runs", "condition_trajectory", "run"]
 
@@ -116,8 +117,6 @@ def plot_runs(runs: list[RunLog], labels: list[str], out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from specopt.checkpoint import atomic_write
-
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
     for run, label in zip(runs, labels, strict=True):
         steps, loss = run.series("train/loss")
@@ -151,9 +150,10 @@ def plot_runs(runs: list[RunLog], labels: list[str], out: Path) -> Path:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=110))
-    plt.close(fig)
-    return out
+    try:
+        return write_output(out, lambda f: fig.savefig(f, format="png", dpi=110), flag="--out")
+    finally:
+        plt.close(fig)
 
 
 def compare_runs(run_dirs: list[str | Path], *, out: str | Path) -> list[RunSummary]:
@@ -161,12 +161,13 @@ def compare_runs(run_dirs: list[str | Path], *, out: str | Path) -> list[RunSumm
     from rich.markup import escape
     from rich.table import Table
 
+    check_output_path(out, flag="--out")  # before reading the runs
     paths = [Path(p) for p in run_dirs]
     runs = []
     for p in paths:
         try:
             runs.append(read_run(p))
-        except FileNotFoundError as exc:
+        except (OSError, ValueError) as exc:  # missing folder, a file, corrupt event file
             raise CommandError(str(exc)) from exc
     labels = _labels(paths)
     summaries = [summarize(r) for r in runs]

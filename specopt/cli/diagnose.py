@@ -32,6 +32,7 @@ import numpy as np
 
 from specopt.cli._console import CommandError, console, fmt
 from specopt.cli._events import RunLog, read_run
+from specopt.cli._files import check_output_path, write_output
 
 __all__ = [
     "PRECURSOR_METRICS",
@@ -159,10 +160,21 @@ def diagnose(
     logdir: str | Path, *, window: int = 20, k: float = 6.0, jump: float = 0.5, lookback: int = 50,
     rise: float = 0.25, top: int = 5,
 ) -> Diagnosis:
-    """Analyse one run folder (see the module docstring); nothing is printed."""
+    """Analyse one run folder (see the module docstring); nothing is printed.
+
+    Raises:
+        CommandError: a bad setting (named), or a missing / unreadable run folder or
+            event file (named).
+    """
+    for name, value, low in (("window", window, 1), ("lookback", lookback, 1), ("top", top, 0)):
+        if not (isinstance(value, int) and value >= low):
+            raise CommandError(f"--{name} must be an integer >= {low}, got {value!r}")
+    for name, value in (("k", k), ("jump", jump), ("rise", rise)):
+        if not (math.isfinite(value) and value > 0):
+            raise CommandError(f"--{name} must be a positive finite number, got {value!r}")
     try:
         run = read_run(logdir)
-    except FileNotFoundError as exc:
+    except (OSError, ValueError) as exc:  # missing folder, a file, corrupt event file
         raise CommandError(str(exc)) from exc
     steps, losses = run.series("train/loss")
     if not steps.size:
@@ -239,12 +251,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.json:
+        check_output_path(args.json, flag="--json")  # before the work, not after
     d = diagnose(args.logdir, window=args.window, k=args.k, jump=args.jump, lookback=args.lookback,
                  rise=args.rise, top=args.top)
     print_diagnosis(d)
     if args.json:
-        from specopt.checkpoint import atomic_write
-
         blob = json.dumps(d.to_dict(), indent=2, default=str).encode()
-        atomic_write(args.json, lambda f: f.write(blob))
+        write_output(args.json, lambda f: f.write(blob), flag="--json")
     return 0

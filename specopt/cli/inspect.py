@@ -21,8 +21,14 @@ import torch
 from rich.markup import escape
 from torch import Tensor, nn
 
-from specopt.checkpoint import load_weights
 from specopt.cli._console import CommandError, console, fmt
+from specopt.cli._files import (
+    check_input_file,
+    check_output_path,
+    checkpoint_model,
+    load_weight_file,
+    write_output,
+)
 
 __all__ = ["LayerSpectrum", "add_parser", "collect_matrices", "inspect_file", "run"]
 
@@ -36,15 +42,11 @@ class LayerSpectrum:
     metrics: dict[str, float]
 
 
-def _model_matrices(ckpt: dict) -> dict[str, tuple[Tensor, bool]]:
+def _model_matrices(ckpt: dict, path: str | Path) -> dict[str, tuple[Tensor, bool]]:
     """Effective weights of a specopt checkpoint's model, keyed by module path."""
-    from specopt.cli.train import build_model
     from specopt.pc import is_pc_module
 
-    cfg = ckpt["config"]
-    model, _ = build_model(cfg["model"], pc=bool(cfg.get("pc")), pc_level=cfg.get("pc_level") or 1)
-    model.load_state_dict(ckpt["model"])
-    model.eval()
+    model = checkpoint_model(ckpt, path)
     out: dict[str, tuple[Tensor, bool]] = {}
     with torch.no_grad():
         for name, module in model.named_modules():
@@ -55,12 +57,9 @@ def _model_matrices(ckpt: dict) -> dict[str, tuple[Tensor, bool]]:
 
 def collect_matrices(path: str | Path) -> dict[str, tuple[Tensor, bool]]:
     """``{layer name: (2-D weight, is_pc)}`` from any supported weight file."""
-    try:
-        state, ckpt = load_weights(path)
-    except (FileNotFoundError, ValueError) as exc:
-        raise CommandError(str(exc)) from exc
+    state, ckpt = load_weight_file(path)
     if ckpt is not None and isinstance(ckpt.get("config"), dict) and "model" in ckpt["config"]:
-        return _model_matrices(ckpt)
+        return _model_matrices(ckpt, path)
     out = {}
     for key, t in state.items():
         if t.ndim == 2 and t.is_floating_point() and min(t.shape) > 1:
@@ -79,13 +78,21 @@ def inspect_file(
 ) -> list[LayerSpectrum]:
     """Spectra and metrics of every matrix of ``path`` whose name matches ``match``.
 
-    Prints the table; writes the histogram PNG when ``png`` is given.
+    Prints the table; writes the histogram PNG when ``png`` is given (its folder is
+    checked first, so an unwritable path fails before any work).
     """
     from specopt.spectral.metrics import model_aggregates, singular_values, spectrum_metrics
 
+    if png is not None:
+        check_output_path(png, flag="--out")
+    if match is not None:
+        try:
+            pattern = re.compile(match)
+        except re.error as exc:
+            raise CommandError(f"--match {match!r} is not a valid regular expression: {exc}") \
+                from exc
     mats = collect_matrices(path)
     if match is not None:
-        pattern = re.compile(match)
         mats = {k: v for k, v in mats.items() if pattern.search(k)}
     if not mats:
         raise CommandError(
@@ -151,8 +158,6 @@ def _plot(layers: list[LayerSpectrum], out: Path, *, title: str) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from specopt.checkpoint import atomic_write
-
     fig, (ax_h, ax_c) = plt.subplots(
         1, 2, figsize=(14, max(4.0, 0.22 * len(layers) + 1.5)), constrained_layout=True
     )
@@ -170,7 +175,8 @@ def _plot(layers: list[LayerSpectrum], out: Path, *, title: str) -> None:
                       label=label if i == 0 else None)
     ax_h.set(title=f"{title}: singular values, one line per layer",
              xlabel="log10(sigma / sigma_max)", ylabel="count")
-    ax_h.legend(fontsize=8)
+    if ax_h.get_legend_handles_labels()[0]:  # no lines when every spectrum is zero/NaN
+        ax_h.legend(fontsize=8)
     conds = [layer.metrics["condition_number"] for layer in layers]
     finite = [c if math.isfinite(c) else np.nan for c in conds]
     y = np.arange(len(layers))
@@ -180,8 +186,10 @@ def _plot(layers: list[LayerSpectrum], out: Path, *, title: str) -> None:
     if any(np.isfinite(finite)) and np.nanmin(finite) > 0:
         ax_c.set_xscale("log")
     ax_c.set(title="condition number (orange: PC effective weight)", xlabel="sigma_max / sigma_min")
-    atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=100))
-    plt.close(fig)
+    try:
+        write_output(out, lambda f: fig.savefig(f, format="png", dpi=100), flag="--out")
+    finally:
+        plt.close(fig)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -199,7 +207,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    ckpt = Path(args.checkpoint)
+    ckpt = check_input_file(args.checkpoint, what="weight file")  # before deriving --out
     out = args.out or str(ckpt.with_name(ckpt.stem + "_spectra.png"))
     inspect_file(args.checkpoint, match=args.match, png=out, float64=args.float64)
     return 0

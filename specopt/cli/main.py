@@ -2,6 +2,11 @@
 
 Each subcommand lives in its own module (``specopt/cli/<command>.py``) exposing
 ``add_parser(subparsers)``, which registers its flags and sets ``func`` to its ``run(args)``.
+
+Errors: a command raises :class:`~specopt.cli._console.CommandError` for bad input; an
+``OSError`` escaping a command (disk full, permission denied) is bad environment, not a
+bug. Both print one line and exit 2. Anything else is a bug: one line naming the
+exception, exit 1. ``--debug`` (before or after the subcommand) adds the traceback.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 from collections.abc import Sequence
 
 from rich.markup import escape
@@ -16,10 +22,16 @@ from rich.markup import escape
 from specopt import __version__
 from specopt.cli._console import CommandError, err_console
 
-__all__ = ["COMMANDS", "build_parser", "main"]
+__all__ = ["COMMANDS", "EXIT_BUG", "EXIT_USAGE", "build_parser", "main"]
 
 #: Subcommand modules, in the order ``specopt --help`` lists them.
 COMMANDS = ("train", "compare", "inspect", "diagnose", "merge", "bench")
+#: Exit status of bad usage or input (argparse uses 2 too).
+EXIT_USAGE = 2
+#: Exit status of an unexpected exception (a bug in specopt or a library).
+EXIT_BUG = 1
+
+_DEBUG_HELP = "on an error, also print the Python traceback"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,28 +40,51 @@ def build_parser() -> argparse.ArgumentParser:
         description="Muon/AdamW, the PC layer and spectral monitoring: train, watch, diagnose.",
     )
     parser.add_argument("--version", action="version", version=f"specopt {__version__}")
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         importlib.import_module(f"specopt.cli.{name}").add_parser(sub)
+    for command_parser in sub.choices.values():
+        # Also accepted after the subcommand. SUPPRESS: when absent there, the
+        # subparser sets nothing, so a top-level --debug is not reset to False.
+        command_parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                    help=_DEBUG_HELP)
     return parser
+
+
+def _report(command: str, message: str, exc: BaseException, *, debug: bool) -> None:
+    if debug:
+        err_console.print(escape("".join(traceback.format_exception(exc)).rstrip()))
+    # One line: a multi-line message (some libraries' errors) is joined.
+    line = " ".join(part.strip() for part in message.splitlines() if part.strip())
+    err_console.print(f"[bold red]specopt {command}: error:[/] {escape(line)}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit status.
 
     0: success; 1: the command ran but found a failure (a diverged run, a failing
-    benchmark); 2: bad usage or input (the message names the problem, no traceback).
+    benchmark), or an unexpected exception (a bug: rerun with ``--debug``); 2: bad usage,
+    input or environment (the message names the file or flag and the problem).
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = bool(getattr(args, "debug", False))
     try:
         return int(args.func(args) or 0)
     except CommandError as exc:
-        err_console.print(f"[bold red]specopt {args.command}: error:[/] {escape(str(exc))}")
-        return 2
+        _report(args.command, str(exc), exc, debug=debug)
+        return EXIT_USAGE
+    except OSError as exc:  # disk full, permission denied, ... outside the command's checks
+        _report(args.command, str(exc) or type(exc).__name__, exc, debug=debug)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         err_console.print(f"specopt {args.command}: interrupted")
         return 130
+    except Exception as exc:
+        hint = "" if debug else " (rerun with --debug for the traceback)"
+        _report(args.command, f"unexpected {type(exc).__name__}: {exc}{hint}", exc, debug=debug)
+        return EXIT_BUG
 
 
 if __name__ == "__main__":

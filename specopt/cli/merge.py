@@ -19,8 +19,15 @@ from pathlib import Path
 
 import torch
 
-from specopt.checkpoint import atomic_write, load_checkpoint
 from specopt.cli._console import CommandError, console
+from specopt.cli._files import (
+    check_output_path,
+    checkpoint_model,
+    load_specopt_checkpoint,
+    refuse_nonfinite,
+    require_safetensors,
+    write_output,
+)
 
 __all__ = ["add_parser", "merge_checkpoint", "run"]
 
@@ -29,18 +36,24 @@ MERGE_ATOL = 1e-4
 
 
 def merge_checkpoint(path: str | Path, out: str | Path) -> tuple[Path, float]:
-    """Merge the PC layers of a specopt checkpoint; returns (OUT, max |logit diff|)."""
-    from specopt.cli.train import build_model
+    """Merge the PC layers of a specopt checkpoint; returns (OUT, max |logit diff|).
+
+    Refused with a one-line :class:`CommandError` (before writing anything): OUT (or its
+    ``.json`` sidecar) not writable, ``.safetensors`` OUT without the package, a file
+    that is not a specopt checkpoint, a missing model config, tensors that do not match
+    it, or NaN/Inf weights (named).
+    """
     from specopt.models.llama import Llama, LlamaConfig
 
-    try:
-        ckpt = load_checkpoint(path)
-    except (FileNotFoundError, ValueError) as exc:
-        raise CommandError(str(exc)) from exc
+    out_path = check_output_path(out, flag="OUT")
+    sidecar = out_path.with_name(out_path.name + ".json")
+    check_output_path(sidecar, flag="OUT.json")
+    if out_path.suffix == ".safetensors":
+        require_safetensors(f"writing {str(out_path)!r}")
+    ckpt = load_specopt_checkpoint(path)
+    refuse_nonfinite(ckpt["model"], path, action="merge it")
+    model = checkpoint_model(ckpt, path)
     cfg = ckpt["config"]
-    model, _ = build_model(cfg["model"], pc=bool(cfg.get("pc")), pc_level=cfg.get("pc_level") or 1)
-    model.load_state_dict(ckpt["model"])
-    model.eval()
     model_cfg = LlamaConfig(**cfg["model"])
     probe = torch.randint(0, model_cfg.vocab_size, (2, min(64, model_cfg.max_seq_len)),
                           generator=torch.Generator().manual_seed(0))
@@ -65,18 +78,16 @@ def merge_checkpoint(path: str | Path, out: str | Path) -> tuple[Path, float]:
     if not diff <= MERGE_ATOL:
         raise CommandError(f"merged model differs from the PC model: max |logit diff| {diff:.3g}")
 
-    out_path = Path(out)
     config_json = json.dumps(model_cfg.to_dict())
     if out_path.suffix == ".safetensors":
         from safetensors.torch import save
 
         # Tied embeddings share storage; safetensors refuses shared tensors, so copy.
         blob = save({k: v.clone() for k, v in state.items()}, metadata={"config": config_json})
-        atomic_write(out_path, lambda f: f.write(blob))
+        write_output(out_path, lambda f: f.write(blob), flag="OUT")
     else:
-        atomic_write(out_path, lambda f: torch.save(state, f))
-    sidecar = out_path.with_name(out_path.name + ".json")
-    atomic_write(sidecar, lambda f: f.write(config_json.encode()))
+        write_output(out_path, lambda f: torch.save(state, f), flag="OUT")
+    write_output(sidecar, lambda f: f.write(config_json.encode()), flag="OUT.json")
     return out_path, diff
 
 
