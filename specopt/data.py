@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import stat
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -123,11 +124,34 @@ def _list_files(root: Path, suffixes: tuple[str, ...] | None) -> list[tuple[str,
     return found
 
 
-def _read_bytes(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"cannot read data file {str(path)!r}: {exc.strerror or exc}") from exc
+def _read_capped(path: Path, limit: int) -> bytes:
+    """At most ``limit`` bytes from the start of the regular file ``path``.
+
+    Streams: only ``limit`` bytes are ever read, however large the file (a 3 GB file
+    costs one ``limit``-sized buffer, not 3 GB). Devices, FIFOs and sockets are refused
+    before they are read (``/dev/zero`` never ends; opening a FIFO blocks until a writer
+    appears, hence the non-blocking open).
+
+    Raises:
+        DataError: ``path`` is not a regular file.
+        OSError: it cannot be opened or read (callers decide whether to skip it).
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise DataError(
+                f"data path {str(path)!r} is not a regular file (a device, FIFO or socket); "
+                "pass a text file or a folder"
+            )
+        chunks = []
+        left = limit
+        while left > 0:  # a raw read may return less than asked
+            chunk = f.read(min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+    return b"".join(chunks)
 
 
 def _to_tensor(chunks: list[bytes]) -> Tensor:
@@ -154,7 +178,7 @@ def _load_folder(
         if total >= max_bytes:
             break
         try:
-            blob = path.read_bytes()
+            blob = _read_capped(path, max_bytes - total)
         except OSError as exc:
             # The stdlib may hold a few unreadable files on odd installs: skip them;
             # a user's folder is theirs, so say which file failed.
@@ -163,7 +187,6 @@ def _load_folder(
             continue
         if not blob:
             continue
-        blob = blob[: max_bytes - total]
         # Separate files by a blank line so windows spanning two files still look like text.
         blob += b"\n\n"
         (val if _path_hash(rel) % 1000 < threshold else train).append(blob)
@@ -171,9 +194,9 @@ def _load_folder(
         n_files += 1
     if total == 0:
         raise DataError(f"data folder {str(root)!r} holds only empty files")
-    if val_fraction > 0 and not val:
-        # Tiny folders can hash every file into train: hold out the tail of the last one.
-        train, val = _split_tail(b"".join(train), val_fraction)
+    if val_fraction > 0 and not (val and train):
+        # Tiny folders can hash every file into one split: hold out the tail instead.
+        train, val = _split_tail(b"".join(train + val), val_fraction)
     return Corpus(_to_tensor(train), _to_tensor(val), source, n_files)
 
 
@@ -195,12 +218,15 @@ def load_corpus(
         path: ``None`` for the embedded standard-library corpus (``*.py`` files), a text
             file, or a folder (every non-hidden file under it, recursively).
         max_bytes: cap on the total bytes read (files are taken in hash order until the
-            cap is reached; the last one is truncated).
+            cap is reached; the last one is truncated). Applied while reading: no more
+            than ``max_bytes`` bytes are read from disk, whatever the files' sizes.
         val_fraction: in ``[0, 1)``; share of files (folder) or of trailing bytes (file)
             used for validation.
 
     Raises:
-        DataError: missing path, unreadable or empty data, or bad arguments.
+        DataError: missing path, unreadable or empty data, a device / FIFO / socket
+            given as ``path``, or bad arguments. (Inside a folder, only regular files
+            are read; others are skipped.)
     """
     if max_bytes <= 0:
         raise DataError(f"max_bytes must be positive, got {max_bytes}")
@@ -222,7 +248,10 @@ def load_corpus(
             p, suffixes=None, max_bytes=max_bytes, val_fraction=val_fraction,
             source=str(p), strict=True,
         )
-    blob = _read_bytes(p)[:max_bytes]
+    try:
+        blob = _read_capped(p, max_bytes)
+    except OSError as exc:
+        raise DataError(f"cannot read data file {str(p)!r}: {exc.strerror or exc}") from exc
     if not blob:
         raise DataError(f"data file {str(p)!r} is empty")
     train, val = _split_tail(blob, val_fraction)

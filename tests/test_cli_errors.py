@@ -294,3 +294,10 @@ def test_real_terminal_gets_one_line_and_no_traceback(tmp_path, argv):
     assert "Traceback" not in proc.stderr and "weights_only" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and str(rand) in lines[0], proc.stderr
+
+
+def test_train_data_from_a_device_is_refused(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", "--data", "/dev/zero", "--steps", "1",
+                           "--log-dir", tmp_path / "run")
+    assert code == 2 and "Traceback" not in err
+    assert "data path '/dev/zero' is not a regular file" in err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -82,13 +83,76 @@ def test_bad_data_errors(tmp_path, setup, match):
 def test_unreadable_file_is_named(tmp_path, monkeypatch):
     f = tmp_path / "secret.txt"
     f.write_text("x" * 100)
+    real_open = os.open
 
-    def deny(self):
-        raise PermissionError(13, "Permission denied", str(self))
+    def deny(path, *args, **kwargs):  # chmod does not stop root, so fail the open itself
+        if Path(path) == f:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "read_bytes", deny)
+    monkeypatch.setattr(os, "open", deny)
     with pytest.raises(DataError, match=r"cannot read data file .*secret\.txt.*Permission denied"):
         load_corpus(f)
+    with pytest.raises(DataError, match=r"cannot read data file .*secret\.txt.*Permission denied"):
+        load_corpus(tmp_path)  # a user's folder: the failing file is named, not skipped
+
+
+def _bytes_read_by_this_process() -> int | None:
+    """rchar of /proc/self/io (bytes read through read(2)), None where there is none."""
+    try:
+        for line in Path("/proc/self/io").read_text().splitlines():
+            if line.startswith("rchar:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+@pytest.mark.parametrize("as_folder", [False, True], ids=["file", "folder"])
+def test_large_file_is_streamed_with_the_cap(tmp_path, as_folder):
+    """A 1 GB (sparse) file under a 64 kB cap: only the cap is read and held."""
+    import tracemalloc
+
+    folder = tmp_path / "d"
+    folder.mkdir()
+    big = folder / "big.txt"
+    with open(big, "wb") as f:
+        f.write(b"head ")
+        f.truncate(1_000_000_000)  # sparse: no disk used, reads return zeros
+    cap = 64_000
+    before = _bytes_read_by_this_process()
+    tracemalloc.start()
+    try:
+        corpus = load_corpus(folder if as_folder else big, max_bytes=cap, val_fraction=0.1)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    after = _bytes_read_by_this_process()
+    total = corpus.train.numel() + corpus.val.numel()
+    assert cap <= total <= cap + 2  # the folder reader appends a 2-byte file separator
+    assert corpus.train.numel() > 0 and bytes(corpus.train[:5].tolist()) == b"head "
+    assert peak < 20 * cap  # a whole-file read would hold 1e9 bytes
+    if before is not None and after is not None:
+        assert after - before < 100 * cap
+
+
+def test_special_files_are_refused_without_reading(tmp_path):
+    with pytest.raises(DataError, match=r"'/dev/zero' is not a regular file \(a device, FIFO"):
+        load_corpus("/dev/zero")
+    link = tmp_path / "zeros.txt"
+    link.symlink_to("/dev/zero")
+    with pytest.raises(DataError, match=r"zeros\.txt' is not a regular file"):
+        load_corpus(link)
+    if not hasattr(os, "mkfifo"):
+        return
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)  # opening a FIFO for reading blocks until a writer comes: must not
+    with pytest.raises(DataError, match=r"pipe' is not a regular file"):
+        load_corpus(fifo)
+    # Inside a folder, special files are skipped and the regular ones read.
+    (tmp_path / "a.txt").write_bytes(b"abc" * 100)
+    corpus = load_corpus(tmp_path, val_fraction=0.0)
+    assert corpus.n_files == 1 and corpus.train.numel() == 302
 
 
 def test_bad_arguments():
