@@ -252,6 +252,15 @@ def test_inspect_checkpoint_without_config_reads_its_weights(tmp_path, capsys):
     assert (tmp_path / "s.png").stat().st_size > 0
 
 
+def test_inspect_names_layers_with_nan_weights(tmp_path, capsys):
+    w = torch.randn(8, 6)
+    w[0, 0] = math.nan
+    torch.save({"bad.weight": w, "good.weight": torch.randn(5, 7)}, tmp_path / "w.pt")
+    code, out, _ = run_cli(capsys, "inspect", tmp_path / "w.pt", "--out", tmp_path / "w.png")
+    assert code == 0  # inspecting a diverged run is what the command is for
+    assert "1 layer(s) hold NaN/Inf weights (left out of the means): bad" in out
+
+
 def test_debug_flag_shows_the_traceback_before_or_after_the_command(tmp_path, capsys):
     missing = tmp_path / "nope.pt"
     for argv in (["--debug", "inspect", missing], ["inspect", missing, "--debug"]):

@@ -119,6 +119,12 @@ def inspect_file(
         "model (geometric mean over layers): "
         + ", ".join(f"{k} {fmt(v)}" for k, v in agg.items() if k != "nonfinite_matrices")
     )
+    broken = [layer.name for layer in layers if not math.isfinite(layer.metrics["sigma_max"])]
+    if broken:
+        console.print(
+            f"[bold red]{len(broken)} layer(s) hold NaN/Inf weights[/] (left out of the means): "
+            + escape(", ".join(broken))
+        )
     if png is not None:
         _plot(layers, Path(png), title=Path(path).name)
         console.print(f"histogram plot: [bold]{escape(str(png))}[/]")

@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMANDS:
         importlib.import_module(f"specopt.cli.{name}").add_parser(sub)
     for command_parser in sub.choices.values():
+        if "--debug" in command_parser._option_string_actions:
+            continue  # the command defines its own
         # Also accepted after the subcommand. SUPPRESS: when absent there, the
         # subparser sets nothing, so a top-level --debug is not reset to False.
         command_parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
