@@ -72,6 +72,12 @@ def _bad_config(p: dict) -> None:
     p["config"]["model"]["n_heads"] = 3  # 16 not divisible by 3
 
 
+def _no_model(path: Path) -> Path:
+    """A file marked as a specopt checkpoint but without its weights."""
+    torch.save({"format": "specopt-checkpoint", "version": 1, "step": 3, "config": {}}, path)
+    return path
+
+
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
@@ -126,6 +132,8 @@ CASES: list[tuple[str, Callable[[Path], list[object]], str]] = [
      r"does not match .*: layers\.0\..* has shape \(3, 5\), expected \(\d+, \d+\)"),
     ("inspect-bad-config", lambda t: ["inspect", _checkpoint(t / "c.pt", edit=_bad_config)],
      r"'.*c\.pt' has an invalid model config: .*divisible by n_heads"),
+    ("inspect-no-model", lambda t: ["inspect", _no_model(t / "n.pt")],
+     r"cannot load '.*n\.pt': missing entry 'model'"),
     ("inspect-bad-regex", lambda t: ["inspect", _checkpoint(t / "c.pt"), "--match", "(["],
      r"--match '\(\[' is not a valid regular expression"),
     ("inspect-out-under-a-file", lambda t: [
@@ -141,7 +149,9 @@ CASES: list[tuple[str, Callable[[Path], list[object]], str]] = [
      r"'.*r\.pt' is not a checkpoint"),
     ("merge-plain-state-dict", lambda t: [
         "merge", (torch.save({"w": torch.eye(3)}, t / "s.pt"), t / "s.pt")[1], t / "m.pt"],
-     r"'.*s\.pt' is not a specopt checkpoint"),
+     r"'.*s\.pt'.* not a specopt checkpoint"),
+    ("merge-no-model", lambda t: ["merge", _no_model(t / "n.pt"), t / "m.pt"],
+     r"'.*n\.pt' is a specopt checkpoint without its 'model' weights"),
     ("merge-no-config", lambda t: ["merge", _checkpoint(t / "c.pt", edit=_drop_config), t / "m.pt"],
      r"'.*c\.pt' has no 'config' with the model settings"),
     ("merge-missing-tensor", lambda t: [
