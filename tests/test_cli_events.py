@@ -65,3 +65,30 @@ def test_bad_run_folders_are_named(tmp_path):
         read_run(tmp_path)
     bad.write_bytes(b"")  # a writer killed as it opened: nothing to read, not an error
     assert read_run(tmp_path).scalars == {}
+
+
+def test_damaged_record_mid_file_is_named_and_a_truncated_tail_is_not(tmp_path, capsys):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from specopt.cli.main import main
+
+    w = SummaryWriter(str(tmp_path))
+    for step in range(1, 201):
+        w.add_scalar("train/loss", 2.0, step)
+    w.close()
+    (path,) = find_event_files(tmp_path)
+    blob = path.read_bytes()
+    path.write_bytes(blob[:-7])  # killed mid-write: normal, no warning
+    run = read_run(tmp_path)
+    assert run.warnings == [] and run.series("train/loss")[0].tolist() == list(range(1, 200))
+    damaged = bytearray(blob)
+    middle = len(blob) // 2
+    damaged[middle:middle + 4] = bytes(b ^ 0xFF for b in damaged[middle:middle + 4])
+    path.write_bytes(bytes(damaged))
+    run = read_run(tmp_path)
+    steps = run.series("train/loss")[0]
+    assert 50 < steps.size < 150 and steps.tolist() == list(range(1, steps.size + 1))
+    (warning,) = run.warnings
+    assert str(path) in warning and "is damaged at byte" in warning and "ignored" in warning
+    assert main(["diagnose", str(tmp_path)]) == 0
+    assert "specopt diagnose: warning: event file" in capsys.readouterr().err

@@ -43,12 +43,14 @@ class RunLog:
             per step (the last written wins).
         texts: list of (step, tag, text), sorted by step.
         wall: tag -> (first, last) wall-clock time in seconds, for run duration.
+        warnings: one line per event file read only in part (a damaged record).
     """
 
     path: Path
     scalars: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     texts: list[tuple[int, str, str]] = field(default_factory=list)
     wall: tuple[float, float] = (math.nan, math.nan)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -88,28 +90,49 @@ def find_event_files(logdir: str | Path) -> list[Path]:
     return sorted((p for p in root.glob("events.out.tfevents.*") if p.is_file()), key=created)
 
 
-def _check_event_file(path: Path) -> None:
-    """Raise :class:`EventFileError` unless ``path`` starts with a TensorBoard record.
+def _scan_event_file(path: Path) -> str | None:
+    """Check one event file's records; returns a warning when part of it is damaged.
 
-    EventAccumulator silently yields nothing for a file of random bytes; a run whose
+    Raises :class:`EventFileError` unless ``path`` starts with a TensorBoard record:
+    EventAccumulator silently yields nothing for a file of random bytes, and a run whose
     logs are garbage must say so rather than "no train/loss". An empty file (a writer
-    killed as it opened) holds nothing and is fine.
+    killed as it opened) and a truncated last record (killed mid-write, or still being
+    written) are normal. A damaged record with complete records after it is not: the
+    accumulator, like TensorBoard, stops there, so the warning says how much is ignored.
+    Records are 8-byte length, 4-byte CRC, data, 4-byte CRC (TFRecord framing); the
+    scan reads the bytes once more but parses only the first record.
     """
-    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto import event_pb2
 
     try:
-        if path.stat().st_size == 0:
-            return
-        first = next(iter(LegacyEventFileLoader(str(path)).Load()), None)
+        size = path.stat().st_size
+        if size == 0:
+            return None
+        records = iter(RawEventFileLoader(str(path)).Load())
+        first = next(records, None)
+        consumed = 0 if first is None else len(first) + 16
+        for record in records:
+            consumed += len(record) + 16
+        if first is not None:
+            first_event = event_pb2.Event.FromString(first)
+        with open(path, "rb") as f:
+            f.seek(consumed)
+            header = f.read(8)
     except OSError as exc:
         raise EventFileError(f"cannot read event file {str(path)!r}: {exc.strerror or exc}") \
             from exc
     except Exception as exc:  # the record reader's DataLossError, a protobuf DecodeError
         raise EventFileError(f"event file {str(path)!r} is corrupt: {exc}") from exc
-    if first is None or not first.HasField("file_version"):
+    if first is None or not first_event.HasField("file_version"):
         raise EventFileError(
             f"event file {str(path)!r} is not a TensorBoard event file (no valid first record)"
         )
+    left = size - consumed
+    if left and len(header) == 8 and consumed + 16 + int.from_bytes(header, "little") <= size:
+        return (f"event file {str(path)!r} is damaged at byte {consumed}: the {left} bytes after "
+                "it are ignored (as TensorBoard does)")
+    return None
 
 
 def _tensor_value(event, plugin: str) -> tuple[str, float | str] | None:
@@ -147,7 +170,8 @@ def read_run(logdir: str | Path) -> RunLog:
     Raises:
         FileNotFoundError: the folder does not exist or holds no event files.
         NotADirectoryError: ``logdir`` is a file.
-        EventFileError: an event file is unreadable or not an event file (named).
+        EventFileError: an event file is unreadable or not an event file (named). A file
+            damaged part-way is read up to the damage and named in ``RunLog.warnings``.
     """
     files = find_event_files(logdir)
     if not files:
@@ -155,8 +179,7 @@ def read_run(logdir: str | Path) -> RunLog:
             f"no TensorBoard event files in {str(logdir)!r} (expected a run folder written by "
             "`specopt train` or SpectralMonitor)"
         )
-    for path in files:
-        _check_event_file(path)
+    warnings = [w for w in map(_scan_event_file, files) if w is not None]
     acc = _accumulator_class()(str(logdir), size_guidance=_SIZE_GUIDANCE)
     # A resumed run's purge is expected, not news: TensorBoard logs each one as a warning.
     tb_logger = logging.getLogger("tensorboard")
@@ -197,4 +220,5 @@ def read_run(logdir: str | Path) -> RunLog:
     run.texts = [(s, tag, text) for (s, tag), text in sorted(texts.items())]
     if walls:
         run.wall = (min(walls), max(walls))
+    run.warnings = warnings
     return run

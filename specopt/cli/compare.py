@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from specopt.cli._console import CommandError, console, fmt
+from specopt.cli._console import CommandError, console, err_console, fmt
 from specopt.cli._events import RunLog, read_run
 from specopt.cli._files import check_output_path, write_output
 
@@ -169,6 +169,8 @@ def compare_runs(run_dirs: list[str | Path], *, out: str | Path) -> list[RunSumm
             runs.append(read_run(p))
         except (OSError, ValueError) as exc:  # missing folder, a file, corrupt event file
             raise CommandError(str(exc)) from exc
+    for warning in (w for r in runs for w in r.warnings):
+        err_console.print(f"[yellow]specopt compare: warning:[/] {escape(warning)}")
     labels = _labels(paths)
     summaries = [summarize(r) for r in runs]
     table = Table(title="run comparison")

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from specopt.cli._console import CommandError, console, fmt
+from specopt.cli._console import CommandError, console, err_console, fmt
 from specopt.cli._events import RunLog, read_run
 from specopt.cli._files import check_output_path, write_output
 
@@ -80,6 +80,7 @@ class Diagnosis:
     diverged: bool  # the last logged loss is non-finite
     spikes: list[Spike]  # ranked, most severe first
     alarms: list[tuple[int, str]]  # every alarm text, by step
+    warnings: list[str] = field(default_factory=list)  # event files read only in part
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -189,7 +190,7 @@ def diagnose(
     spikes.sort(key=lambda sp: (-sp.severity, sp.step))
     return Diagnosis(
         run=str(logdir), steps=int(steps[-1]), diverged=not math.isfinite(float(losses[-1])),
-        spikes=spikes, alarms=alarms,
+        spikes=spikes, alarms=alarms, warnings=run.warnings,
     )
 
 
@@ -197,6 +198,8 @@ def print_diagnosis(d: Diagnosis) -> None:
     from rich.markup import escape
     from rich.table import Table
 
+    for warning in d.warnings:
+        err_console.print(f"[yellow]specopt diagnose: warning:[/] {escape(warning)}")
     head = f"[bold]diagnosis of {escape(d.run)}[/]: {d.steps} steps"
     if d.diverged:
         head += ", [bold red]diverged (non-finite loss at the end)[/]"
