@@ -277,6 +277,9 @@ class _NullMonitor:
     def step(self, global_step: int, **kwargs: Any) -> None:
         return None
 
+    def flush(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -424,9 +427,12 @@ def train(
         start_step = int(ckpt["step"])
 
     log_dir.mkdir(parents=True, exist_ok=True)
-    # purge_step: a resumed run hides what the crashed run logged after its checkpoint.
+    # purge_step: a resumed run hides what the crashed run logged *after* its checkpoint
+    # (steps > start_step; TensorBoard purges steps >= purge_step). The checkpoint step
+    # itself was logged before the checkpoint was written (see flush() below): it stays.
     writer = NullWriter.for_rank(lambda: SummaryWriter(
-        str(log_dir), purge_step=start_step if ckpt else None, max_queue=1000, flush_secs=10))
+        str(log_dir), purge_step=start_step + 1 if ckpt else None, max_queue=1000,
+        flush_secs=10))
     if cfg.monitor:
         from specopt.spectral.monitor import SpectralMonitor
 
@@ -537,6 +543,10 @@ def train(
                 writer.add_scalar("val/loss", val_loss, step)
                 writer.add_scalar("val/bpb", val_bpb, step)
             if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps:
+                # Events up to this step reach the disk before the checkpoint does: a run
+                # killed later resumes here and relies on them being there (logged once).
+                monitor.flush()
+                writer.flush()
                 last_ckpt = checkpoint(step)
             bar.update(task, completed=step, loss=f"{loss_val:.3f}", lr=f"{lr_now:.2e}",
                        tps=f"{tps:,.0f}", cond="-" if math.isnan(cond) else f"{cond:.3g}")
