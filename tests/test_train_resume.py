@@ -8,6 +8,8 @@ purge rule a resumed writer relies on and keeps duplicate steps, so "once" is ch
 
 from __future__ import annotations
 
+import itertools
+import math
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ import torch
 
 from specopt.checkpoint import load_checkpoint
 from specopt.cli.main import main
+from specopt.cli.train import lr_factor
 
 TINY = ["--preset", "tiny", "--batch-size", "4", "--seq-len", "32", "--threads", "1",
         "--monitor-budget", "0", "--no-progress", "--eval-every", "0"]
@@ -65,6 +68,50 @@ def test_resume_into_the_same_run_logs_every_step_once(tmp_path, data_file, resu
     assert steps_of(run, "train/lr") == list(range(1, 9))
     # Snapshot at the checkpoint step (6) and those re-run after step 3 appear once each.
     assert steps_of(run, SPECTRAL_TAG) == [2, 4, 6, 8]
+
+
+def test_lr_is_continuous_when_resume_extends_the_steps(tmp_path, data_file):
+    run = tmp_path / "run"
+    assert train(*TINY, "--warmup", "2", "--lr", "0.01", "--monitor-every", "100",
+                 "--steps", "8", "--ckpt-every", "4", "--data", data_file,
+                 "--log-dir", run) == 0
+    before = dict(logged(run, "train/lr"))
+    assert train("--resume", run / "checkpoints" / "step_0000004.pt", "--steps", "12",
+                 "--no-progress") == 0
+    lr = dict(logged(run, "train/lr"))
+    assert sorted(lr) == list(range(1, 13))
+    # Steps 1-4 as logged before; step 5 gets the LR the 8-step run gave it (no jump);
+    # from there the cosine runs down to final_lr_ratio (0.1) at the new last step, 12.
+    assert all(lr[s] == before[s] for s in range(1, 6))
+    f4 = lr_factor(4, warmup=2, total=8, final_ratio=0.1)
+    for step in range(5, 13):
+        progress = (step - 5) / (12 - 1 - 4)
+        want = 0.01 * (0.1 + (f4 - 0.1) * 0.5 * (1 + math.cos(math.pi * progress)))
+        assert lr[step] == pytest.approx(want, rel=1e-6), step
+    assert lr[12] == pytest.approx(0.001, rel=1e-6)
+    values = [lr[s] for s in range(3, 13)]
+    assert all(a > b for a, b in itertools.pairwise(values)), values  # after warmup: down
+    # A second resume without --steps keeps the anchored schedule (it is in the config).
+    ckpt = load_checkpoint(run / "checkpoints" / "step_0000008.pt")
+    assert ckpt["config"]["train"]["lr_anchor_step"] == 4
+    assert train("--resume", run / "checkpoints" / "step_0000008.pt", "--no-progress") == 0
+    assert dict(logged(run, "train/lr")) == pytest.approx(lr, rel=1e-12)
+
+
+def test_resume_with_a_new_lr_rescales_the_schedule(tmp_path, data_file, capsys):
+    run = tmp_path / "run"
+    assert train(*TINY, "--warmup", "2", "--lr", "0.01", "--monitor-every", "100",
+                 "--steps", "8", "--ckpt-every", "4", "--data", data_file,
+                 "--log-dir", run) == 0
+    before = dict(logged(run, "train/lr"))
+    capsys.readouterr()
+    assert train("--resume", run / "checkpoints" / "step_0000004.pt", "--lr", "0.02",
+                 "--no-progress") == 0
+    assert "--lr 0.02 replaces the checkpoint's peak LR 0.01" in capsys.readouterr().out
+    lr = dict(logged(run, "train/lr"))
+    assert all(lr[s] == before[s] for s in range(1, 5))
+    for step in range(5, 9):
+        assert lr[step] == pytest.approx(2 * before[step], rel=1e-6), step
 
 
 def test_resume_without_new_steps_keeps_the_schedule_and_weights(tmp_path, data_file):

@@ -94,9 +94,11 @@ DEFAULT_LR = {"muon": 0.02, "adamw": 3e-3}
 #: PC level per optimizer, as in the published configs (Muon already orthogonalizes).
 DEFAULT_PC_LEVEL = {"muon": 2, "adamw": 4}
 CHECKPOINT_DIR = "checkpoints"
-#: Options that may differ when resuming (the rest come from the checkpoint).
-RESUME_OVERRIDES = ("steps", "log_dir", "ckpt_every", "keep_checkpoints", "eval_every", "monitor",
-                    "monitor_every", "monitor_budget")
+#: Options a resume applies when given (the rest must equal the checkpoint's or the resume
+#: is refused): ``steps`` continues the cosine from the current LR to the new end, ``lr``
+#: rescales the schedule (with a warning); the others change no training math.
+RESUME_OVERRIDES = ("steps", "lr", "log_dir", "ckpt_every", "keep_checkpoints", "eval_every",
+                    "eval_batches", "monitor", "monitor_every", "monitor_budget", "threads")
 
 
 @dataclass
@@ -129,6 +131,10 @@ class TrainConfig:
     max_data_bytes: int = 4_000_000
     threads: int = 0  # torch intra-op threads; 0: auto (idle cores, see auto_threads)
     parallel: str | None = None  # "ddp" or "fsdp" under torchrun; None: one process
+    # Set by a resume that changes --steps after warmup (not a flag): from this optimizer
+    # step the cosine restarts at the LR factor reached there, so the LR never jumps.
+    lr_anchor_step: int | None = None
+    lr_anchor_factor: float | None = None
 
     def __post_init__(self) -> None:
         if self.optimizer not in DEFAULT_LR:
@@ -195,17 +201,96 @@ def auto_threads() -> int:
     return max(1, min(limit, round(limit - busy)))
 
 
-def lr_factor(step: int, *, warmup: int, total: int, final_ratio: float) -> float:
+def lr_factor(
+    step: int,
+    *,
+    warmup: int,
+    total: int,
+    final_ratio: float,
+    anchor: tuple[int, float] | None = None,
+) -> float:
     """LR multiplier at optimizer step ``step`` (0-based).
 
     ``(step + 1) / warmup`` during warmup, then a cosine from 1 down to ``final_ratio``
-    reached at ``step = total - 1``.
+    reached at ``step = total - 1``. With ``anchor = (a, f)`` (a resume that changed
+    ``total`` at step ``a``), steps ``>= a`` follow a cosine from ``f`` (the factor the old
+    schedule gave step ``a``) down to ``final_ratio`` at ``total - 1`` instead.
     """
+    if anchor is not None and step >= anchor[0]:
+        start, start_factor = anchor
+        span = max(1, total - 1 - start)
+        progress = min(1.0, (step - start) / span)
+        return final_ratio + (start_factor - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     if step < warmup:
         return (step + 1) / warmup
     span = max(1, total - 1 - warmup)
     progress = min(1.0, (step - warmup) / span)
     return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _schedule_factor(cfg: TrainConfig, step: int) -> float:
+    """:func:`lr_factor` of ``cfg``'s schedule (its resume anchor included) at ``step``."""
+    anchor = (None if cfg.lr_anchor_step is None or cfg.lr_anchor_factor is None
+              else (cfg.lr_anchor_step, cfg.lr_anchor_factor))
+    return lr_factor(step, warmup=cfg.warmup, total=cfg.steps, final_ratio=cfg.final_lr_ratio,
+                     anchor=anchor)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _resumed_config(
+    saved: Mapping[str, Any], given: Mapping[str, Any], *, step: int, source: Path
+) -> TrainConfig:
+    """The options of a resumed run: the checkpoint's, updated with the ``given`` ones.
+
+    Options in :data:`RESUME_OVERRIDES` are applied (a new ``steps`` after warmup anchors
+    the cosine at ``step``; a new ``lr`` is announced); any other given option must equal
+    the checkpoint's value, otherwise :class:`CommandError` lists every difference.
+    """
+    given = {k: v for k, v in given.items() if v is not None}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(given) - fields)
+    if unknown:
+        raise ValueError(f"unknown training options {unknown}")
+    try:
+        old = TrainConfig(**{k: v for k, v in saved.items() if k in fields})
+    except (TypeError, ValueError) as exc:
+        raise CommandError(f"checkpoint {str(source)!r} holds invalid training options: {exc}"
+                           ) from exc
+    try:
+        new = dataclasses.replace(old, **given)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from exc
+
+    def meaning(c: TrainConfig, k: str) -> Any:  # lr None is the optimizer's default, ...
+        return c.peak_lr if k == "lr" else c.level if k == "pc_level" else getattr(c, k)
+
+    differing = [f"{_flag(k)} (checkpoint: {meaning(old, k)!r}, given: {meaning(new, k)!r})"
+                 for k in sorted(given)
+                 if k not in RESUME_OVERRIDES and meaning(old, k) != meaning(new, k)]
+    if differing:
+        raise CommandError(
+            f"cannot change on --resume of {str(source)!r}: {', '.join(differing)}; drop "
+            f"them to continue the run, or start a fresh run (another --log-dir). Flags that "
+            f"may change: {', '.join(_flag(k) for k in RESUME_OVERRIDES)}"
+        )
+    if "log_dir" not in given:  # the run the checkpoint belongs to
+        new = dataclasses.replace(new, log_dir=str(source.parent.parent))
+    if new.peak_lr != old.peak_lr:
+        console.print(f"[yellow]warning:[/] --lr {new.peak_lr:g} replaces the checkpoint's peak "
+                      f"LR {old.peak_lr:g}: the schedule continues at the new scale from step "
+                      f"{step + 1}")
+    if new.steps != old.steps and step >= old.warmup:
+        # Rebuilding the cosine for the new total would jump the LR (10x seen); continue
+        # it instead from the factor the old schedule gives this step.
+        factor = _schedule_factor(old, step)
+        new = dataclasses.replace(new, lr_anchor_step=step, lr_anchor_factor=factor)
+        console.print(f"--steps {old.steps} -> {new.steps}: the LR cosine continues from "
+                      f"{factor * new.peak_lr:.3g} at step {step + 1} down to "
+                      f"{new.final_lr_ratio * new.peak_lr:.3g} at step {new.steps}")
+    return new
 
 
 def build_model(
@@ -232,6 +317,23 @@ def _build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
                            weight_decay=cfg.weight_decay, **extra)
 
 
+def _apply_schedule(
+    scheduler: torch.optim.lr_scheduler.LambdaLR, cfg: TrainConfig, saved: Mapping[str, Any],
+    step: int,
+) -> None:
+    """After loading a checkpoint's scheduler state: scale its base LRs to ``cfg``'s peak
+    LR and set the LR of the next step (``step``, 0-based) from ``cfg``'s schedule, when
+    the resume changed either; otherwise the restored values stand (bit-identical)."""
+    old_lr = saved.get("lr") or DEFAULT_LR[cfg.optimizer]
+    changed = (old_lr != cfg.peak_lr or saved.get("steps") != cfg.steps)
+    if not changed:
+        return
+    scheduler.base_lrs = [lr * cfg.peak_lr / old_lr for lr in scheduler.base_lrs]
+    factor = _schedule_factor(cfg, step)
+    for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, strict=True):
+        group["lr"] = base * factor
+
+
 def _unique(base: Path) -> Path:
     """``base``, or ``base-2``, ``base-3``, ... : never mix two fresh runs in one folder."""
     path, i = base, 2
@@ -256,6 +358,21 @@ def _find_checkpoint(path: Path) -> Path:
             return found[-1]
         raise CommandError(f"no checkpoints (step_*.pt) in {str(folder)!r}")
     raise CommandError(f"--resume path {str(path)!r} does not exist")
+
+
+def _sort_after_existing_event_files(log_dir: Path) -> None:
+    """Wait (< 1 s) until a new event file's name sorts after those in ``log_dir``.
+
+    TensorBoard reads a folder's event files in name order, and a name starts with the
+    creation second (``events.out.tfevents.<unix s>.<host>.<pid>.<n>``): a resume within
+    the same second as its checkpoint's writer could be read *before* it, and its purge
+    would then hide the wrong steps.
+    """
+    seconds = [int(part) for p in log_dir.glob("events.out.tfevents.*")
+               if (part := p.name.split(".")[3]).isdigit()]
+    delay = max(seconds, default=0) + 1 - time.time()
+    if 0 < delay <= 1:
+        time.sleep(delay)
 
 
 @torch.no_grad()
@@ -341,8 +458,10 @@ def train(
         cfg: options of a fresh run; must be None with ``resume``.
         resume: a checkpoint file, or a run folder (its newest checkpoint). The run's
             options come from the checkpoint, updated with ``overrides``.
-        overrides: options changed on resume, among :data:`RESUME_OVERRIDES` (e.g. a
-            larger ``steps`` extends the run; ``log_dir`` defaults to the checkpoint's run).
+        overrides: options given for the resume: those in :data:`RESUME_OVERRIDES` are
+            applied (a larger ``steps`` extends the run, continuing the cosine from the
+            current LR; ``log_dir`` defaults to the checkpoint's run); any other must equal
+            the checkpoint's value or the resume is refused (:class:`CommandError`).
         progress: show the rich progress bar.
         corpus: an already loaded corpus to use instead of loading ``cfg.data`` (studies
             that run many configurations in one process load it once).
@@ -359,16 +478,8 @@ def train(
             ckpt = load_checkpoint(ckpt_path)
         except (ValueError, FileNotFoundError) as exc:
             raise CommandError(str(exc)) from exc
-        saved = dict(ckpt["config"]["train"])
-        bad = sorted(set(overrides or {}) - set(RESUME_OVERRIDES))
-        if bad:
-            raise CommandError(f"options {bad} cannot change on resume (only {RESUME_OVERRIDES})")
-        saved["log_dir"] = str(ckpt_path.parent.parent)
-        saved.update({k: v for k, v in (overrides or {}).items() if v is not None})
-        try:
-            cfg = TrainConfig(**saved)
-        except ValueError as exc:
-            raise CommandError(str(exc)) from exc
+        cfg = _resumed_config(ckpt["config"]["train"], overrides or {},
+                              step=int(ckpt["step"]), source=ckpt_path)
         if ckpt["step"] >= cfg.steps:
             raise CommandError(
                 f"checkpoint {str(ckpt_path)!r} is at step {ckpt['step']}, already >= --steps "
@@ -413,20 +524,22 @@ def train(
     optimizer = _build_optimizer(model, cfg)
     if pc_handle is not None:
         pc_handle.attach(optimizer)
+    schedule = cfg  # the schedule is fixed here, whatever cfg is rebound to later
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: lr_factor(s, warmup=cfg.warmup, total=cfg.steps, final_ratio=cfg.final_lr_ratio),
-    )
+        optimizer, lambda s: _schedule_factor(schedule, s))
     start_step = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
+        _apply_schedule(scheduler, cfg, ckpt["config"]["train"], int(ckpt["step"]))
         sampler.load_state_dict(ckpt["data"])
         restore_rng_state(ckpt["rng"])
         start_step = int(ckpt["step"])
 
     log_dir.mkdir(parents=True, exist_ok=True)
+    if ckpt is not None:
+        _sort_after_existing_event_files(log_dir)
     # purge_step: a resumed run hides what the crashed run logged *after* its checkpoint
     # (steps > start_step; TensorBoard purges steps >= purge_step). The checkpoint step
     # itself was logged before the checkpoint was written (see flush() below): it stays.
@@ -581,30 +694,30 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="train a small Llama on the embedded corpus (Muon/AdamW, PC layer, monitor)",
         description=__doc__.split("\n\n")[0].replace("``", ""),
     )
-    p.add_argument("--optimizer", choices=sorted(DEFAULT_LR), default=d.optimizer,
+    p.add_argument("--optimizer", choices=sorted(DEFAULT_LR), default=None,
                    help=f"muon: Muon on hidden matrices, AdamW on the rest (default: "
                    f"{d.optimizer})")
-    p.add_argument("--pc", action=argparse.BooleanOptionalAction, default=d.pc,
+    p.add_argument("--pc", action=argparse.BooleanOptionalAction, default=None,
                    help="PC layer on FFN and attention-output weights (default: on)")
     p.add_argument("--pc-level", type=int, default=None,
                    help="PC polynomial level 1-4 (default: 2 for muon, 4 for adamw)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=d.preset,
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help=f"model size (default: {d.preset})")
     p.add_argument("--steps", type=int, default=None,
                    help=f"optimizer steps (default: {d.steps})")
-    p.add_argument("--batch-size", type=int, default=d.batch_size,
+    p.add_argument("--batch-size", type=int, default=None,
                    help=f"sequences per step (default: {d.batch_size})")
-    p.add_argument("--seq-len", type=int, default=d.seq_len,
+    p.add_argument("--seq-len", type=int, default=None,
                    help=f"bytes per sequence (default: {d.seq_len})")
     p.add_argument("--lr", type=float, default=None,
                    help=f"peak learning rate (default: {DEFAULT_LR})")
-    p.add_argument("--warmup", type=int, default=d.warmup,
+    p.add_argument("--warmup", type=int, default=None,
                    help=f"linear warmup steps, then cosine to 0.1x (default: {d.warmup})")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay,
+    p.add_argument("--weight-decay", type=float, default=None,
                    help=f"decoupled weight decay of matrices (default: {d.weight_decay})")
-    p.add_argument("--grad-clip", type=float, default=d.grad_clip,
+    p.add_argument("--grad-clip", type=float, default=None,
                    help=f"max global gradient norm, 0 disables (default: {d.grad_clip})")
-    p.add_argument("--seed", type=int, default=d.seed,
+    p.add_argument("--seed", type=int, default=None,
                    help=f"model init and batch order (default: {d.seed})")
     p.add_argument("--log-dir", default=None, help="run folder (default: runs/<name>)")
     p.add_argument("--ckpt-every", type=int, default=None,
@@ -623,12 +736,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    f"(default: {d.monitor_budget})")
     p.add_argument("--eval-every", type=int, default=None,
                    help=f"validation interval, 0: only at the end (default: {d.eval_every})")
-    p.add_argument("--eval-batches", type=int, default=d.eval_batches,
+    p.add_argument("--eval-batches", type=int, default=None,
                    help=f"validation batches per evaluation (default: {d.eval_batches})")
     p.add_argument("--data", default=None, help="text file or folder (default: Python stdlib)")
     p.add_argument("--compare", action="store_true",
                    help="run without and with the PC layer back to back, then compare them")
-    p.add_argument("--threads", type=int, default=d.threads,
+    p.add_argument("--threads", type=int, default=None,
                    help="torch threads; 0: auto, the cores not busy with other work (default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     par = p.add_mutually_exclusive_group()
@@ -639,13 +752,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _config_from_args(args: argparse.Namespace) -> TrainConfig:
+def _given_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The training options given on the command line (every flag defaults to None, so a
+    resume can tell "not given" from "given, equal to the default")."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    # Resume-overridable flags default to None (so a resume can tell "not given").
-    values = {k: v for k, v in vars(args).items()
-              if k in fields and not (v is None and k in RESUME_OVERRIDES)}
+    return {k: v for k, v in vars(args).items() if k in fields and v is not None}
+
+
+def _config_from_args(args: argparse.Namespace) -> TrainConfig:
     try:
-        return TrainConfig(**values)
+        return TrainConfig(**_given_options(args))
     except ValueError as exc:
         raise CommandError(str(exc)) from exc
 
@@ -656,8 +772,8 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and args.compare:
         raise CommandError("--compare starts two fresh runs; it cannot be combined with --resume")
     if args.resume:
-        overrides = {k: getattr(args, k) for k in RESUME_OVERRIDES if getattr(args, k) is not None}
-        result = train(resume=args.resume, overrides=overrides, progress=not args.no_progress)
+        result = train(resume=args.resume, overrides=_given_options(args),
+                       progress=not args.no_progress)
         return 1 if result.diverged else 0
     cfg = _config_from_args(args)
     if not args.compare:
