@@ -2,8 +2,8 @@
 schedule continued without a jump, and a run killed with SIGKILL resumed to the same
 weights as an uninterrupted one.
 
-Event files are read back with TensorBoard's own ``EventAccumulator`` (which applies the
-purge rule a resumed writer relies on and keeps duplicate steps, so "once" is checkable).
+Event files are read back with TensorBoard's own ``EventAccumulator``
+(``train_utils.logged``).
 """
 
 from __future__ import annotations
@@ -14,42 +14,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_utils import TINY, logged, steps_of, write_corpus
 
 from specopt.checkpoint import load_checkpoint
 from specopt.cli.main import main
 from specopt.cli.train import lr_factor
 
-TINY = ["--preset", "tiny", "--batch-size", "4", "--seq-len", "32", "--threads", "1",
-        "--monitor-budget", "0", "--no-progress", "--eval-every", "0"]
 SPECTRAL_TAG = "spectral/condition_number/layers.0.feed_forward.w1"
 
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory) -> Path:
-    import sysconfig
-
-    src = Path(sysconfig.get_paths()["stdlib"])
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_bytes((src / "argparse.py").read_bytes()[:100_000])
-    return path
-
-
-def logged(log_dir: Path, tag: str) -> list[tuple[int, float]]:
-    """(step, value) of every event of ``tag`` TensorBoard shows, duplicates included."""
-    from tensorboard.backend.event_processing.event_accumulator import (
-        SCALARS,
-        EventAccumulator,
-    )
-
-    acc = EventAccumulator(str(log_dir), size_guidance={SCALARS: 0})
-    acc.Reload()
-    if tag not in acc.Tags()["scalars"]:
-        return []
-    return [(e.step, e.value) for e in acc.Scalars(tag)]
-
-
-def steps_of(log_dir: Path, tag: str) -> list[int]:
-    return [s for s, _ in logged(log_dir, tag)]
+    return write_corpus(tmp_path_factory.mktemp("data"))
 
 
 def train(*argv: object) -> int:

@@ -34,6 +34,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -45,8 +46,13 @@ from rich.markup import escape
 from torch import nn
 
 from specopt.checkpoint import (
+    TRAINING_KEYS,
+    CheckpointError,
     capture_rng_state,
+    check_optimizer_state,
     load_checkpoint,
+    load_module_state,
+    remove_stale_temp_files,
     restore_rng_state,
     save_checkpoint,
 )
@@ -94,11 +100,16 @@ DEFAULT_LR = {"muon": 0.02, "adamw": 3e-3}
 #: PC level per optimizer, as in the published configs (Muon already orthogonalizes).
 DEFAULT_PC_LEVEL = {"muon": 2, "adamw": 4}
 CHECKPOINT_DIR = "checkpoints"
+#: ``--device`` choices; "auto" is cuda when available, else cpu.
+DEVICES = ("auto", "cpu", "cuda")
+#: ``--dtype`` choices -> autocast dtype (None: no autocast, fp32 everywhere).
+DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
 #: Options a resume applies when given (the rest must equal the checkpoint's or the resume
 #: is refused): ``steps`` continues the cosine from the current LR to the new end, ``lr``
 #: rescales the schedule (with a warning); the others change no training math.
 RESUME_OVERRIDES = ("steps", "lr", "log_dir", "ckpt_every", "keep_checkpoints", "eval_every",
-                    "eval_batches", "monitor", "monitor_every", "monitor_budget", "threads")
+                    "eval_batches", "monitor", "monitor_every", "monitor_budget", "threads",
+                    "device")
 
 
 @dataclass
@@ -131,32 +142,45 @@ class TrainConfig:
     max_data_bytes: int = 4_000_000
     threads: int = 0  # torch intra-op threads; 0: auto (idle cores, see auto_threads)
     parallel: str | None = None  # "ddp" or "fsdp" under torchrun; None: one process
+    device: str = "auto"  # "cpu", "cuda" or "auto" (cuda when available)
+    dtype: str = "fp32"  # "fp32", or "bf16": autocast of forward and loss (weights stay fp32)
     # Set by a resume that changes --steps after warmup (not a flag): from this optimizer
     # step the cosine restarts at the LR factor reached there, so the LR never jumps.
     lr_anchor_step: int | None = None
     lr_anchor_factor: float | None = None
 
     def __post_init__(self) -> None:
-        if self.optimizer not in DEFAULT_LR:
-            raise ValueError(f"optimizer must be 'muon' or 'adamw', got {self.optimizer!r}")
-        if self.preset not in PRESETS:
-            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
-        for name in ("steps", "batch_size", "seq_len", "eval_batches", "monitor_every"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        from specopt.pc import PC_LEVELS
+
+        def require(ok: bool, name: str, expected: str) -> None:
+            if not ok:
+                raise ValueError(f"{name} must be {expected}, got {getattr(self, name)!r}")
+
+        require(self.optimizer in DEFAULT_LR, "optimizer", "'muon' or 'adamw'")
+        require(self.preset in PRESETS, "preset", f"one of {sorted(PRESETS)}")
+        for name in ("steps", "batch_size", "seq_len", "eval_batches", "monitor_every",
+                     "max_data_bytes"):
+            require(getattr(self, name) > 0, name, "positive")
         for name in ("warmup", "ckpt_every", "eval_every", "keep_checkpoints", "seed", "threads"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive finite number, got {self.lr}")
-        if not 0.0 <= self.monitor_budget <= 1.0:
-            raise ValueError(f"monitor_budget must be in [0, 1], got {self.monitor_budget}")
-        if not 0.0 <= self.final_lr_ratio <= 1.0:
-            raise ValueError(f"final_lr_ratio must be in [0, 1], got {self.final_lr_ratio}")
-        if self.parallel not in (None, "ddp", "fsdp"):
-            raise ValueError(f"parallel must be None, 'ddp' or 'fsdp', got {self.parallel!r}")
-        if self.pc_level is not None and self.pc_level <= 0:
-            raise ValueError(f"pc_level must be positive, got {self.pc_level}")
+            require(getattr(self, name) >= 0, name, ">= 0")
+        # Floats: `not (lo <= x)` is also true for NaN, so NaN never passes a range check.
+        require(self.lr is None or (math.isfinite(self.lr) and self.lr > 0), "lr",
+                "a positive finite number")
+        for name in ("weight_decay", "grad_clip"):
+            require(math.isfinite(getattr(self, name)) and getattr(self, name) >= 0, name,
+                    "a finite number >= 0")
+        for name in ("monitor_budget", "final_lr_ratio"):
+            require(0.0 <= getattr(self, name) <= 1.0, name, "in [0, 1]")
+        require(self.parallel in (None, "ddp", "fsdp"), "parallel", "None, 'ddp' or 'fsdp'")
+        require(self.pc_level is None or self.pc_level in PC_LEVELS, "pc_level",
+                f"one of the published levels {sorted(PC_LEVELS)}")
+        if not self.pc and self.pc_level is not None:
+            raise ValueError(f"pc_level {self.pc_level} is given but the PC layer is off "
+                             "(no_pc): drop one of them")
+        require(self.device in DEVICES, "device", f"one of {DEVICES}")
+        require(self.dtype in DTYPES, "dtype", f"one of {sorted(DTYPES)}")
+        cpus = available_cpus()
+        require(self.threads <= cpus, "threads", f"<= {cpus} (the CPUs this process may use)")
 
     @property
     def peak_lr(self) -> float:
@@ -184,6 +208,14 @@ class TrainResult:
     train_loss: float  # last training loss, nats/byte
     wall_s: float  # wall time of this invocation (data loading included)
     diverged: bool
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def auto_threads() -> int:
@@ -254,15 +286,21 @@ def _resumed_config(
     unknown = sorted(set(given) - fields)
     if unknown:
         raise ValueError(f"unknown training options {unknown}")
+    saved = {k: v for k, v in saved.items() if k in fields}
+    if isinstance(saved.get("threads"), int) and saved["threads"] > available_cpus():
+        # Saved on a bigger machine: as many threads as there are CPUs here.
+        console.print(f"--threads {saved['threads']} (from the checkpoint) capped to the "
+                      f"{available_cpus()} CPUs available here")
+        saved["threads"] = available_cpus()
     try:
-        old = TrainConfig(**{k: v for k, v in saved.items() if k in fields})
+        old = TrainConfig(**saved)
     except (TypeError, ValueError) as exc:
         raise CommandError(f"checkpoint {str(source)!r} holds invalid training options: {exc}"
                            ) from exc
     try:
         new = dataclasses.replace(old, **given)
     except ValueError as exc:
-        raise CommandError(str(exc)) from exc
+        raise CommandError(_as_flags(str(exc))) from exc
 
     def meaning(c: TrainConfig, k: str) -> Any:  # lr None is the optimizer's default, ...
         return c.peak_lr if k == "lr" else c.level if k == "pc_level" else getattr(c, k)
@@ -356,8 +394,36 @@ def _find_checkpoint(path: Path) -> Path:
         found = sorted(folder.glob("step_*.pt"))
         if found:
             return found[-1]
+        if any(path.glob("events.out.tfevents.*")):
+            raise CommandError(
+                f"run {str(path)!r} stopped before its first checkpoint: nothing to resume; "
+                f"run the same command without --resume and with --log-dir {path} to start "
+                "it over in place")
         raise CommandError(f"no checkpoints (step_*.pt) in {str(folder)!r}")
     raise CommandError(f"--resume path {str(path)!r} does not exist")
+
+
+def _restore(
+    ckpt: dict[str, Any], path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+    scheduler: Any, sampler: BatchSampler,
+) -> None:
+    """Load a training checkpoint into the live objects; every misfit is a CommandError
+    naming the file and the part (nothing is half-loaded into the model)."""
+    source = str(path)
+    try:
+        load_module_state(model, ckpt["model"], source=source)
+        names = {p: n for n, p in unwrap(model).named_parameters()}
+        check_optimizer_state(optimizer, ckpt["optimizer"], names=names, source=source)
+    except CheckpointError as exc:
+        raise CommandError(str(exc)) from exc
+    for part, load in (("optimizer", optimizer.load_state_dict),
+                       ("scheduler", scheduler.load_state_dict),
+                       ("data", sampler.load_state_dict), ("rng", restore_rng_state)):
+        try:
+            load(ckpt[part])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+            raise CommandError(f"checkpoint {source!r}: cannot restore its {part!r} state: "
+                               f"{type(exc).__name__}: {exc}") from exc
 
 
 def _sort_after_existing_event_files(log_dir: Path) -> None:
@@ -376,16 +442,45 @@ def _sort_after_existing_event_files(log_dir: Path) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: list[torch.Tensor]) -> float:
-    """Mean validation loss in nats per byte over fixed windows (model in eval mode)."""
+def evaluate(
+    model: nn.Module, batches: list[torch.Tensor], *, autocast: torch.dtype | None = None
+) -> float:
+    """Mean validation loss in nats per byte over fixed windows (model in eval mode), on
+    the model's device, under ``autocast`` when given (e.g. ``torch.bfloat16``)."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     for w in batches:
-        total += float(model.loss(w[:, :-1], w[:, 1:])) * w.shape[0]
+        w = w.to(device)
+        with _autocast(device, autocast):
+            total += float(model.loss(w[:, :-1], w[:, 1:])) * w.shape[0]
         count += w.shape[0]
     model.train(was_training)
     return total / count
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``--device``: ``"cpu"``, ``"cuda"`` (this rank's GPU under torchrun: ``LOCAL_RANK``)
+    or ``"auto"`` (cuda when available).
+
+    Raises:
+        CommandError: ``"cuda"`` without a usable GPU.
+    """
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise CommandError("--device cuda: no CUDA device is available "
+                           "(torch.cuda.is_available() is False); use --device cpu or auto")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
 class _NullMonitor:
@@ -423,6 +518,15 @@ def _progress(enabled: bool):
         disable=not enabled,
         transient=False,
     )
+
+
+@contextlib.contextmanager
+def _closing(*closeables: Any) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for c in closeables:
+            c.close()
 
 
 @contextlib.contextmanager
@@ -475,29 +579,56 @@ def train(
     if resume is not None:
         ckpt_path = _find_checkpoint(Path(resume))
         try:
-            ckpt = load_checkpoint(ckpt_path)
+            ckpt = load_checkpoint(ckpt_path, require=TRAINING_KEYS)
         except (ValueError, FileNotFoundError) as exc:
             raise CommandError(str(exc)) from exc
-        cfg = _resumed_config(ckpt["config"]["train"], overrides or {},
-                              step=int(ckpt["step"]), source=ckpt_path)
+        saved = ckpt["config"]
+        if not (isinstance(saved, dict) and all(isinstance(saved.get(k), dict)
+                                                for k in ("train", "model"))):
+            raise CommandError(f"checkpoint {str(ckpt_path)!r}: 'config' lacks the 'train' "
+                               "and 'model' option dicts")
+        cfg = _resumed_config(saved["train"], overrides or {}, step=ckpt["step"],
+                              source=ckpt_path)
         if ckpt["step"] >= cfg.steps:
             raise CommandError(
                 f"checkpoint {str(ckpt_path)!r} is at step {ckpt['step']}, already >= --steps "
                 f"{cfg.steps}; pass a larger --steps to continue"
             )
+        try:
+            model_cfg = LlamaConfig(**saved["model"])
+        except (TypeError, ValueError) as exc:
+            raise CommandError(f"checkpoint {str(ckpt_path)!r}: invalid model config: {exc}"
+                               ) from exc
+    else:
+        model_cfg = PRESETS[cfg.preset]
+    if cfg.seq_len > model_cfg.max_seq_len:
+        raise CommandError(f"--seq-len must be <= {model_cfg.max_seq_len}, the {cfg.preset} "
+                           f"model's context (max_seq_len), got {cfg.seq_len}")
+    device = resolve_device(cfg.device)
+    autocast = DTYPES[cfg.dtype]
     if cfg.parallel is not None:
         if ckpt is not None:
             raise CommandError("--resume is not supported with --ddp/--fsdp yet")
-        init_from_env()
+        try:
+            init_from_env(backend="nccl" if device.type == "cuda" else "gloo")
+        except RuntimeError as exc:
+            raise CommandError(f"--{cfg.parallel}: {exc}") from exc
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         if not is_main_process():
             console.quiet = True  # rank 0 alone prints
     # Rank 0 decides (and checks) the folder before anyone writes: ranks must agree.
     log_dir = Path(broadcast_object(str(_resolve_log_dir(cfg))))
-    if broadcast_object(ckpt is None and any(log_dir.glob("events.out.tfevents.*"))):
+    if log_dir.exists() and not log_dir.is_dir():
+        raise CommandError(f"--log-dir {str(log_dir)!r} is a file, not a folder")
+    has_events = any(log_dir.glob("events.out.tfevents.*"))
+    has_checkpoints = any((log_dir / CHECKPOINT_DIR).glob("step_*"))
+    if broadcast_object(ckpt is None and has_events and has_checkpoints):
         raise CommandError(
             f"log dir {str(log_dir)!r} already holds a run; pass --resume {log_dir} to continue "
             "it, or another --log-dir"
         )
+    restart = ckpt is None and has_events  # stopped before its first checkpoint
     if cfg.threads == 0:  # resolved once and saved, so a resume uses the same count
         cfg = dataclasses.replace(cfg, threads=auto_threads())
     torch.set_num_threads(cfg.threads)
@@ -513,12 +644,8 @@ def train(
         raise CommandError(str(exc)) from exc
 
     torch.manual_seed(cfg.seed)
-    if ckpt is not None:
-        model_cfg = LlamaConfig(**ckpt["config"]["model"])
-    else:
-        base = PRESETS[cfg.preset]
-        model_cfg = dataclasses.replace(base, max_seq_len=max(base.max_seq_len, cfg.seq_len))
     model, pc_handle = build_model(model_cfg, pc=cfg.pc, pc_level=cfg.level)
+    model.to(device)  # PC buffers (u, v) move with it
     if cfg.parallel is not None:
         model = wrap_model(model, cfg.parallel)
     optimizer = _build_optimizer(model, cfg)
@@ -529,23 +656,31 @@ def train(
         optimizer, lambda s: _schedule_factor(schedule, s))
     start_step = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        _apply_schedule(scheduler, cfg, ckpt["config"]["train"], int(ckpt["step"]))
-        sampler.load_state_dict(ckpt["data"])
-        restore_rng_state(ckpt["rng"])
-        start_step = int(ckpt["step"])
+        _restore(ckpt, ckpt_path, model=model, optimizer=optimizer, scheduler=scheduler,
+                 sampler=sampler)
+        _apply_schedule(scheduler, cfg, ckpt["config"]["train"], ckpt["step"])
+        start_step = ckpt["step"]
 
-    log_dir.mkdir(parents=True, exist_ok=True)
-    if ckpt is not None:
+    if is_main_process():
+        try:
+            log_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CommandError(f"cannot create --log-dir {str(log_dir)!r}: "
+                               f"{exc.strerror or exc}") from exc
+        for stale in remove_stale_temp_files(log_dir / CHECKPOINT_DIR, "step_*"):
+            console.print(f"removed {escape(str(stale))} (an interrupted checkpoint write)")
+    if restart:
+        console.print(f"log dir {escape(str(log_dir))} holds a run that stopped before its "
+                      "first checkpoint: starting it over in place")
+    if ckpt is not None or restart:
         _sort_after_existing_event_files(log_dir)
     # purge_step: a resumed run hides what the crashed run logged *after* its checkpoint
     # (steps > start_step; TensorBoard purges steps >= purge_step). The checkpoint step
     # itself was logged before the checkpoint was written (see flush() below): it stays.
+    # A restart in place hides everything the stopped run logged.
+    purge_step = start_step + 1 if ckpt is not None else 0 if restart else None
     writer = NullWriter.for_rank(lambda: SummaryWriter(
-        str(log_dir), purge_step=start_step + 1 if ckpt else None, max_queue=1000,
-        flush_secs=10))
+        str(log_dir), purge_step=purge_step, max_queue=1000, flush_secs=10))
     if cfg.monitor:
         from specopt.spectral.monitor import SpectralMonitor
 
@@ -596,7 +731,14 @@ def train(
             "config": {"train": cfg.to_dict(), "model": model_cfg.to_dict(), "pc": cfg.pc,
                        "pc_level": cfg.level if cfg.pc else None},
         }
-        path = save_checkpoint(log_dir / CHECKPOINT_DIR / f"step_{step:07d}.pt", payload)
+        target = log_dir / CHECKPOINT_DIR / f"step_{step:07d}.pt"
+        try:
+            path = save_checkpoint(target, payload)
+        except OSError as exc:  # disk full, unwritable: atomic_write left nothing behind
+            raise CommandError(
+                f"cannot write checkpoint {str(target)!r}: {exc.strerror or exc}; no partial "
+                f"file was left, the newest complete checkpoint is "
+                f"{str(last_ckpt) if last_ckpt else 'none'}") from exc
         old = sorted((log_dir / CHECKPOINT_DIR).glob("step_*.pt"))[: -cfg.keep_checkpoints or None]
         for p in old if cfg.keep_checkpoints else []:
             if p != path:
@@ -608,13 +750,17 @@ def train(
     last_ckpt: Path | None = None
     step = start_step
     model.train()
-    with _progress(progress and is_main_process()) as bar, _alarms_above_the_bar():
+    # _closing: monitor and writer are closed (what was logged reaches the disk) also when
+    # the loop ends in an error, e.g. a checkpoint that cannot be written.
+    with _progress(progress and is_main_process()) as bar, _alarms_above_the_bar(), \
+            _closing(monitor, writer):
         task = bar.add_task("train", total=cfg.steps, completed=start_step, loss="-", lr="-",
                             tps="-", cond="-")
         t_last = time.perf_counter()
         while step < cfg.steps:
-            x, y = next(sampler)
-            loss = train_loss(model, x, y)
+            x, y = (t.to(device, non_blocking=True) for t in next(sampler))
+            with _autocast(device, autocast):  # backward outside: autocast covers forward
+                loss = train_loss(model, x, y)
             loss_val = float(loss.detach())
             if cfg.parallel is not None:  # log the global-batch loss; same on every rank
                 loss_val = float(_mean_over_ranks(loss.detach()))
@@ -651,7 +797,7 @@ def train(
             if snapshot is not None:
                 cond = snapshot.aggregates.get("condition_number_max", math.nan)
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-                val_loss = evaluate(unwrap(model), val_batches)
+                val_loss = evaluate(unwrap(model), val_batches, autocast=autocast)
                 val_bpb = bits_per_byte(val_loss)
                 writer.add_scalar("val/loss", val_loss, step)
                 writer.add_scalar("val/bpb", val_bpb, step)
@@ -664,8 +810,6 @@ def train(
             bar.update(task, completed=step, loss=f"{loss_val:.3f}", lr=f"{lr_now:.2e}",
                        tps=f"{tps:,.0f}", cond="-" if math.isnan(cond) else f"{cond:.3g}")
             t_last = time.perf_counter()  # eval/checkpoint time is not training throughput
-    monitor.close()
-    writer.close()
     wall = time.perf_counter() - t_start
     if not math.isnan(val_bpb):
         console.print(
@@ -744,6 +888,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads; 0: auto, the cores not busy with other work (default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--device", choices=DEVICES, default=None,
+                   help=f"where to train: cpu, cuda (under torchrun: LOCAL_RANK's GPU) or auto, "
+                   f"cuda when available (default: {d.device})")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="bf16: autocast forward and loss to bfloat16, weights and optimizer "
+                   f"state stay fp32 (default: {d.dtype})")
     par = p.add_mutually_exclusive_group()
     par.add_argument("--ddp", dest="parallel", action="store_const", const="ddp", default=None,
                      help="data parallel with DDP (launch with torchrun; --batch-size per rank)")
@@ -759,11 +909,18 @@ def _given_options(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if k in fields and v is not None}
 
 
+def _as_flags(message: str) -> str:
+    """A TrainConfig message in CLI words: ``seq_len`` -> ``--seq-len``."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} | {"no_pc"}
+    return re.sub(r"\b[a-z]+(?:_[a-z]+)*\b",
+                  lambda m: _flag(m.group()) if m.group() in fields else m.group(), message)
+
+
 def _config_from_args(args: argparse.Namespace) -> TrainConfig:
     try:
         return TrainConfig(**_given_options(args))
     except ValueError as exc:
-        raise CommandError(str(exc)) from exc
+        raise CommandError(_as_flags(str(exc))) from exc
 
 
 def run(args: argparse.Namespace) -> int:
@@ -792,7 +949,8 @@ def run(args: argparse.Namespace) -> int:
         Path("runs") / f"{cfg.preset}-{cfg.optimizer}-compare-s{cfg.seed}")
     results = []
     for pc in (False, True):
-        sub = dataclasses.replace(cfg, pc=pc, log_dir=str(root / ("pc" if pc else "baseline")))
+        sub = dataclasses.replace(cfg, pc=pc, pc_level=cfg.pc_level if pc else None,
+                                  log_dir=str(root / ("pc" if pc else "baseline")))
         console.rule(f"{'PC layer' if pc else 'baseline'} run")
         results.append(train(sub, progress=not args.no_progress))
     compare_runs([r.log_dir for r in results], out=root / "compare.png")
