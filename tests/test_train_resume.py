@@ -101,3 +101,68 @@ def test_resume_without_new_steps_keeps_the_schedule_and_weights(tmp_path, data_
     a = load_checkpoint(straight / "checkpoints" / "step_0000008.pt")["model"]
     b = load_checkpoint(split / "checkpoints" / "step_0000008.pt")["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+#: Runs `specopt train` in a child process that SIGKILLs itself at a chosen moment:
+#: "step" kills at the start of step KILL_AT + 1 (everything up to KILL_AT logged and
+#: checkpointed where due); "write" kills halfway through writing checkpoint KILL_AT.
+_KILLER = """
+import os, signal, sys
+import torch
+import specopt.cli.train as train_module
+from specopt.cli.main import main
+
+mode, kill_at = os.environ["KILL_MODE"], int(os.environ["KILL_AT"])
+real_loss, real_save, calls = train_module.train_loss, torch.save, [0]
+
+def loss_then_kill(*args, **kwargs):
+    calls[0] += 1
+    if mode == "step" and calls[0] == kill_at + 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_loss(*args, **kwargs)
+
+def save_then_kill(obj, f, *args, **kwargs):
+    if mode == "write" and isinstance(obj, dict) and obj.get("step") == kill_at:
+        f.write(b"half a checkpoint")
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, f, *args, **kwargs)
+
+train_module.train_loss, torch.save = loss_then_kill, save_then_kill
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("mode", "kill_at", "resumes_at"), [("step", 5, 3), ("write", 6, 3)],
+                         ids=["killed-mid-run", "killed-writing-a-checkpoint"])
+def test_kill_and_resume_logs_each_step_once_and_ends_bit_identical(
+        tmp_path, data_file, mode, kill_at, resumes_at):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    flags = [*TINY, "--steps", "8", "--ckpt-every", "3", "--monitor-every", "2",
+             "--data", str(data_file)]
+    straight = tmp_path / "straight"
+    assert train(*flags, "--log-dir", straight) == 0
+    run = tmp_path / "killed"
+    env = {**os.environ, "KILL_MODE": mode, "KILL_AT": str(kill_at), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                          os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", _KILLER, "train", *flags, "--log-dir",
+                           str(run)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert [n for n in names if n.startswith("step_")] == [f"step_{resumes_at:07d}.pt"]
+    assert (mode == "write") == any(n.endswith(".tmp") for n in names)  # a leftover
+
+    assert train("--resume", run, "--no-progress") == 0
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+    assert steps_of(run, "train/loss") == list(range(1, 9))
+    assert steps_of(run, SPECTRAL_TAG) == [2, 4, 6, 8]
+    assert logged(run, "train/loss") == logged(straight, "train/loss")
+    a = load_checkpoint(straight / "checkpoints" / "step_0000008.pt")["model"]
+    b = load_checkpoint(run / "checkpoints" / "step_0000008.pt")["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
