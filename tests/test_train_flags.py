@@ -284,3 +284,14 @@ def test_run_stopped_before_its_first_checkpoint_restarts_in_place(tmp_path, cap
     # A run that has a checkpoint is still protected.
     line = fails(capsys, "train", *RUN, "--steps", "3", "--data", data_file, "--log-dir", run)
     assert "already holds a run; pass --resume" in line
+
+
+def test_resume_caps_the_checkpoints_threads_to_this_machine(finished_run, tmp_path, capsys):
+    ckpt = load_checkpoint(finished_run / "checkpoints" / "step_0000001.pt")
+    ckpt["config"]["train"]["threads"] = available_cpus() + 60  # saved on a bigger machine
+    path = save_checkpoint(tmp_path / "run" / "checkpoints" / "step_0000001.pt", ckpt)
+    assert main(["train", "--resume", str(path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"capped to the {available_cpus()} CPUs available here" in out
+    resumed = load_checkpoint(tmp_path / "run" / "checkpoints" / "step_0000002.pt")
+    assert resumed["config"]["train"]["threads"] == available_cpus()

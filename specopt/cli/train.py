@@ -315,7 +315,8 @@ def _resumed_config(
             f"may change: {', '.join(_flag(k) for k in RESUME_OVERRIDES)}"
         )
     if "log_dir" not in given:  # the run the checkpoint belongs to
-        new = dataclasses.replace(new, log_dir=str(source.parent.parent))
+        run = source.parent.parent if source.parent.name == CHECKPOINT_DIR else source.parent
+        new = dataclasses.replace(new, log_dir=str(run))
     if new.peak_lr != old.peak_lr:
         console.print(f"[yellow]warning:[/] --lr {new.peak_lr:g} replaces the checkpoint's peak "
                       f"LR {old.peak_lr:g}: the schedule continues at the new scale from step "
@@ -411,7 +412,7 @@ def _restore(
     naming the file and the part (nothing is half-loaded into the model)."""
     source = str(path)
     try:
-        load_module_state(model, ckpt["model"], source=source)
+        load_module_state(unwrap(model), ckpt["model"], source=source)
         names = {p: n for n, p in unwrap(model).named_parameters()}
         check_optimizer_state(optimizer, ckpt["optimizer"], names=names, source=source)
     except CheckpointError as exc:
@@ -679,8 +680,12 @@ def train(
     # itself was logged before the checkpoint was written (see flush() below): it stays.
     # A restart in place hides everything the stopped run logged.
     purge_step = start_step + 1 if ckpt is not None else 0 if restart else None
-    writer = NullWriter.for_rank(lambda: SummaryWriter(
-        str(log_dir), purge_step=purge_step, max_queue=1000, flush_secs=10))
+    try:
+        writer = NullWriter.for_rank(lambda: SummaryWriter(
+            str(log_dir), purge_step=purge_step, max_queue=1000, flush_secs=10))
+    except OSError as exc:
+        raise CommandError(f"cannot write TensorBoard events in --log-dir {str(log_dir)!r}: "
+                           f"{exc.strerror or exc}") from exc
     if cfg.monitor:
         from specopt.spectral.monitor import SpectralMonitor
 
