@@ -19,7 +19,14 @@ writes logs, and checkpoints are ``torch.distributed.checkpoint`` directories
 on any world size (``--resume`` of a distributed run is not supported yet).
 
 Resume restores model (incl. PC buffers), optimizer, scheduler, RNG and sampler state,
-so ``N`` straight steps and ``N/2 + resume + N/2`` give bit-identical parameters.
+so ``N`` straight steps and ``N/2 + resume + N/2`` give bit-identical parameters (also
+after a ``kill -9``). Into the same run folder every step stays logged once (the writer
+purges only steps after the checkpoint's). Flags on resume: :data:`RESUME_OVERRIDES` are
+applied (a new ``--steps`` continues the cosine from the LR reached at the checkpoint, a
+new ``--lr`` rescales it, with a warning); any other flag must equal the checkpoint's or
+the resume is refused with the list of differences. ``--device`` (cpu, cuda, auto) puts
+model, PC buffers, optimizer state and the monitor's work on one device; ``--dtype bf16``
+autocasts forward and loss. Every failure is a :class:`CommandError` (one line, exit 2).
 Logged scalars (TensorBoard, in the run folder): ``train/loss`` (nats/byte),
 ``train/lr``, ``train/grad_norm``, ``perf/tokens_per_s``, ``val/loss`` (nats/byte),
 ``val/bpb`` (bits per byte); the monitor adds ``spectral/<metric>/<layer>``.
