@@ -882,7 +882,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help=f"newest step checkpoints kept (default: {d.keep_checkpoints})")
     p.add_argument("--resume", default=None, metavar="CKPT_OR_RUN",
                    help="continue from a checkpoint file or a run folder's newest checkpoint; "
-                   f"options come from the checkpoint except {', '.join(RESUME_OVERRIDES)}")
+                   "options come from the checkpoint; these may be given to change them: "
+                   f"{', '.join(_flag(k) for k in RESUME_OVERRIDES)} (a new --steps continues "
+                   "the cosine from the current LR); any other flag must match the checkpoint")
     p.add_argument("--monitor", action=argparse.BooleanOptionalAction, default=None,
                    help="spectral monitor (default: on)")
     p.add_argument("--monitor-every", type=int, default=None,
