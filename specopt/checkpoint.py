@@ -18,7 +18,15 @@ Only tensors and plain Python containers are stored, so it loads with
 
 Writes are atomic: the bytes go to a temporary file in the target directory, are flushed
 and fsync'ed, then ``os.replace`` swaps the file in and the directory entry is fsync'ed.
-A crash at any point leaves either the old file or the new one, never half of one.
+A crash at any point leaves either the old file or the new one, never half of one (and,
+after a SIGKILL mid-write, a stale ``.<name>.*.tmp`` that :func:`remove_stale_temp_files`
+cleans). The file gets the mode ``open()`` would give (``0o666`` less the umask), not the
+temporary file's ``0o600``.
+
+Loading validates: :func:`load_checkpoint` checks the format and the keys a caller needs,
+:func:`load_module_state` and :func:`check_optimizer_state` check every tensor's name and
+shape against the live model, all raising :class:`CheckpointError` (a ``ValueError``)
+whose message names the file and the problem.
 """
 
 from __future__ import annotations
@@ -32,22 +40,58 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_VERSION",
+    "TRAINING_KEYS",
+    "CheckpointError",
     "atomic_write",
     "capture_rng_state",
+    "check_optimizer_state",
     "is_specopt_checkpoint",
     "load_checkpoint",
+    "load_module_state",
     "load_weights",
+    "remove_stale_temp_files",
     "restore_rng_state",
     "save_checkpoint",
 ]
 
 CHECKPOINT_FORMAT = "specopt-checkpoint"
 CHECKPOINT_VERSION = 1
+#: Keys a checkpoint needs to resume training (``specopt train --resume``).
+TRAINING_KEYS = ("step", "model", "optimizer", "scheduler", "rng", "data", "config")
+#: How many names an error message lists before "... and N more".
+_LISTED = 5
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as asked; the message names the file and why.
+
+    A ``ValueError`` so that callers catching bad input in general still catch it.
+    """
+
+
+def _names(names: list[str]) -> str:
+    more = f" ... and {len(names) - _LISTED} more" if len(names) > _LISTED else ""
+    return ", ".join(names[:_LISTED]) + more
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where the OS reports it (Linux):
+    ``os.umask``'s set-and-restore briefly changes it for every thread."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
@@ -60,6 +104,8 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        if hasattr(os, "fchmod"):  # mkstemp creates 0o600; outputs follow the umask
+            os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -77,6 +123,26 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
         finally:
             os.close(dir_fd)
     return target
+
+
+def remove_stale_temp_files(folder: str | os.PathLike[str], pattern: str = "*") -> list[Path]:
+    """Delete what an interrupted :func:`atomic_write` of ``folder/<pattern>`` left behind
+    (``.<name>.*.tmp`` files; ``.<name>.partial`` folders of a distributed checkpoint).
+
+    Call it only when no other process writes there (e.g. at the start of a run).
+    Returns the removed paths.
+    """
+    import shutil
+
+    root = Path(folder)
+    removed = []
+    for leftover in [*root.glob(f".{pattern}.*.tmp"), *root.glob(f".{pattern}.partial")]:
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+        removed.append(leftover)
+    return removed
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -114,7 +180,11 @@ def _torch_load(path: Path, map_location: str | torch.device) -> Any:
     except FileNotFoundError:
         raise
     except Exception as exc:  # corrupt file, pickle with classes, not a torch file
-        raise ValueError(f"cannot load {str(path)!r} as a PyTorch file: {exc}") from exc
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "Weights only load failed" in why:  # torch's advice to drop the safety: not ours
+            why = ("it is not a torch.save file of tensors and plain containers (truncated, "
+                   "corrupt, or pickled Python objects, which are not loaded for safety)")
+        raise CheckpointError(f"cannot load {str(path)!r} as a PyTorch file: {why}") from exc
 
 
 def is_specopt_checkpoint(obj: Any) -> bool:
@@ -122,26 +192,112 @@ def is_specopt_checkpoint(obj: Any) -> bool:
 
 
 def load_checkpoint(
-    path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu"
+    path: str | os.PathLike[str],
+    *,
+    map_location: str | torch.device = "cpu",
+    require: tuple[str, ...] = ("step", "model"),
 ) -> dict[str, Any]:
     """Load a specopt checkpoint written by :func:`save_checkpoint`.
 
+    Args:
+        path: the checkpoint file.
+        map_location: where tensors go (``torch.load``'s argument).
+        require: keys the caller needs (:data:`TRAINING_KEYS` to resume training);
+            ``step`` must be an int >= 0 and ``model`` a dict of tensors by name.
+
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not a specopt checkpoint, or a newer version than this code reads.
+        CheckpointError: a folder, not a specopt checkpoint, a newer version than this
+            code reads, or a required key missing or malformed.
     """
     p = Path(path)
+    if p.is_dir():
+        raise CheckpointError(f"{str(p)!r} is a folder, not a checkpoint file")
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint {str(p)!r} does not exist")
     obj = _torch_load(p, map_location)
     if not is_specopt_checkpoint(obj):
-        raise ValueError(f"{str(p)!r} is not a specopt checkpoint (no 'format' key)")
+        raise CheckpointError(f"{str(p)!r} is not a specopt checkpoint (no 'format' key)")
     if obj.get("version", 0) > CHECKPOINT_VERSION:
-        raise ValueError(
+        raise CheckpointError(
             f"{str(p)!r} has checkpoint version {obj['version']}; this specopt reads up to "
             f"{CHECKPOINT_VERSION}"
         )
+    missing = [k for k in require if k not in obj]
+    if missing:
+        raise CheckpointError(f"checkpoint {str(p)!r} has no {', '.join(map(repr, missing))} "
+                              f"(needed here: {', '.join(require)})")
+    step = obj.get("step", 0)
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"checkpoint {str(p)!r} has step {step!r}; expected an int >= 0")
+    model = obj.get("model", {})
+    if not isinstance(model, dict) or not all(isinstance(v, Tensor) for v in model.values()):
+        raise CheckpointError(f"checkpoint {str(p)!r}: 'model' is not a dict of tensors by name")
     return obj
+
+
+def load_module_state(module: nn.Module, state: dict[str, Tensor], *, source: str) -> None:
+    """``module.load_state_dict(state)`` (strict), after checking every name and shape.
+
+    Raises:
+        CheckpointError: missing, unexpected or wrong-shaped tensors, listed by name and
+            shape, with ``source`` (the file) named; ``module`` is then left untouched.
+    """
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k} is {tuple(state[k].shape)}, the model has {tuple(v.shape)}"
+             for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    problems = [f"{label}: {_names(names)}" for label, names in
+                (("missing tensors", missing), ("unexpected tensors", unexpected),
+                 ("wrong shapes", wrong)) if names]
+    if problems:
+        raise CheckpointError(f"{source!r} does not fit the model it describes ("
+                              + "; ".join(problems) + ")")
+    module.load_state_dict(state)
+
+
+def check_optimizer_state(
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    *,
+    names: dict[Tensor, str],
+    source: str,
+) -> None:
+    """Check a saved ``optimizer.state_dict()`` against ``optimizer`` before loading it.
+
+    Groups and parameter counts must match, and every per-parameter state tensor of 1 or
+    more dimensions (momenta, moments) must have its parameter's shape; ``names`` maps
+    parameters to their names for the message.
+
+    Raises:
+        CheckpointError: naming ``source`` and the first parameters that do not fit.
+    """
+    groups = state.get("param_groups") if isinstance(state, dict) else None
+    if not isinstance(groups, list) or not isinstance(state.get("state"), dict):
+        raise CheckpointError(f"{source!r}: 'optimizer' is not an optimizer state_dict")
+    if len(groups) != len(optimizer.param_groups):
+        raise CheckpointError(f"{source!r}: the optimizer state has {len(groups)} parameter "
+                              f"groups, this optimizer {len(optimizer.param_groups)}")
+    by_id: dict[Any, Tensor] = {}
+    for gi, (saved, live) in enumerate(zip(groups, optimizer.param_groups, strict=True)):
+        if len(saved.get("params", [])) != len(live["params"]):
+            raise CheckpointError(
+                f"{source!r}: optimizer group {gi} has {len(saved.get('params', []))} "
+                f"parameters, this optimizer's {len(live['params'])}")
+        by_id.update(zip(saved["params"], live["params"], strict=True))
+    wrong = []
+    for pid, entry in state["state"].items():
+        param = by_id.get(pid)
+        if param is None or not isinstance(entry, dict):
+            wrong.append(f"state for unknown parameter id {pid!r}")
+            continue
+        for key, value in entry.items():
+            if isinstance(value, Tensor) and value.ndim >= 1 and value.shape != param.shape:
+                wrong.append(f"{names.get(param, f'id {pid}')}.{key} is {tuple(value.shape)}, "
+                             f"the parameter {tuple(param.shape)}")
+    if wrong:
+        raise CheckpointError(f"{source!r}: optimizer state does not fit ({_names(wrong)})")
 
 
 def load_weights(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, Any] | None]:

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
 import torch
 
 from specopt.checkpoint import (
+    CheckpointError,
     atomic_write,
     capture_rng_state,
+    check_optimizer_state,
     load_checkpoint,
+    load_module_state,
     load_weights,
+    remove_stale_temp_files,
     restore_rng_state,
     save_checkpoint,
 )
@@ -95,3 +100,72 @@ def test_load_weights_safetensors(tmp_path):
     st.save_file(sd, str(tmp_path / "m.safetensors"))
     got, ckpt = load_weights(tmp_path / "m.safetensors")
     assert ckpt is None and torch.equal(got["proj.weight"], sd["proj.weight"])
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
+def test_atomic_write_gives_the_mode_open_would(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        atomic_write(tmp_path / "out.bin", lambda f: f.write(b"x"))
+        with open(tmp_path / "plain.bin", "wb"):
+            pass
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out.bin").stat().st_mode & 0o777 == mode
+    assert (tmp_path / "plain.bin").stat().st_mode & 0o777 == mode
+
+
+def test_load_checkpoint_requires_keys_and_names_the_file(tmp_path):
+    path = save_checkpoint(tmp_path / "c.pt", {"step": 2, "model": {"w": torch.zeros(2)}})
+    assert load_checkpoint(path)["step"] == 2  # inspect / merge need only step and model
+    with pytest.raises(CheckpointError, match=r"c\.pt' has no 'optimizer', 'config'"):
+        load_checkpoint(path, require=("step", "model", "optimizer", "config"))
+    assert issubclass(CheckpointError, ValueError)
+    with pytest.raises(CheckpointError, match="is a folder, not a checkpoint file"):
+        load_checkpoint(tmp_path)
+    bad = save_checkpoint(tmp_path / "b.pt", {"step": 1, "model": {"w": [1, 2]}})
+    with pytest.raises(CheckpointError, match="'model' is not a dict of tensors"):
+        load_checkpoint(bad)
+
+
+def test_load_module_state_checks_before_touching_the_module(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = {k: torch.ones_like(v) for k, v in before.items()}
+    state["0.weight"] = torch.ones(4, 5)
+    del state["1.bias"]
+    with pytest.raises(CheckpointError) as info:
+        load_module_state(model, state, source="ck.pt")
+    msg = str(info.value)
+    assert "'ck.pt'" in msg and "missing tensors: 1.bias" in msg
+    assert "wrong shapes: 0.weight is (4, 5), the model has (4, 3)" in msg
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    good = {k: torch.ones_like(v) for k, v in before.items()}
+    load_module_state(model, good, source="ck.pt")
+    assert torch.equal(model[0].weight, torch.ones(4, 3))
+
+
+def test_check_optimizer_state_names_the_parameter():
+    model = torch.nn.Linear(3, 4)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 3)).sum().backward()
+    opt.step()
+    state = opt.state_dict()
+    names = {p: n for n, p in model.named_parameters()}
+    check_optimizer_state(opt, state, names=names, source="ck.pt")  # fits
+    state["state"][0]["exp_avg"] = torch.zeros(4, 7)
+    with pytest.raises(CheckpointError, match=r"weight\.exp_avg is \(4, 7\), the parameter \(4, "):
+        check_optimizer_state(opt, state, names=names, source="ck.pt")
+    state["param_groups"] = state["param_groups"] * 2
+    with pytest.raises(CheckpointError, match="2 parameter groups, this optimizer 1"):
+        check_optimizer_state(opt, state, names=names, source="ck.pt")
+
+
+def test_remove_stale_temp_files(tmp_path):
+    (tmp_path / ".step_0000003.pt.ab12.tmp").write_bytes(b"half")
+    (tmp_path / ".step_0000006.partial").mkdir()
+    (tmp_path / "step_0000002.pt").write_bytes(b"keep")
+    (tmp_path / ".other.tmp").write_bytes(b"not ours")
+    removed = remove_stale_temp_files(tmp_path, "step_*")
+    assert sorted(p.name for p in removed) == [".step_0000003.pt.ab12.tmp", ".step_0000006.partial"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp", "step_0000002.pt"]

@@ -19,7 +19,14 @@ writes logs, and checkpoints are ``torch.distributed.checkpoint`` directories
 on any world size (``--resume`` of a distributed run is not supported yet).
 
 Resume restores model (incl. PC buffers), optimizer, scheduler, RNG and sampler state,
-so ``N`` straight steps and ``N/2 + resume + N/2`` give bit-identical parameters.
+so ``N`` straight steps and ``N/2 + resume + N/2`` give bit-identical parameters (also
+after a ``kill -9``). Into the same run folder every step stays logged once (the writer
+purges only steps after the checkpoint's). Flags on resume: :data:`RESUME_OVERRIDES` are
+applied (a new ``--steps`` continues the cosine from the LR reached at the checkpoint, a
+new ``--lr`` rescales it, with a warning); any other flag must equal the checkpoint's or
+the resume is refused with the list of differences. ``--device`` (cpu, cuda, auto) puts
+model, PC buffers, optimizer state and the monitor's work on one device; ``--dtype bf16``
+autocasts forward and loss. Every failure is a :class:`CommandError` (one line, exit 2).
 Logged scalars (TensorBoard, in the run folder): ``train/loss`` (nats/byte),
 ``train/lr``, ``train/grad_norm``, ``perf/tokens_per_s``, ``val/loss`` (nats/byte),
 ``val/bpb`` (bits per byte); the monitor adds ``spectral/<metric>/<layer>``.
@@ -34,6 +41,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -45,8 +53,13 @@ from rich.markup import escape
 from torch import nn
 
 from specopt.checkpoint import (
+    TRAINING_KEYS,
+    CheckpointError,
     capture_rng_state,
+    check_optimizer_state,
     load_checkpoint,
+    load_module_state,
+    remove_stale_temp_files,
     restore_rng_state,
     save_checkpoint,
 )
@@ -94,9 +107,16 @@ DEFAULT_LR = {"muon": 0.02, "adamw": 3e-3}
 #: PC level per optimizer, as in the published configs (Muon already orthogonalizes).
 DEFAULT_PC_LEVEL = {"muon": 2, "adamw": 4}
 CHECKPOINT_DIR = "checkpoints"
-#: Options that may differ when resuming (the rest come from the checkpoint).
-RESUME_OVERRIDES = ("steps", "log_dir", "ckpt_every", "keep_checkpoints", "eval_every", "monitor",
-                    "monitor_every", "monitor_budget")
+#: ``--device`` choices; "auto" is cuda when available, else cpu.
+DEVICES = ("auto", "cpu", "cuda")
+#: ``--dtype`` choices -> autocast dtype (None: no autocast, fp32 everywhere).
+DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
+#: Options a resume applies when given (the rest must equal the checkpoint's or the resume
+#: is refused): ``steps`` continues the cosine from the current LR to the new end, ``lr``
+#: rescales the schedule (with a warning); the others change no training math.
+RESUME_OVERRIDES = ("steps", "lr", "log_dir", "ckpt_every", "keep_checkpoints", "eval_every",
+                    "eval_batches", "monitor", "monitor_every", "monitor_budget", "threads",
+                    "device")
 
 
 @dataclass
@@ -129,28 +149,45 @@ class TrainConfig:
     max_data_bytes: int = 4_000_000
     threads: int = 0  # torch intra-op threads; 0: auto (idle cores, see auto_threads)
     parallel: str | None = None  # "ddp" or "fsdp" under torchrun; None: one process
+    device: str = "auto"  # "cpu", "cuda" or "auto" (cuda when available)
+    dtype: str = "fp32"  # "fp32", or "bf16": autocast of forward and loss (weights stay fp32)
+    # Set by a resume that changes --steps after warmup (not a flag): from this optimizer
+    # step the cosine restarts at the LR factor reached there, so the LR never jumps.
+    lr_anchor_step: int | None = None
+    lr_anchor_factor: float | None = None
 
     def __post_init__(self) -> None:
-        if self.optimizer not in DEFAULT_LR:
-            raise ValueError(f"optimizer must be 'muon' or 'adamw', got {self.optimizer!r}")
-        if self.preset not in PRESETS:
-            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
-        for name in ("steps", "batch_size", "seq_len", "eval_batches", "monitor_every"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        from specopt.pc import PC_LEVELS
+
+        def require(ok: bool, name: str, expected: str) -> None:
+            if not ok:
+                raise ValueError(f"{name} must be {expected}, got {getattr(self, name)!r}")
+
+        require(self.optimizer in DEFAULT_LR, "optimizer", "'muon' or 'adamw'")
+        require(self.preset in PRESETS, "preset", f"one of {sorted(PRESETS)}")
+        for name in ("steps", "batch_size", "seq_len", "eval_batches", "monitor_every",
+                     "max_data_bytes"):
+            require(getattr(self, name) > 0, name, "positive")
         for name in ("warmup", "ckpt_every", "eval_every", "keep_checkpoints", "seed", "threads"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive finite number, got {self.lr}")
-        if not 0.0 <= self.monitor_budget <= 1.0:
-            raise ValueError(f"monitor_budget must be in [0, 1], got {self.monitor_budget}")
-        if not 0.0 <= self.final_lr_ratio <= 1.0:
-            raise ValueError(f"final_lr_ratio must be in [0, 1], got {self.final_lr_ratio}")
-        if self.parallel not in (None, "ddp", "fsdp"):
-            raise ValueError(f"parallel must be None, 'ddp' or 'fsdp', got {self.parallel!r}")
-        if self.pc_level is not None and self.pc_level <= 0:
-            raise ValueError(f"pc_level must be positive, got {self.pc_level}")
+            require(getattr(self, name) >= 0, name, ">= 0")
+        # Floats: `not (lo <= x)` is also true for NaN, so NaN never passes a range check.
+        require(self.lr is None or (math.isfinite(self.lr) and self.lr > 0), "lr",
+                "a positive finite number")
+        for name in ("weight_decay", "grad_clip"):
+            require(math.isfinite(getattr(self, name)) and getattr(self, name) >= 0, name,
+                    "a finite number >= 0")
+        for name in ("monitor_budget", "final_lr_ratio"):
+            require(0.0 <= getattr(self, name) <= 1.0, name, "in [0, 1]")
+        require(self.parallel in (None, "ddp", "fsdp"), "parallel", "None, 'ddp' or 'fsdp'")
+        require(self.pc_level is None or self.pc_level in PC_LEVELS, "pc_level",
+                f"one of the published levels {sorted(PC_LEVELS)}")
+        if not self.pc and self.pc_level is not None:
+            raise ValueError(f"pc_level {self.pc_level} is given but the PC layer is off "
+                             "(no_pc): drop one of them")
+        require(self.device in DEVICES, "device", f"one of {DEVICES}")
+        require(self.dtype in DTYPES, "dtype", f"one of {sorted(DTYPES)}")
+        cpus = available_cpus()
+        require(self.threads <= cpus, "threads", f"<= {cpus} (the CPUs this process may use)")
 
     @property
     def peak_lr(self) -> float:
@@ -180,6 +217,14 @@ class TrainResult:
     diverged: bool
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def auto_threads() -> int:
     """Intra-op threads for this machine now: torch's default, minus the cores other
     processes keep busy (1-minute load average), at least 1.
@@ -195,17 +240,103 @@ def auto_threads() -> int:
     return max(1, min(limit, round(limit - busy)))
 
 
-def lr_factor(step: int, *, warmup: int, total: int, final_ratio: float) -> float:
+def lr_factor(
+    step: int,
+    *,
+    warmup: int,
+    total: int,
+    final_ratio: float,
+    anchor: tuple[int, float] | None = None,
+) -> float:
     """LR multiplier at optimizer step ``step`` (0-based).
 
     ``(step + 1) / warmup`` during warmup, then a cosine from 1 down to ``final_ratio``
-    reached at ``step = total - 1``.
+    reached at ``step = total - 1``. With ``anchor = (a, f)`` (a resume that changed
+    ``total`` at step ``a``), steps ``>= a`` follow a cosine from ``f`` (the factor the old
+    schedule gave step ``a``) down to ``final_ratio`` at ``total - 1`` instead.
     """
+    if anchor is not None and step >= anchor[0]:
+        start, start_factor = anchor
+        span = max(1, total - 1 - start)
+        progress = min(1.0, (step - start) / span)
+        return final_ratio + (start_factor - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     if step < warmup:
         return (step + 1) / warmup
     span = max(1, total - 1 - warmup)
     progress = min(1.0, (step - warmup) / span)
     return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _schedule_factor(cfg: TrainConfig, step: int) -> float:
+    """:func:`lr_factor` of ``cfg``'s schedule (its resume anchor included) at ``step``."""
+    anchor = (None if cfg.lr_anchor_step is None or cfg.lr_anchor_factor is None
+              else (cfg.lr_anchor_step, cfg.lr_anchor_factor))
+    return lr_factor(step, warmup=cfg.warmup, total=cfg.steps, final_ratio=cfg.final_lr_ratio,
+                     anchor=anchor)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _resumed_config(
+    saved: Mapping[str, Any], given: Mapping[str, Any], *, step: int, source: Path
+) -> TrainConfig:
+    """The options of a resumed run: the checkpoint's, updated with the ``given`` ones.
+
+    Options in :data:`RESUME_OVERRIDES` are applied (a new ``steps`` after warmup anchors
+    the cosine at ``step``; a new ``lr`` is announced); any other given option must equal
+    the checkpoint's value, otherwise :class:`CommandError` lists every difference.
+    """
+    given = {k: v for k, v in given.items() if v is not None}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(given) - fields)
+    if unknown:
+        raise ValueError(f"unknown training options {unknown}")
+    saved = {k: v for k, v in saved.items() if k in fields}
+    if isinstance(saved.get("threads"), int) and saved["threads"] > available_cpus():
+        # Saved on a bigger machine: as many threads as there are CPUs here.
+        console.print(f"--threads {saved['threads']} (from the checkpoint) capped to the "
+                      f"{available_cpus()} CPUs available here")
+        saved["threads"] = available_cpus()
+    try:
+        old = TrainConfig(**saved)
+    except (TypeError, ValueError) as exc:
+        raise CommandError(f"checkpoint {str(source)!r} holds invalid training options: {exc}"
+                           ) from exc
+    try:
+        new = dataclasses.replace(old, **given)
+    except ValueError as exc:
+        raise CommandError(_as_flags(str(exc))) from exc
+
+    def meaning(c: TrainConfig, k: str) -> Any:  # lr None is the optimizer's default, ...
+        return c.peak_lr if k == "lr" else c.level if k == "pc_level" else getattr(c, k)
+
+    differing = [f"{_flag(k)} (checkpoint: {meaning(old, k)!r}, given: {meaning(new, k)!r})"
+                 for k in sorted(given)
+                 if k not in RESUME_OVERRIDES and meaning(old, k) != meaning(new, k)]
+    if differing:
+        raise CommandError(
+            f"cannot change on --resume of {str(source)!r}: {', '.join(differing)}; drop "
+            f"them to continue the run, or start a fresh run (another --log-dir). Flags that "
+            f"may change: {', '.join(_flag(k) for k in RESUME_OVERRIDES)}"
+        )
+    if "log_dir" not in given:  # the run the checkpoint belongs to
+        run = source.parent.parent if source.parent.name == CHECKPOINT_DIR else source.parent
+        new = dataclasses.replace(new, log_dir=str(run))
+    if new.peak_lr != old.peak_lr:
+        console.print(f"[yellow]warning:[/] --lr {new.peak_lr:g} replaces the checkpoint's peak "
+                      f"LR {old.peak_lr:g}: the schedule continues at the new scale from step "
+                      f"{step + 1}")
+    if new.steps != old.steps and step >= old.warmup:
+        # Rebuilding the cosine for the new total would jump the LR (10x seen); continue
+        # it instead from the factor the old schedule gives this step.
+        factor = _schedule_factor(old, step)
+        new = dataclasses.replace(new, lr_anchor_step=step, lr_anchor_factor=factor)
+        console.print(f"--steps {old.steps} -> {new.steps}: the LR cosine continues from "
+                      f"{factor * new.peak_lr:.3g} at step {step + 1} down to "
+                      f"{new.final_lr_ratio * new.peak_lr:.3g} at step {new.steps}")
+    return new
 
 
 def build_model(
@@ -232,6 +363,23 @@ def _build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
                            weight_decay=cfg.weight_decay, **extra)
 
 
+def _apply_schedule(
+    scheduler: torch.optim.lr_scheduler.LambdaLR, cfg: TrainConfig, saved: Mapping[str, Any],
+    step: int,
+) -> None:
+    """After loading a checkpoint's scheduler state: scale its base LRs to ``cfg``'s peak
+    LR and set the LR of the next step (``step``, 0-based) from ``cfg``'s schedule, when
+    the resume changed either; otherwise the restored values stand (bit-identical)."""
+    old_lr = saved.get("lr") or DEFAULT_LR[cfg.optimizer]
+    changed = (old_lr != cfg.peak_lr or saved.get("steps") != cfg.steps)
+    if not changed:
+        return
+    scheduler.base_lrs = [lr * cfg.peak_lr / old_lr for lr in scheduler.base_lrs]
+    factor = _schedule_factor(cfg, step)
+    for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, strict=True):
+        group["lr"] = base * factor
+
+
 def _unique(base: Path) -> Path:
     """``base``, or ``base-2``, ``base-3``, ... : never mix two fresh runs in one folder."""
     path, i = base, 2
@@ -254,21 +402,93 @@ def _find_checkpoint(path: Path) -> Path:
         found = sorted(folder.glob("step_*.pt"))
         if found:
             return found[-1]
+        if any(path.glob("events.out.tfevents.*")):
+            raise CommandError(
+                f"run {str(path)!r} stopped before its first checkpoint: nothing to resume; "
+                f"run the same command without --resume and with --log-dir {path} to start "
+                "it over in place")
         raise CommandError(f"no checkpoints (step_*.pt) in {str(folder)!r}")
     raise CommandError(f"--resume path {str(path)!r} does not exist")
 
 
+def _restore(
+    ckpt: dict[str, Any], path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+    scheduler: Any, sampler: BatchSampler,
+) -> None:
+    """Load a training checkpoint into the live objects; every misfit is a CommandError
+    naming the file and the part (nothing is half-loaded into the model)."""
+    source = str(path)
+    try:
+        load_module_state(unwrap(model), ckpt["model"], source=source)
+        names = {p: n for n, p in unwrap(model).named_parameters()}
+        check_optimizer_state(optimizer, ckpt["optimizer"], names=names, source=source)
+    except CheckpointError as exc:
+        raise CommandError(str(exc)) from exc
+    for part, load in (("optimizer", optimizer.load_state_dict),
+                       ("scheduler", scheduler.load_state_dict),
+                       ("data", sampler.load_state_dict), ("rng", restore_rng_state)):
+        try:
+            load(ckpt[part])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+            raise CommandError(f"checkpoint {source!r}: cannot restore its {part!r} state: "
+                               f"{type(exc).__name__}: {exc}") from exc
+
+
+def _sort_after_existing_event_files(log_dir: Path) -> None:
+    """Wait (< 1 s) until a new event file's name sorts after those in ``log_dir``.
+
+    TensorBoard reads a folder's event files in name order, and a name starts with the
+    creation second (``events.out.tfevents.<unix s>.<host>.<pid>.<n>``): a resume within
+    the same second as its checkpoint's writer could be read *before* it, and its purge
+    would then hide the wrong steps.
+    """
+    seconds = [int(part) for p in log_dir.glob("events.out.tfevents.*")
+               if (part := p.name.split(".")[3]).isdigit()]
+    delay = max(seconds, default=0) + 1 - time.time()
+    if 0 < delay <= 1:
+        time.sleep(delay)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: list[torch.Tensor]) -> float:
-    """Mean validation loss in nats per byte over fixed windows (model in eval mode)."""
+def evaluate(
+    model: nn.Module, batches: list[torch.Tensor], *, autocast: torch.dtype | None = None
+) -> float:
+    """Mean validation loss in nats per byte over fixed windows (model in eval mode), on
+    the model's device, under ``autocast`` when given (e.g. ``torch.bfloat16``)."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     for w in batches:
-        total += float(model.loss(w[:, :-1], w[:, 1:])) * w.shape[0]
+        w = w.to(device)
+        with _autocast(device, autocast):
+            total += float(model.loss(w[:, :-1], w[:, 1:])) * w.shape[0]
         count += w.shape[0]
     model.train(was_training)
     return total / count
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``--device``: ``"cpu"``, ``"cuda"`` (this rank's GPU under torchrun: ``LOCAL_RANK``)
+    or ``"auto"`` (cuda when available).
+
+    Raises:
+        CommandError: ``"cuda"`` without a usable GPU.
+    """
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise CommandError("--device cuda: no CUDA device is available "
+                           "(torch.cuda.is_available() is False); use --device cpu or auto")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
 class _NullMonitor:
@@ -276,6 +496,9 @@ class _NullMonitor:
 
     def step(self, global_step: int, **kwargs: Any) -> None:
         return None
+
+    def flush(self) -> None:
+        pass
 
     def close(self) -> None:
         pass
@@ -303,6 +526,15 @@ def _progress(enabled: bool):
         disable=not enabled,
         transient=False,
     )
+
+
+@contextlib.contextmanager
+def _closing(*closeables: Any) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for c in closeables:
+            c.close()
 
 
 @contextlib.contextmanager
@@ -338,8 +570,10 @@ def train(
         cfg: options of a fresh run; must be None with ``resume``.
         resume: a checkpoint file, or a run folder (its newest checkpoint). The run's
             options come from the checkpoint, updated with ``overrides``.
-        overrides: options changed on resume, among :data:`RESUME_OVERRIDES` (e.g. a
-            larger ``steps`` extends the run; ``log_dir`` defaults to the checkpoint's run).
+        overrides: options given for the resume: those in :data:`RESUME_OVERRIDES` are
+            applied (a larger ``steps`` extends the run, continuing the cosine from the
+            current LR; ``log_dir`` defaults to the checkpoint's run); any other must equal
+            the checkpoint's value or the resume is refused (:class:`CommandError`).
         progress: show the rich progress bar.
         corpus: an already loaded corpus to use instead of loading ``cfg.data`` (studies
             that run many configurations in one process load it once).
@@ -353,37 +587,56 @@ def train(
     if resume is not None:
         ckpt_path = _find_checkpoint(Path(resume))
         try:
-            ckpt = load_checkpoint(ckpt_path)
+            ckpt = load_checkpoint(ckpt_path, require=TRAINING_KEYS)
         except (ValueError, FileNotFoundError) as exc:
             raise CommandError(str(exc)) from exc
-        saved = dict(ckpt["config"]["train"])
-        bad = sorted(set(overrides or {}) - set(RESUME_OVERRIDES))
-        if bad:
-            raise CommandError(f"options {bad} cannot change on resume (only {RESUME_OVERRIDES})")
-        saved["log_dir"] = str(ckpt_path.parent.parent)
-        saved.update({k: v for k, v in (overrides or {}).items() if v is not None})
-        try:
-            cfg = TrainConfig(**saved)
-        except ValueError as exc:
-            raise CommandError(str(exc)) from exc
+        saved = ckpt["config"]
+        if not (isinstance(saved, dict) and all(isinstance(saved.get(k), dict)
+                                                for k in ("train", "model"))):
+            raise CommandError(f"checkpoint {str(ckpt_path)!r}: 'config' lacks the 'train' "
+                               "and 'model' option dicts")
+        cfg = _resumed_config(saved["train"], overrides or {}, step=ckpt["step"],
+                              source=ckpt_path)
         if ckpt["step"] >= cfg.steps:
             raise CommandError(
                 f"checkpoint {str(ckpt_path)!r} is at step {ckpt['step']}, already >= --steps "
                 f"{cfg.steps}; pass a larger --steps to continue"
             )
+        try:
+            model_cfg = LlamaConfig(**saved["model"])
+        except (TypeError, ValueError) as exc:
+            raise CommandError(f"checkpoint {str(ckpt_path)!r}: invalid model config: {exc}"
+                               ) from exc
+    else:
+        model_cfg = PRESETS[cfg.preset]
+    if cfg.seq_len > model_cfg.max_seq_len:
+        raise CommandError(f"--seq-len must be <= {model_cfg.max_seq_len}, the {cfg.preset} "
+                           f"model's context (max_seq_len), got {cfg.seq_len}")
+    device = resolve_device(cfg.device)
+    autocast = DTYPES[cfg.dtype]
     if cfg.parallel is not None:
         if ckpt is not None:
             raise CommandError("--resume is not supported with --ddp/--fsdp yet")
-        init_from_env()
+        try:
+            init_from_env(backend="nccl" if device.type == "cuda" else "gloo")
+        except RuntimeError as exc:
+            raise CommandError(f"--{cfg.parallel}: {exc}") from exc
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         if not is_main_process():
             console.quiet = True  # rank 0 alone prints
     # Rank 0 decides (and checks) the folder before anyone writes: ranks must agree.
     log_dir = Path(broadcast_object(str(_resolve_log_dir(cfg))))
-    if broadcast_object(ckpt is None and any(log_dir.glob("events.out.tfevents.*"))):
+    if log_dir.exists() and not log_dir.is_dir():
+        raise CommandError(f"--log-dir {str(log_dir)!r} is a file, not a folder")
+    has_events = any(log_dir.glob("events.out.tfevents.*"))
+    has_checkpoints = any((log_dir / CHECKPOINT_DIR).glob("step_*"))
+    if broadcast_object(ckpt is None and has_events and has_checkpoints):
         raise CommandError(
             f"log dir {str(log_dir)!r} already holds a run; pass --resume {log_dir} to continue "
             "it, or another --log-dir"
         )
+    restart = ckpt is None and has_events  # stopped before its first checkpoint
     if cfg.threads == 0:  # resolved once and saved, so a resume uses the same count
         cfg = dataclasses.replace(cfg, threads=auto_threads())
     torch.set_num_threads(cfg.threads)
@@ -399,34 +652,47 @@ def train(
         raise CommandError(str(exc)) from exc
 
     torch.manual_seed(cfg.seed)
-    if ckpt is not None:
-        model_cfg = LlamaConfig(**ckpt["config"]["model"])
-    else:
-        base = PRESETS[cfg.preset]
-        model_cfg = dataclasses.replace(base, max_seq_len=max(base.max_seq_len, cfg.seq_len))
     model, pc_handle = build_model(model_cfg, pc=cfg.pc, pc_level=cfg.level)
+    model.to(device)  # PC buffers (u, v) move with it
     if cfg.parallel is not None:
         model = wrap_model(model, cfg.parallel)
     optimizer = _build_optimizer(model, cfg)
     if pc_handle is not None:
         pc_handle.attach(optimizer)
+    schedule = cfg  # the schedule is fixed here, whatever cfg is rebound to later
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: lr_factor(s, warmup=cfg.warmup, total=cfg.steps, final_ratio=cfg.final_lr_ratio),
-    )
+        optimizer, lambda s: _schedule_factor(schedule, s))
     start_step = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        sampler.load_state_dict(ckpt["data"])
-        restore_rng_state(ckpt["rng"])
-        start_step = int(ckpt["step"])
+        _restore(ckpt, ckpt_path, model=model, optimizer=optimizer, scheduler=scheduler,
+                 sampler=sampler)
+        _apply_schedule(scheduler, cfg, ckpt["config"]["train"], ckpt["step"])
+        start_step = ckpt["step"]
 
-    log_dir.mkdir(parents=True, exist_ok=True)
-    # purge_step: a resumed run hides what the crashed run logged after its checkpoint.
-    writer = NullWriter.for_rank(lambda: SummaryWriter(
-        str(log_dir), purge_step=start_step if ckpt else None, max_queue=1000, flush_secs=10))
+    if is_main_process():
+        try:
+            log_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CommandError(f"cannot create --log-dir {str(log_dir)!r}: "
+                               f"{exc.strerror or exc}") from exc
+        for stale in remove_stale_temp_files(log_dir / CHECKPOINT_DIR, "step_*"):
+            console.print(f"removed {escape(str(stale))} (an interrupted checkpoint write)")
+    if restart:
+        console.print(f"log dir {escape(str(log_dir))} holds a run that stopped before its "
+                      "first checkpoint: starting it over in place")
+    if ckpt is not None or restart:
+        _sort_after_existing_event_files(log_dir)
+    # purge_step: a resumed run hides what the crashed run logged *after* its checkpoint
+    # (steps > start_step; TensorBoard purges steps >= purge_step). The checkpoint step
+    # itself was logged before the checkpoint was written (see flush() below): it stays.
+    # A restart in place hides everything the stopped run logged.
+    purge_step = start_step + 1 if ckpt is not None else 0 if restart else None
+    try:
+        writer = NullWriter.for_rank(lambda: SummaryWriter(
+            str(log_dir), purge_step=purge_step, max_queue=1000, flush_secs=10))
+    except OSError as exc:
+        raise CommandError(f"cannot write TensorBoard events in --log-dir {str(log_dir)!r}: "
+                           f"{exc.strerror or exc}") from exc
     if cfg.monitor:
         from specopt.spectral.monitor import SpectralMonitor
 
@@ -477,7 +743,14 @@ def train(
             "config": {"train": cfg.to_dict(), "model": model_cfg.to_dict(), "pc": cfg.pc,
                        "pc_level": cfg.level if cfg.pc else None},
         }
-        path = save_checkpoint(log_dir / CHECKPOINT_DIR / f"step_{step:07d}.pt", payload)
+        target = log_dir / CHECKPOINT_DIR / f"step_{step:07d}.pt"
+        try:
+            path = save_checkpoint(target, payload)
+        except OSError as exc:  # disk full, unwritable: atomic_write left nothing behind
+            raise CommandError(
+                f"cannot write checkpoint {str(target)!r}: {exc.strerror or exc}; no partial "
+                f"file was left, the newest complete checkpoint is "
+                f"{str(last_ckpt) if last_ckpt else 'none'}") from exc
         old = sorted((log_dir / CHECKPOINT_DIR).glob("step_*.pt"))[: -cfg.keep_checkpoints or None]
         for p in old if cfg.keep_checkpoints else []:
             if p != path:
@@ -489,13 +762,17 @@ def train(
     last_ckpt: Path | None = None
     step = start_step
     model.train()
-    with _progress(progress and is_main_process()) as bar, _alarms_above_the_bar():
+    # _closing: monitor and writer are closed (what was logged reaches the disk) also when
+    # the loop ends in an error, e.g. a checkpoint that cannot be written.
+    with _progress(progress and is_main_process()) as bar, _alarms_above_the_bar(), \
+            _closing(monitor, writer):
         task = bar.add_task("train", total=cfg.steps, completed=start_step, loss="-", lr="-",
                             tps="-", cond="-")
         t_last = time.perf_counter()
         while step < cfg.steps:
-            x, y = next(sampler)
-            loss = train_loss(model, x, y)
+            x, y = (t.to(device, non_blocking=True) for t in next(sampler))
+            with _autocast(device, autocast):  # backward outside: autocast covers forward
+                loss = train_loss(model, x, y)
             loss_val = float(loss.detach())
             if cfg.parallel is not None:  # log the global-batch loss; same on every rank
                 loss_val = float(_mean_over_ranks(loss.detach()))
@@ -532,17 +809,19 @@ def train(
             if snapshot is not None:
                 cond = snapshot.aggregates.get("condition_number_max", math.nan)
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-                val_loss = evaluate(unwrap(model), val_batches)
+                val_loss = evaluate(unwrap(model), val_batches, autocast=autocast)
                 val_bpb = bits_per_byte(val_loss)
                 writer.add_scalar("val/loss", val_loss, step)
                 writer.add_scalar("val/bpb", val_bpb, step)
             if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps:
+                # Events up to this step reach the disk before the checkpoint does: a run
+                # killed later resumes here and relies on them being there (logged once).
+                monitor.flush()
+                writer.flush()
                 last_ckpt = checkpoint(step)
             bar.update(task, completed=step, loss=f"{loss_val:.3f}", lr=f"{lr_now:.2e}",
                        tps=f"{tps:,.0f}", cond="-" if math.isnan(cond) else f"{cond:.3g}")
             t_last = time.perf_counter()  # eval/checkpoint time is not training throughput
-    monitor.close()
-    writer.close()
     wall = time.perf_counter() - t_start
     if not math.isnan(val_bpb):
         console.print(
@@ -571,30 +850,30 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="train a small Llama on the embedded corpus (Muon/AdamW, PC layer, monitor)",
         description=__doc__.split("\n\n")[0].replace("``", ""),
     )
-    p.add_argument("--optimizer", choices=sorted(DEFAULT_LR), default=d.optimizer,
+    p.add_argument("--optimizer", choices=sorted(DEFAULT_LR), default=None,
                    help=f"muon: Muon on hidden matrices, AdamW on the rest (default: "
                    f"{d.optimizer})")
-    p.add_argument("--pc", action=argparse.BooleanOptionalAction, default=d.pc,
+    p.add_argument("--pc", action=argparse.BooleanOptionalAction, default=None,
                    help="PC layer on FFN and attention-output weights (default: on)")
     p.add_argument("--pc-level", type=int, default=None,
                    help="PC polynomial level 1-4 (default: 2 for muon, 4 for adamw)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=d.preset,
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help=f"model size (default: {d.preset})")
     p.add_argument("--steps", type=int, default=None,
                    help=f"optimizer steps (default: {d.steps})")
-    p.add_argument("--batch-size", type=int, default=d.batch_size,
+    p.add_argument("--batch-size", type=int, default=None,
                    help=f"sequences per step (default: {d.batch_size})")
-    p.add_argument("--seq-len", type=int, default=d.seq_len,
+    p.add_argument("--seq-len", type=int, default=None,
                    help=f"bytes per sequence (default: {d.seq_len})")
     p.add_argument("--lr", type=float, default=None,
                    help=f"peak learning rate (default: {DEFAULT_LR})")
-    p.add_argument("--warmup", type=int, default=d.warmup,
+    p.add_argument("--warmup", type=int, default=None,
                    help=f"linear warmup steps, then cosine to 0.1x (default: {d.warmup})")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay,
+    p.add_argument("--weight-decay", type=float, default=None,
                    help=f"decoupled weight decay of matrices (default: {d.weight_decay})")
-    p.add_argument("--grad-clip", type=float, default=d.grad_clip,
+    p.add_argument("--grad-clip", type=float, default=None,
                    help=f"max global gradient norm, 0 disables (default: {d.grad_clip})")
-    p.add_argument("--seed", type=int, default=d.seed,
+    p.add_argument("--seed", type=int, default=None,
                    help=f"model init and batch order (default: {d.seed})")
     p.add_argument("--log-dir", default=None, help="run folder (default: runs/<name>)")
     p.add_argument("--ckpt-every", type=int, default=None,
@@ -603,7 +882,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help=f"newest step checkpoints kept (default: {d.keep_checkpoints})")
     p.add_argument("--resume", default=None, metavar="CKPT_OR_RUN",
                    help="continue from a checkpoint file or a run folder's newest checkpoint; "
-                   f"options come from the checkpoint except {', '.join(RESUME_OVERRIDES)}")
+                   "options come from the checkpoint; these may be given to change them: "
+                   f"{', '.join(_flag(k) for k in RESUME_OVERRIDES)} (a new --steps continues "
+                   "the cosine from the current LR); any other flag must match the checkpoint")
     p.add_argument("--monitor", action=argparse.BooleanOptionalAction, default=None,
                    help="spectral monitor (default: on)")
     p.add_argument("--monitor-every", type=int, default=None,
@@ -613,14 +894,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    f"(default: {d.monitor_budget})")
     p.add_argument("--eval-every", type=int, default=None,
                    help=f"validation interval, 0: only at the end (default: {d.eval_every})")
-    p.add_argument("--eval-batches", type=int, default=d.eval_batches,
+    p.add_argument("--eval-batches", type=int, default=None,
                    help=f"validation batches per evaluation (default: {d.eval_batches})")
     p.add_argument("--data", default=None, help="text file or folder (default: Python stdlib)")
     p.add_argument("--compare", action="store_true",
                    help="run without and with the PC layer back to back, then compare them")
-    p.add_argument("--threads", type=int, default=d.threads,
+    p.add_argument("--threads", type=int, default=None,
                    help="torch threads; 0: auto, the cores not busy with other work (default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--device", choices=DEVICES, default=None,
+                   help=f"where to train: cpu, cuda (under torchrun: LOCAL_RANK's GPU) or auto, "
+                   f"cuda when available (default: {d.device})")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="bf16: autocast forward and loss to bfloat16, weights and optimizer "
+                   f"state stay fp32 (default: {d.dtype})")
     par = p.add_mutually_exclusive_group()
     par.add_argument("--ddp", dest="parallel", action="store_const", const="ddp", default=None,
                      help="data parallel with DDP (launch with torchrun; --batch-size per rank)")
@@ -629,15 +916,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _config_from_args(args: argparse.Namespace) -> TrainConfig:
+def _given_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The training options given on the command line (every flag defaults to None, so a
+    resume can tell "not given" from "given, equal to the default")."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    # Resume-overridable flags default to None (so a resume can tell "not given").
-    values = {k: v for k, v in vars(args).items()
-              if k in fields and not (v is None and k in RESUME_OVERRIDES)}
+    return {k: v for k, v in vars(args).items() if k in fields and v is not None}
+
+
+def _as_flags(message: str) -> str:
+    """A TrainConfig message in CLI words: ``seq_len`` -> ``--seq-len``."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} | {"no_pc"}
+    return re.sub(r"\b[a-z]+(?:_[a-z]+)*\b",
+                  lambda m: _flag(m.group()) if m.group() in fields else m.group(), message)
+
+
+def _config_from_args(args: argparse.Namespace) -> TrainConfig:
     try:
-        return TrainConfig(**values)
+        return TrainConfig(**_given_options(args))
     except ValueError as exc:
-        raise CommandError(str(exc)) from exc
+        raise CommandError(_as_flags(str(exc))) from exc
 
 
 def run(args: argparse.Namespace) -> int:
@@ -646,8 +943,8 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and args.compare:
         raise CommandError("--compare starts two fresh runs; it cannot be combined with --resume")
     if args.resume:
-        overrides = {k: getattr(args, k) for k in RESUME_OVERRIDES if getattr(args, k) is not None}
-        result = train(resume=args.resume, overrides=overrides, progress=not args.no_progress)
+        result = train(resume=args.resume, overrides=_given_options(args),
+                       progress=not args.no_progress)
         return 1 if result.diverged else 0
     cfg = _config_from_args(args)
     if not args.compare:
@@ -666,7 +963,8 @@ def run(args: argparse.Namespace) -> int:
         Path("runs") / f"{cfg.preset}-{cfg.optimizer}-compare-s{cfg.seed}")
     results = []
     for pc in (False, True):
-        sub = dataclasses.replace(cfg, pc=pc, log_dir=str(root / ("pc" if pc else "baseline")))
+        sub = dataclasses.replace(cfg, pc=pc, pc_level=cfg.pc_level if pc else None,
+                                  log_dir=str(root / ("pc" if pc else "baseline")))
         console.rule(f"{'PC layer' if pc else 'baseline'} run")
         results.append(train(sub, progress=not args.no_progress))
     compare_runs([r.log_dir for r in results], out=root / "compare.png")
