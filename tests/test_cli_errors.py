@@ -151,7 +151,7 @@ CASES: list[tuple[str, Callable[[Path], list[object]], str]] = [
         "merge", (torch.save({"w": torch.eye(3)}, t / "s.pt"), t / "s.pt")[1], t / "m.pt"],
      r"'.*s\.pt'.* not a specopt checkpoint"),
     ("merge-no-model", lambda t: ["merge", _no_model(t / "n.pt"), t / "m.pt"],
-     r"'.*n\.pt' is a specopt checkpoint without its 'model' weights"),
+     r"checkpoint '.*n\.pt' has no 'model'"),
     ("merge-no-config", lambda t: ["merge", _checkpoint(t / "c.pt", edit=_drop_config), t / "m.pt"],
      r"'.*c\.pt' has no 'config' with the model settings"),
     ("merge-missing-tensor", lambda t: [
