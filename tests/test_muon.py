@@ -107,6 +107,20 @@ def test_default_update_is_near_orthogonal_and_beats_torch_error():
         assert orthogonality_error(O) < orthogonality_error(torch_mode)
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_default_ns_dtype_follows_the_cpu_kind(monkeypatch, native):
+    # Both CPU kinds are exercised on any machine: the probe is patched, not the CPU.
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    expected = torch.bfloat16 if native else torch.float32
+    assert default_ns_dtype(torch.device("cpu")) == expected
+    opt = Muon(_params())
+    assert opt.ns_options(opt.param_groups[0], torch.device("cpu"))["dtype"] == expected
+    # torch-compatible mode is bf16 on every CPU kind, like torch.optim.Muon.
+    compat = Muon(_params(), ns_coefficients=KJ)
+    assert compat.ns_options(compat.param_groups[0], torch.device("cpu"))["dtype"] == torch.bfloat16
+
+
 def test_default_options_resolve():
     opt = Muon(_params())
     opts = opt.ns_options(opt.param_groups[0], torch.device("cpu"))
