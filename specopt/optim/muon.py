@@ -418,7 +418,8 @@ class Muon(Optimizer):
         # NS starts by rounding its input to the NS dtype and returns that dtype, so moving
         # matrices and results in it (bf16: half the bytes of fp32) loses nothing.
         ns_dtype = self.ns_options(group, matrices[0].device)["dtype"] if matrices else None
-        narrow = ns_dtype is not None and all(
+        # Not fp16: its range cannot carry unnormalized gradients (NS normalizes first there).
+        narrow = ns_dtype is not None and torch.finfo(ns_dtype).max > 1e38 and all(
             ns_dtype.itemsize < m.dtype.itemsize for m in matrices)
         return orthogonalize_distributed(
             matrices,
