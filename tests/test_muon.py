@@ -547,7 +547,17 @@ def test_bench_quick_runs_and_default_error_is_no_worse(tmp_path, load_tool):
     out = tmp_path / "muon.json"
     result = bench.main(["--quick", "--json", str(out)])
     assert json.loads(out.read_text())["matrices"] == result["matrices"] == 28
-    assert result["speedup_vs_torch"] > 0
+    import statistics
+
+    med = {k: statistics.median(v) for k, v in result["step_times_s"].items()}
+    assert result["speedup_vs_torch"] == pytest.approx(med["torch"] / med["specopt"])
+    for k, m in med.items():  # GFLOP/s are the counted NS FLOPs over the median step
+        assert result["gflops"][k] == pytest.approx(result["matmul_flops"][k] / m / 1e9)
+        assert 0 < result["share_of_peak"][k] < 1.5  # a share of a peak measured in the run
+    ratio = result["matmul_flops"]["torch"] / result["matmul_flops"]["specopt"]
+    assert ratio == pytest.approx(result["flops_ratio_torch_over_specopt"])
+    assert ratio > 1.5
+    assert "AVX" in result["machine"] or "GPU" in result["machine"]
     err = result["orthogonality_error"]
     for inputs in ("momentum", "logspaced"):
         assert err["specopt"][inputs] <= err["torch"][inputs]
