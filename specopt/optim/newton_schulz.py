@@ -17,8 +17,9 @@ Schedules (coefficient sets, see ``shared/reference/muon.md`` and :data:`SCHEDUL
 - ``"jordan"``: Keller Jordan's constant (3.4445, -4.7750, 2.0315), 5 steps (torch.optim.Muon).
 - ``"tuned"``: a published per-step quintic, 5 steps.
 - ``"polar_express"``: the 5-step Polar Express set used with normalization ``1.02 ||X||_F``.
-- ``"polar_express_paper"``: the paper's greedy l=1e-3 schedule (8 steps then constant),
-  with the 1.01 safety factor applied to every step.
+- ``"polar_express_paper"``: exactly the published algorithm (arXiv 2505.16932): its greedy
+  l=1e-3 schedule (8 steps, the last repeated), the 1.01 safety factor on every step but
+  that last one, and normalization by ``1.01 ||G||_F``.
 - ``"pe4"``: a 4-step Polar Express schedule designed here by :func:`design_polar_express`
   (``steps=4, lower=3e-3``; the tests regenerate it). Meant for ``normalize="tight"``.
 
@@ -170,8 +171,13 @@ SCHEDULES: dict[str, NSSchedule] = {
         5,
         "polar_express",
     ),
+    # The published algorithm: every step but the last (repeated) one divided by 1.01, and
+    # X_0 = G / (1.01 ||G||_F + 1e-7) (here max(1.01 ||G||_F, eps)).
     "polar_express_paper": NSSchedule(
-        tuple(_scale(c, 1.01) for c in _PE_PAPER_L1E3), 1.0, 5, "polar_express_paper"
+        (*(_scale(c, 1.01) for c in _PE_PAPER_L1E3[:-1]), _PE_PAPER_L1E3[-1]),
+        1.01,
+        5,
+        "polar_express_paper",
     ),
     "pe4": NSSchedule(_PE4_L3E3, 1.0, 4, "pe4"),
 }
@@ -648,14 +654,30 @@ def design_polar_express(
     out = []
     lo, hi = lower, upper
     for t in range(steps):
-        if hi - lo < 1e-9:  # converged: the quintic with p(1)=1, p'(1)=p''(1)=0
-            a, b, c = _CONVERGED_QUINTIC
-        else:
-            a, b, c = _remez_quintic(max(lo, cushion * hi), hi)
-        p_lo, p_hi = (a * x + b * x**3 + c * x**5 for x in (lo, hi))
-        s = 2.0 / (p_lo + p_hi)
-        a, b, c = a * s, b * s, c * s
-        lo = min(s * p_lo, 1.0)
+        step = None
+        if hi - lo >= 1e-9:
+            try:
+                step = _symmetric(_remez_quintic(max(lo, cushion * hi), hi), lo, hi)
+            except np.linalg.LinAlgError:  # narrow interval: the 4x4 exchange is singular
+                step = None
+            # Near convergence the exchange can return a useless quintic (e.g. (1, .5, -.5):
+            # slope 1 at 0, small singular values never lifted): keep only real progress.
+            if step is not None and not (
+                all(math.isfinite(x) for x in step[0]) and step[0][0] > 1 and step[1] > lo
+            ):
+                step = None
+        if step is None:  # converged: the quintic with p(1)=1, p'(1)=p''(1)=0 (slope 1.875)
+            step = _symmetric(_CONVERGED_QUINTIC, lo, hi)
+        (a, b, c), lo = step
         hi = 2.0 - lo
         out.append((a, b, c) if t == steps - 1 else _scale((a, b, c), safety))
     return tuple(out)
+
+
+def _symmetric(c: Coefficients, lo: float, hi: float) -> tuple[Coefficients, float]:
+    """Rescale ``p`` so that ``p(lo)`` and ``p(hi)`` are symmetric around 1; returns the
+    coefficients and the new lower bound ``p(lo)`` (at most 1)."""
+    a, b, cc = c
+    p_lo, p_hi = (a * x + b * x**3 + cc * x**5 for x in (lo, hi))
+    s = 2.0 / (p_lo + p_hi)
+    return (a * s, b * s, cc * s), min(s * p_lo, 1.0)
