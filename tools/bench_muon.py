@@ -61,8 +61,8 @@ from specopt.optim.newton_schulz import (
     ns_matmul_flops,
     orthogonality_error,
     orthogonalize,
+    orthogonalize_flops,
     orthogonalize_many,
-    resolve_schedule,
 )
 
 KJ = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's default coefficients
@@ -241,17 +241,8 @@ def sweep_configs(device: torch.device, d: int) -> list[tuple[str, dict[str, Any
 
 
 def _flops(shapes, kw) -> int:
-    """Matmul FLOPs of orthogonalize(**kw) over ``shapes`` (auto method and restarts resolved
-    as orthogonalize does)."""
-    steps = kw.get("steps") or resolve_schedule(kw["schedule"]).steps
-    total = 0
-    for m, n in shapes:
-        method = kw.get("method", "auto")
-        if method == "auto":
-            method = "gram" if max(m, n) >= GRAM_MIN_ASPECT * min(m, n) else "standard"
-        restarts = (2,) if kw["dtype"] in (torch.bfloat16, torch.float16) else ()
-        total += ns_matmul_flops((m, n), steps, method, restarts)
-    return total
+    """Matmul FLOPs of orthogonalize(**kw) over ``shapes`` (resolved as orthogonalize does)."""
+    return sum(orthogonalize_flops(tuple(s), **kw) for s in shapes)
 
 
 def run_sweep(buffers, logs, repeats, device, with_torch: bool) -> list[dict[str, Any]]:

@@ -69,6 +69,7 @@ __all__ = [
     "ns_matmul_flops",
     "orthogonality_error",
     "orthogonalize",
+    "orthogonalize_flops",
     "orthogonalize_into_",
     "orthogonalize_many",
     "polar_factor",
@@ -599,6 +600,28 @@ def ns_matmul_flops(
         if t + 1 < steps and (t + 1) not in restarts:
             total += 2 * mm(n, n, n)
     return total + mm(n, n, m)
+
+
+def orthogonalize_flops(
+    shape: tuple[int, int],
+    *,
+    schedule: ScheduleLike = "pe4",
+    steps: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    method: str = "auto",
+    restarts: Sequence[int] | None = None,
+    gram_min_aspect: float = GRAM_MIN_ASPECT,
+    normalize: str = "tight",
+    **_: object,
+) -> int:
+    """Matmul FLOPs of ``orthogonalize(G, **options)`` for one ``shape`` matrix, with steps,
+    ``method="auto"`` and default restarts resolved exactly as :func:`orthogonalize` does
+    (extra keywords such as ``eps`` are ignored)."""
+    _, steps, method, restarts, _tight = _resolve(
+        shape, dtype, schedule=schedule, steps=steps, method=method, restarts=restarts,
+        gram_min_aspect=gram_min_aspect, normalize=normalize,
+    )
+    return ns_matmul_flops(shape, steps, method, restarts)
 
 
 # ---------------------------------------------------------------------------------------
