@@ -6,40 +6,48 @@ gradient ``g`` and momentum buffer ``m`` (state key ``"momentum_buffer"``)::
 
     m <- m + (1 - momentum) (g - m)                        # EMA (torch's lerp)
     u <- g + momentum (m - g)   if nesterov else m
-    U <- u.reshape(out, -1)                                 # N-D (conv) -> (shape[0], rest)
-    O <- NS(U_k) for each row block U_k (one block unless split_sizes)
+    U_k <- the 2-D matrices of u (matrix_views: see below)
+    O_k <- NS(U_k), same-shaped matrices batched
     p <- p (1 - lr weight_decay)                            # decoupled, base lr
-    p <- p - adjust(lr, shape(U_k)) O_k                     # per block
+    p <- p - adjust(lr, (out, in) of U_k) O_k               # per matrix
 
-The step runs in four stages so that distributed variants can replace stage 3 only:
-(1) momentum per parameter (:func:`muon_momentum_`), (2) the list of 2-D matrices to
-orthogonalize (:func:`split_matrices`), (3) their orthogonalization, batched by shape
-(:meth:`Muon.orthogonalize`), (4) the update (:func:`muon_apply_`).
+Which matrices (:func:`matrix_views`, per group options): a 2-D parameter is one matrix
+(``transposed=True``: stored ``(in, out)`` like transformers' ``Conv1D``; the LR adjustment
+and ``split_sizes`` use the true ``(out, in)``); an ndim >= 3 parameter is flattened to
+``(shape[0], -1)`` (``matrix_layout="flatten"``, the default: conv kernels) or read as a
+batch of matrices over its leading dims (``matrix_layout="batch"``: MoE expert stacks
+``(E, out, in)``, each expert orthogonalized and LR-adjusted on its own);
+``split_sizes`` cuts each matrix into blocks of output rows (a fused QKV).
+``build_optimizer`` sets these from the module types (:mod:`specopt.layers`).
+
+The single-process step keeps, per bucket of same-shaped matrices, a persistent stacked
+update buffer and :class:`~specopt.optim.newton_schulz.NSWorkspace` (no batch-sized
+allocation or copy per step: the Nesterov update is written straight into its slot).
+Distributed variants run four stages so they can replace stage 3 only: (1) momentum
+(:func:`muon_momentum_`), (2) the matrices (:func:`matrix_views`), (3) their
+orthogonalization (:meth:`Muon.orthogonalize`), (4) the update.
 
 Orthogonalization configuration:
 
 - ``ns_coefficients=(a, b, c)`` given: **torch-compatible mode**, exactly torch's iteration:
   constant coefficients, ``ns_steps`` (default 5), standard side, Frobenius normalization
-  ``X / max(||X||_F, eps)``, computed in bf16 unless ``ns_dtype`` says otherwise.
+  ``X / max(||X||_F, eps)``, computed in bf16 unless ``ns_dtype`` says otherwise; in bf16
+  bit-identical to ``torch.optim.Muon`` (tested on native-bf16 CPUs).
 - not given: **specopt default**, chosen by ``tools/bench_muon.py --sweep``: the 4-step
   ``"pe4"`` Polar Express schedule, ``normalize="tight"`` (divide additionally by the
   ``(sum sigma^8)^(1/8)`` bound, no extra matmul), the Gram side for matrices with aspect
   ratio >= 2 (one restart in 16-bit dtypes), same-shaped matrices batched, and
   ``ns_dtype`` = :func:`default_ns_dtype` (bf16 on CUDA and on CPUs with native bf16
   matmul; fp32 on other CPUs, where bf16 matmul is emulated and ~30x slower than fp32).
-  With ``normalize="tight"`` 4 steps of pe4 leave a smaller RMS ``|sigma - 1|`` than
-  torch's 5 jordan steps at 65% of its matmul FLOPs in bf16 (57% in fp32) on the d=512 set.
-  Measured (``python tools/bench_muon.py --d 128 --threads 1 --sweep``, 2-core AVX2 CPU):
-  step 0.249 s vs torch.optim.Muon 3.66 s (14.7x, torch's bf16 is emulated there) and vs
-  torch's iteration in fp32 0.392 s (1.58x); error 0.205 / 0.273 (momentum buffers /
-  3-decade spectra) vs torch's 0.247 / 0.352. At d=512 (``--d 512 --threads 1 --peers
-  torch-math``): 7.96 s vs 15.09 s for torch's iteration in fp32 (1.90x; 1.71x, 3.62 s vs
-  6.21 s, on a quieter rerun), error 0.320 /
-  0.291 vs 0.372 / 0.445. ``ns_schedule="polar_express"`` (5 steps) is the more accurate
-  choice (d=128: 0.128 / 0.099) at 1.2x pe4's FLOPs.
+  4 steps of pe4 with the tight normalization leave a smaller RMS ``|sigma - 1|`` than
+  torch's 5 jordan steps at 65% of its matmul FLOPs in bf16 (57% in fp32) on the d=512
+  set; the tight normalization, not the schedule, is what wins (pe4 with Frobenius
+  normalization alone is worse than torch on 3-decade spectra). Speed figures per CPU
+  kind: README "Benchmarks". ``ns_schedule="polar_express"`` (5 steps) is the more
+  accurate choice at 1.2x pe4's FLOPs.
 
-LR adjustment ``adjust_lr_fn`` with ``(A, B)`` the shape of the orthogonalized matrix
-(``(rows of the block, prod(shape[1:]))``):
+LR adjustment ``adjust_lr_fn`` with ``(A, B)`` the ``(out, in)`` shape of each
+orthogonalized matrix (see :func:`matrix_views`):
 
 - ``None`` / ``"original"`` (Keller Jordan): ``lr * sqrt(max(1, A / B))``
 - ``"match_rms_adamw"`` (Moonshot): ``lr * 0.2 * sqrt(max(A, B))``
@@ -107,9 +115,7 @@ __all__ = [
     "adjust_lr",
     "default_ns_dtype",
     "matrix_views",
-    "muon_apply_",
     "muon_momentum_",
-    "split_matrices",
 ]
 
 ADJUST_LR_FNS = ("original", "match_rms_adamw", "spectral")
@@ -159,21 +165,6 @@ def muon_momentum_(
     return list(bufs)
 
 
-def split_matrices(
-    updates: list[Tensor], split_sizes: Sequence[int] | None
-) -> tuple[list[Tensor], list[int]]:
-    """Stage 2: each update as ``(shape[0], -1)``, cut into row blocks of ``split_sizes``
-    (e.g. a fused QKV weight). Returns the matrices and, per update, its block count."""
-    mats: list[Tensor] = []
-    counts: list[int] = []
-    for u in updates:
-        U = u.reshape(u.shape[0], -1)
-        blocks = [U] if split_sizes is None else list(U.split(list(split_sizes), dim=0))
-        mats.extend(blocks)
-        counts.append(len(blocks))
-    return mats, counts
-
-
 def matrix_views(
     t: Tensor,
     *,
@@ -204,34 +195,6 @@ def matrix_views(
         for b in blocks:
             out.append((b, (b.shape[1], b.shape[0]) if transposed else (b.shape[0], b.shape[1])))
     return out
-
-
-def muon_apply_(
-    params: list[Tensor],
-    ortho: list[Tensor],
-    counts: list[int],
-    *,
-    lr: float,
-    weight_decay: float,
-    adjust_lr_fn: str | None,
-) -> None:
-    """Stage 4: decoupled weight decay with the base lr, then ``p -= adjust(lr, block) O``
-    block by block (``ortho`` in :func:`split_matrices` order)."""
-    k = 0
-    for p, n in zip(params, counts, strict=True):
-        blocks = ortho[k : k + n]
-        k += n
-        p.mul_(1 - lr * weight_decay)
-        if n == 1:
-            O = blocks[0]
-            p.add_(O.reshape(p.shape), alpha=-adjust_lr(lr, adjust_lr_fn, O.shape))
-        else:
-            P = p.view(p.shape[0], -1)
-            row = 0
-            for O in blocks:
-                P[row : row + O.shape[0]].add_(O, alpha=-adjust_lr(lr, adjust_lr_fn, O.shape))
-                row += O.shape[0]
-    assert k == len(ortho), "every orthogonalized block belongs to one parameter"
 
 
 def _label(group: dict[str, Any], gi: int, i: int, p: Tensor) -> str:

@@ -8,9 +8,11 @@ singular values::
 
     A = X X^T;  B = b_t A + c_t A A;  X <- a_t X + B X          (standard side)
 
-Shapes: ``(m, n)`` or a batch ``(B, m, n)`` of same-shaped matrices. Tall inputs are
-transposed so the iteration works with the small Gram side ``n_small x n_small``; the output
-has the input's shape and the compute ``dtype``.
+Shapes: ``(m, n)`` or a batch ``(B, m, n)`` of same-shaped matrices. The iteration works
+with the small side ``n_small x n_small`` (for tall inputs through transposed views,
+multiplying from the right, so no transposed copy is made); the output has the input's
+shape and the compute ``dtype``. :class:`NSWorkspace` holds the buffers so a caller that
+orthogonalizes the same shapes every step (Muon) allocates them once.
 
 Schedules (coefficient sets, see ``shared/reference/muon.md`` and :data:`SCHEDULES`):
 
