@@ -90,7 +90,7 @@ def bench_muon(d: int, repeats: int, device: torch.device) -> list[dict[str, Any
             continue
         opts[name] = Muon(ps) if name == "specopt" else torch.optim.Muon(ps)
     ours_dtype = default_ns_dtype(device)
-    ours = Muon([torch.zeros(2, 2)]).ns_options(Muon([torch.zeros(2, 2)]).param_groups[0], device)
+    ours = opts["specopt"].ns_options(opts["specopt"].param_groups[0], device)
     flops = {"specopt": sum(orthogonalize_flops(s, **ours) for s in shapes),
              "torch": sum(ns_matmul_flops(s, 5) for s in shapes)}
     dtypes = {"specopt": ours_dtype, "torch": torch.bfloat16}
