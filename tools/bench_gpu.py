@@ -40,6 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import machine
 
 from specopt import Muon, SpectralMonitor
+from specopt.checkpoint import atomic_write
 from specopt.models import Llama, LlamaConfig
 from specopt.optim.muon import default_ns_dtype
 from specopt.optim.newton_schulz import ns_matmul_flops, orthogonalize_flops
@@ -191,10 +192,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
               f"{r['note']}")
     result = {"machine": machine.describe(device), "device": str(device), "rows": rows,
               "quick": args.quick}
-    if args.json:
-        with open(args.json + ".tmp", "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(args.json + ".tmp", args.json)  # never leave a half-written file
+    if args.json:  # atomic: never a half-written file
+        atomic_write(args.json, lambda f: f.write(json.dumps(result, indent=2).encode()))
     return result
 
 

@@ -52,6 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import machine
 
 from specopt import Muon
+from specopt.checkpoint import atomic_write
 from specopt.models import PRESETS, Llama, LlamaConfig
 from specopt.optim.muon import DEFAULT_NS_SCHEDULE, adjust_lr, default_ns_dtype
 from specopt.optim.newton_schulz import (
@@ -431,10 +432,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"{r['err_momentum']:>14.4f} {r['err_logspaced']:>15.4f}"
             )
 
-    if args.json:
-        with open(args.json + ".tmp", "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(args.json + ".tmp", args.json)  # never leave a half-written file
+    if args.json:  # atomic: never a half-written file
+        atomic_write(args.json, lambda f: f.write(json.dumps(result, indent=2).encode()))
     return result
 
 
