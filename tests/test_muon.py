@@ -320,6 +320,9 @@ def test_step_reuses_its_stacked_buffers():
     _run(opt, params, 2, start=1)
     assert list(opt._workspaces.values()) == spaces
     assert [b.data_ptr() for ws, U in spaces for b in (U, *ws.buffers())] == ptrs
+    params[0].grad = None  # a bucket shrinks for a step: its buffers are replaced, not added
+    opt.step()
+    assert len(opt._workspaces) == len(spaces)
 
 
 def test_loads_an_old_format_state_dict():

@@ -624,9 +624,12 @@ class Muon(Optimizer):
         and the stacked update ``U`` (``(batch, *shape)`` in the gradients' dtype; the
         workspace's own input when that is already the NS dtype, saving a cast)."""
         cache = self.__dict__.setdefault("_workspaces", {})
-        key = (batch, shape, dtype, device, opts["dtype"], opts["normalize"] == "frobenius")
+        # One per bucket, not per batch size: a bucket whose size changes (a skipped
+        # non-finite gradient, a parameter without grad) replaces its buffers, never piles
+        # up copies of them.
+        key = (shape, dtype, device, opts["dtype"], opts["normalize"] == "frobenius")
         hit = cache.get(key)
-        if hit is None:
+        if hit is None or hit[0].batch != batch:
             ws = NSWorkspace(batch, *shape, opts["dtype"], device,
                              torch_layout=opts["normalize"] == "frobenius")
             U = ws.input if dtype == opts["dtype"] else torch.empty(
