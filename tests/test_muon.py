@@ -323,6 +323,10 @@ def test_step_reuses_its_stacked_buffers():
     params[0].grad = None  # a bucket shrinks for a step: its buffers are replaced, not added
     opt.step()
     assert len(opt._workspaces) == len(spaces)
+    opt.free_workspaces()
+    assert not getattr(opt, "_workspaces", None)
+    _run(opt, params, 1, start=3)  # rebuilt on demand
+    assert len(opt._workspaces) == len(spaces)
 
 
 def test_loads_an_old_format_state_dict():
