@@ -211,6 +211,34 @@ def test_designer_reproduces_published_polar_express():
     np.testing.assert_allclose(ours, np.array(_PE_PAPER_L1E3[:6]), rtol=0.015)
 
 
+@pytest.mark.parametrize("lower", [1e-4, 1e-3, 1e-2, 0.1, 0.5])
+def test_designer_is_finite_and_lifting_for_1_to_10_steps(lower):
+    for steps in range(1, 11):
+        sched = design_polar_express(steps, lower)
+        assert len(sched) == steps
+        x = np.logspace(np.log10(lower), 0, 400)
+        floor = x.min()
+        for a, b, c in sched:
+            assert all(np.isfinite((a, b, c))), (steps, lower)
+            assert a > 1, (steps, lower, (a, b, c))  # slope at 0 > 1: small values lifted
+            x = a * x + b * x**3 + c * x**5
+            # every step raises the lower bound (until it is within 1% of 1, where the 1.01
+            # safety factor holds it)
+            assert x.min() > floor or floor > 0.99, (steps, lower)
+            floor = x.min()
+        assert x.max() <= 2 - floor + 1e-9, (steps, lower)  # image within [l, 2 - l]
+
+
+def test_polar_express_paper_is_the_published_algorithm():
+    sched = SCHEDULES["polar_express_paper"]
+    assert sched.safety == 1.01  # X_0 = G / (1.01 ||G||_F)
+    assert len(sched.coefficients) == len(_PE_PAPER_L1E3) == 8
+    for (a, b, c), (pa, pb, pc) in zip(sched.coefficients[:-1], _PE_PAPER_L1E3[:-1], strict=True):
+        assert (a, b, c) == pytest.approx((pa / 1.01, pb / 1.01**3, pc / 1.01**5), rel=1e-15)
+    assert sched.coefficients[-1] == _PE_PAPER_L1E3[-1] == (1.875, -1.25, 0.375)  # unscaled
+    assert sched.at(20) == (1.875, -1.25, 0.375)  # and repeated
+
+
 def test_designed_polynomials_map_interval_near_one():
     sched = NSSchedule(design_polar_express(5, 1e-3, safety=1.0))
     x = np.logspace(-3, 0, 2000)

@@ -48,7 +48,11 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import machine
+
 from specopt import Muon
+from specopt.checkpoint import atomic_write
 from specopt.models import PRESETS, Llama, LlamaConfig
 from specopt.optim.muon import DEFAULT_NS_SCHEDULE, adjust_lr, default_ns_dtype
 from specopt.optim.newton_schulz import (
@@ -58,8 +62,8 @@ from specopt.optim.newton_schulz import (
     ns_matmul_flops,
     orthogonality_error,
     orthogonalize,
+    orthogonalize_flops,
     orthogonalize_many,
-    resolve_schedule,
 )
 
 KJ = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's default coefficients
@@ -197,6 +201,13 @@ def interleaved_medians(
 # ------------------------------------------------------------------ sweep
 
 
+def _peak(dtype: torch.dtype, device: torch.device) -> float:
+    """Measured matmul peak (GFLOP/s) at the current thread count (tools/machine.py)."""
+    if dtype == torch.bfloat16 and not machine.bf16_native(device):  # emulated: slow, small
+        return machine.matmul_peak_gflops(dtype, n=512, repeats=2, device=device)
+    return machine.matmul_peak_gflops(dtype, device=device)
+
+
 def sweep_configs(device: torch.device, d: int) -> list[tuple[str, dict[str, Any], bool]]:
     """(label, orthogonalize kwargs, batched) candidates for the default."""
     dt = default_ns_dtype(device)
@@ -231,17 +242,8 @@ def sweep_configs(device: torch.device, d: int) -> list[tuple[str, dict[str, Any
 
 
 def _flops(shapes, kw) -> int:
-    """Matmul FLOPs of orthogonalize(**kw) over ``shapes`` (auto method and restarts resolved
-    as orthogonalize does)."""
-    steps = kw.get("steps") or resolve_schedule(kw["schedule"]).steps
-    total = 0
-    for m, n in shapes:
-        method = kw.get("method", "auto")
-        if method == "auto":
-            method = "gram" if max(m, n) >= GRAM_MIN_ASPECT * min(m, n) else "standard"
-        restarts = (2,) if kw["dtype"] in (torch.bfloat16, torch.float16) else ()
-        total += ns_matmul_flops((m, n), steps, method, restarts)
-    return total
+    """Matmul FLOPs of orthogonalize(**kw) over ``shapes`` (resolved as orthogonalize does)."""
+    return sum(orthogonalize_flops(tuple(s), **kw) for s in shapes)
 
 
 def run_sweep(buffers, logs, repeats, device, with_torch: bool) -> list[dict[str, Any]]:
@@ -290,7 +292,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--llama-steps", type=int, default=3, help="steps before taking momenta")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
+    ap.add_argument("--threads", type=int, nargs="+", default=None,
+                    help="torch threads (CPU); several (e.g. 1 2) time the step at each")
     ap.add_argument(
         "--peers",
         nargs="+",
@@ -306,10 +309,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.quick:
         args.d, args.repeats, args.llama_steps = 32, 3, 1
         # tiny matrices: 2 OpenMP threads on a shared box mostly spin (measured 4x slower)
-        args.threads = args.threads or 1
-    if args.threads:
-        torch.set_num_threads(args.threads)
+        args.threads = args.threads or [1]
+    thread_counts = args.threads or [torch.get_num_threads()]
+    torch.set_num_threads(thread_counts[0])
     peers = args.peers
+    print(machine.describe(args.device))
 
     buffers = momentum_buffers(args.d, args.llama_steps, args.device)
     shapes = [b.shape for b in buffers]
@@ -327,10 +331,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             p.grad = gr
 
     opts = make_optimizers(params, peers)
-    times = interleaved_medians(
-        {k: o.step for k, o in opts.items()}, args.repeats, args.device, prepare=set_grads
-    )
-    med = {k: statistics.median(v) for k, v in times.items()}
+    dev = torch.device(args.device)
+    ours_dtype = default_ns_dtype(dev)
+    torch_flops = sum(ns_matmul_flops(tuple(s), 5) for s in shapes)
+    flops = {k: torch_flops for k in opts}  # torch, torch-math, heavyball: torch's iteration
+    flops["specopt"] = _flops([tuple(s) for s in shapes], {"schedule": "pe4", "dtype": ours_dtype})
+    dtypes = {k: {"torch": torch.bfloat16, "heavyball": torch.float32}.get(k, ours_dtype)
+              for k in opts}
+    by_threads: dict[int, dict[str, Any]] = {}
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        times = interleaved_medians(
+            {k: o.step for k, o in opts.items()}, args.repeats, args.device, prepare=set_grads
+        )
+        med = {k: statistics.median(v) for k, v in times.items()}
+        peak = {dt: _peak(dt, dev) for dt in set(dtypes.values())}  # same run, same load
+        by_threads[threads] = {
+            "step_times_s": times,
+            "median_step_s": med,
+            "gflops": {k: flops[k] / med[k] / 1e9 for k in opts},
+            "share_of_peak": {k: flops[k] / med[k] / 1e9 / peak[dtypes[k]] for k in opts},
+            "peak_gflops": {str(dt)[6:]: v for dt, v in peak.items()},
+            **{
+                ("speedup_same_dtype" if k == "torch-math" else f"speedup_vs_{k}"): med[k]
+                / med["specopt"]
+                for k in peers
+            },
+        }
+    first = by_threads[thread_counts[0]]
+    times, med = first["step_times_s"], first["median_step_s"]
 
     # 2. orthogonality error of each one's update
     errors = {
@@ -340,12 +369,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }
         for k in opts
     }
-    dev = torch.device(args.device)
-    ours_dtype = default_ns_dtype(dev)
     result: dict[str, Any] = {
         "d": args.d,
         "device": args.device,
-        "threads": torch.get_num_threads(),
+        "threads": thread_counts[0],
+        "machine": machine.describe(args.device),
         "matrices": len(shapes),
         "repeats": args.repeats,
         "ns_dtype": {"torch": "bfloat16", "specopt": str(ours_dtype).replace("torch.", "")},
@@ -354,40 +382,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "normalize": "tight",
             "gram_min_aspect": GRAM_MIN_ASPECT,
         },
-        "step_times_s": times,
-        "median_step_s": med,
-        **{
-            ("speedup_same_dtype" if k == "torch-math" else f"speedup_vs_{k}"): med[k]
-            / med["specopt"]
-            for k in peers
-        },
-        "flops_ratio_torch_over_specopt": (
-            sum(ns_matmul_flops(tuple(s), 5) for s in shapes)
-            / _flops([tuple(s) for s in shapes], {"schedule": "pe4", "dtype": ours_dtype})
-        ),
+        **first,  # the first thread count's figures at top level
+        "by_threads": by_threads,
+        "matmul_flops": flops,
+        "flops_ratio_torch_over_specopt": torch_flops / flops["specopt"],
         "orthogonality_error": errors,
     }
 
     cpu_bf16 = dev.type == "cpu" and ours_dtype != torch.bfloat16
-    print(
-        f"Muon step on {len(shapes)} matrices of a 4-layer d={args.d} transformer "
-        f"({args.device}, {torch.get_num_threads()} threads, median of {args.repeats})"
-    )
     if cpu_bf16:
         print(
             "note: this CPU has no native bf16 matmul; torch.optim.Muon casts to bf16 anyway, "
-            "specopt's default computes in fp32"
+            "specopt's default computes in fp32 (compare with the torch-math row)"
         )
-    print(
-        f"{'optimizer':<12} {'NS dtype':<9} {'median step s':>13} {'specopt faster':>14} "
-        f"{'err(momentum)':>14} {'err(logspaced)':>15}"
-    )
-    for k in opts:
-        dt = {"torch": "bfloat16", "heavyball": "float32"}.get(k, str(ours_dtype)[6:])
+    for threads, r in by_threads.items():
+        peaks = ", ".join(f"{k} {v:.0f}" for k, v in r["peak_gflops"].items())
         print(
-            f"{k:<12} {dt:<9} {med[k]:>13.4f} {med[k] / med['specopt']:>13.2f}x "
-            f"{errors[k]['momentum']:>14.4f} {errors[k]['logspaced']:>15.4f}"
+            f"\nMuon step on {len(shapes)} matrices of a 4-layer d={args.d} transformer "
+            f"({args.device}, {threads} threads, median of {args.repeats}; of peak = share of "
+            f"the matmul peak measured in this run: {peaks} GFLOP/s)"
         )
+        print(
+            f"{'optimizer':<12} {'NS dtype':<9} {'median step s':>13} {'specopt faster':>14} "
+            f"{'GFLOP/s':>8} {'of peak':>8} {'err(momentum)':>14} {'err(logspaced)':>15}"
+        )
+        m = r["median_step_s"]
+        for k in opts:
+            print(
+                f"{k:<12} {str(dtypes[k])[6:]:<9} {m[k]:>13.4f} {m[k] / m['specopt']:>13.2f}x "
+                f"{r['gflops'][k]:>8.0f} {r['share_of_peak'][k]:>7.0%} "
+                f"{errors[k]['momentum']:>14.4f} {errors[k]['logspaced']:>15.4f}"
+            )
     print(
         f"matmul FLOPs torch/specopt: {result['flops_ratio_torch_over_specopt']:.2f}x; "
         "torch-math = specopt.Muon(ns_coefficients=torch's) in specopt's dtype"
@@ -407,10 +432,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"{r['err_momentum']:>14.4f} {r['err_logspaced']:>15.4f}"
             )
 
-    if args.json:
-        with open(args.json + ".tmp", "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(args.json + ".tmp", args.json)  # never leave a half-written file
+    if args.json:  # atomic: never a half-written file
+        atomic_write(args.json, lambda f: f.write(json.dumps(result, indent=2).encode()))
     return result
 
 

@@ -92,7 +92,14 @@ from specopt.layers import (
     path_components,
 )
 from specopt.optim.muon import Muon
-from specopt.optim.nonfinite import NonFiniteGradientError, nonfinite_indices
+from specopt.optim.nonfinite import (
+    NONFINITE_POLICIES,
+    NonFiniteGradientError,
+    restore_grads,
+    screen_nonfinite,
+    screened,
+    skips_by_name,
+)
 
 __all__ = [
     "DEFAULT_ADAMW_BETAS",
@@ -128,7 +135,7 @@ _MODULE_KINDS = ("linear", "transposed", "conv", "embedding")
 DEFAULT_ADAMW_BETAS: tuple[float, float] = (0.9, 0.95)
 
 _OPTIMIZERS = ("muon", "adamw")
-_NONFINITE_POLICIES = ("raise", "skip")
+_NONFINITE_POLICIES = NONFINITE_POLICIES
 _NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.LayerNorm,
     nn.RMSNorm,
@@ -703,70 +710,10 @@ def _route(
 # ---------------------------------------------------------------- non-finite screening
 
 
-def _group_names(group: Mapping[str, Any], gi: int) -> list[str]:
-    names = group.get("param_names")
-    if names is not None and len(names) == len(group["params"]):
-        return list(names)
-    return [f"param_groups[{gi}].params[{i}]" for i in range(len(group["params"]))]
-
-
-def _screen_nonfinite(
-    param_groups: Sequence[dict[str, Any]], policy: str, kind_key: str | None
-) -> list[tuple[Tensor, Tensor]]:
-    """Check every dense gradient (:func:`~specopt.optim.nonfinite.nonfinite_indices`);
-    raise, or hide bad ones (return them to restore)."""
-    entries = [
-        (gi, i, p)
-        for gi, g in enumerate(param_groups)
-        for i, p in enumerate(g["params"])
-        if p.grad is not None and not p.grad.is_sparse
-    ]
-    bad = nonfinite_indices([p.grad for _, _, p in entries])
-    if not bad:
-        return []
-
-    def describe(k: int) -> str:
-        gi, i, p = entries[k]
-        g = param_groups[gi]
-        where = f", {g[kind_key]} group {gi}" if kind_key and kind_key in g else f", group {gi}"
-        return f"{_group_names(g, gi)[i]!r} (shape {tuple(p.shape)}{where})"
-
-    if policy == "raise":
-        listed = "; ".join(describe(k) for k in bad[:8])
-        more = f" and {len(bad) - 8} more" if len(bad) > 8 else ""
-        raise NonFiniteGradientError(
-            f"non-finite gradient (NaN or Inf) in parameter {listed}{more}; no weight was "
-            "updated. Fix the loss/grad (or clip), or build with nonfinite='skip' to skip "
-            "those parameters' updates and count them."
-        )
-    hidden = []
-    for k in bad:
-        gi, i, p = entries[k]
-        g = param_groups[gi]
-        counts = g.setdefault("nonfinite_skips", [0] * len(g["params"]))
-        counts[i] += 1
-        warnings.warn(
-            f"skipping the update of parameter {describe(k)}: non-finite gradient",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        hidden.append((p, p.grad))
-        p.grad = None  # torch optimizers skip params without grad: no update, no state change
-    return hidden
-
-
-def _restore(hidden: Sequence[tuple[Tensor, Tensor]]) -> None:
-    for p, grad in hidden:
-        p.grad = grad
-
-
-def _skips_by_name(param_groups: Sequence[Mapping[str, Any]]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for gi, g in enumerate(param_groups):
-        for name, n in zip(_group_names(g, gi), g.get("nonfinite_skips", ()), strict=False):
-            if n:
-                out[name] = out.get(name, 0) + n
-    return out
+# One policy, written once in specopt.optim.nonfinite (Muon uses the same).
+_screen_nonfinite = screen_nonfinite
+_restore = restore_grads
+_skips_by_name = skips_by_name
 
 
 # --------------------------------------------------------------------- the optimizer
@@ -932,7 +879,8 @@ class HybridOptimizer(Optimizer):
         try:
             for child in (self._muon, self._adamw):
                 if child is not None:
-                    _call_step_without_hooks(child)
+                    with screened(child):  # one gradient scan per step, done just above
+                        _call_step_without_hooks(child)
         finally:
             _restore(hidden)
         return loss

@@ -6,40 +6,51 @@ gradient ``g`` and momentum buffer ``m`` (state key ``"momentum_buffer"``)::
 
     m <- m + (1 - momentum) (g - m)                        # EMA (torch's lerp)
     u <- g + momentum (m - g)   if nesterov else m
-    U <- u.reshape(out, -1)                                 # N-D (conv) -> (shape[0], rest)
-    O <- NS(U_k) for each row block U_k (one block unless split_sizes)
+    U_k <- the 2-D matrices of u (matrix_views: see below)
+    O_k <- NS(U_k), same-shaped matrices batched
     p <- p (1 - lr weight_decay)                            # decoupled, base lr
-    p <- p - adjust(lr, shape(U_k)) O_k                     # per block
+    p <- p - adjust(lr, (out, in) of U_k) O_k               # per matrix
 
-The step runs in four stages so that distributed variants can replace stage 3 only:
-(1) momentum per parameter (:func:`muon_momentum_`), (2) the list of 2-D matrices to
-orthogonalize (:func:`split_matrices`), (3) their orthogonalization, batched by shape
-(:meth:`Muon.orthogonalize`), (4) the update (:func:`muon_apply_`).
+Which matrices (:func:`matrix_views`, per group options): a 2-D parameter is one matrix
+(``transposed=True``: stored ``(in, out)`` like transformers' ``Conv1D``; the LR adjustment
+and ``split_sizes`` use the true ``(out, in)``); an ndim >= 3 parameter is flattened to
+``(shape[0], -1)`` (``matrix_layout="flatten"``, the default: conv kernels) or read as a
+batch of matrices over its leading dims (``matrix_layout="batch"``: MoE expert stacks
+``(E, out, in)``, each expert orthogonalized and LR-adjusted on its own);
+``split_sizes`` cuts each matrix into blocks of output rows (a fused QKV).
+``build_optimizer`` sets these from the module types (:mod:`specopt.layers`).
+
+The single-process step keeps, per bucket of same-shaped matrices, a persistent stacked
+update buffer and :class:`~specopt.optim.newton_schulz.NSWorkspace` (no batch-sized
+allocation or copy per step: the Nesterov update is written straight into its slot).
+They stay allocated between steps: about 10 bytes per Muon parameter element (fp32
+gradients, bf16 NS; 12 with fp32 NS), i.e. ~2.5x the fp32 weights they serve, the memory
+a step used to allocate and free every time; :meth:`Muon.free_workspaces` drops them.
+Distributed variants run four stages so they can replace stage 3 only: (1) momentum
+(:func:`muon_momentum_`), (2) the matrices (:func:`matrix_views`), (3) their
+orthogonalization (:meth:`Muon.orthogonalize`), (4) the update.
 
 Orthogonalization configuration:
 
 - ``ns_coefficients=(a, b, c)`` given: **torch-compatible mode**, exactly torch's iteration:
   constant coefficients, ``ns_steps`` (default 5), standard side, Frobenius normalization
-  ``X / max(||X||_F, eps)``, computed in bf16 unless ``ns_dtype`` says otherwise.
+  ``X / max(||X||_F, eps)``, computed in bf16 unless ``ns_dtype`` says otherwise; in bf16
+  bit-identical to ``torch.optim.Muon`` (tested on native-bf16 CPUs).
 - not given: **specopt default**, chosen by ``tools/bench_muon.py --sweep``: the 4-step
   ``"pe4"`` Polar Express schedule, ``normalize="tight"`` (divide additionally by the
   ``(sum sigma^8)^(1/8)`` bound, no extra matmul), the Gram side for matrices with aspect
   ratio >= 2 (one restart in 16-bit dtypes), same-shaped matrices batched, and
   ``ns_dtype`` = :func:`default_ns_dtype` (bf16 on CUDA and on CPUs with native bf16
   matmul; fp32 on other CPUs, where bf16 matmul is emulated and ~30x slower than fp32).
-  With ``normalize="tight"`` 4 steps of pe4 leave a smaller RMS ``|sigma - 1|`` than
-  torch's 5 jordan steps at 65% of its matmul FLOPs in bf16 (57% in fp32) on the d=512 set.
-  Measured (``python tools/bench_muon.py --d 128 --threads 1 --sweep``, 2-core AVX2 CPU):
-  step 0.249 s vs torch.optim.Muon 3.66 s (14.7x, torch's bf16 is emulated there) and vs
-  torch's iteration in fp32 0.392 s (1.58x); error 0.205 / 0.273 (momentum buffers /
-  3-decade spectra) vs torch's 0.247 / 0.352. At d=512 (``--d 512 --threads 1 --peers
-  torch-math``): 7.96 s vs 15.09 s for torch's iteration in fp32 (1.90x; 1.71x, 3.62 s vs
-  6.21 s, on a quieter rerun), error 0.320 /
-  0.291 vs 0.372 / 0.445. ``ns_schedule="polar_express"`` (5 steps) is the more accurate
-  choice (d=128: 0.128 / 0.099) at 1.2x pe4's FLOPs.
+  4 steps of pe4 with the tight normalization leave a smaller RMS ``|sigma - 1|`` than
+  torch's 5 jordan steps at 65% of its matmul FLOPs in bf16 (57% in fp32) on the d=512
+  set; the tight normalization, not the schedule, is what wins (pe4 with Frobenius
+  normalization alone is worse than torch on 3-decade spectra). Speed figures per CPU
+  kind: README "Benchmarks". ``ns_schedule="polar_express"`` (5 steps) is the more
+  accurate choice at 1.2x pe4's FLOPs.
 
-LR adjustment ``adjust_lr_fn`` with ``(A, B)`` the shape of the orthogonalized matrix
-(``(rows of the block, prod(shape[1:]))``):
+LR adjustment ``adjust_lr_fn`` with ``(A, B)`` the ``(out, in)`` shape of each
+orthogonalized matrix (see :func:`matrix_views`):
 
 - ``None`` / ``"original"`` (Keller Jordan): ``lr * sqrt(max(1, A / B))``
 - ``"match_rms_adamw"`` (Moonshot): ``lr * 0.2 * sqrt(max(A, B))``
@@ -47,10 +58,12 @@ LR adjustment ``adjust_lr_fn`` with ``(A, B)`` the shape of the orthogonalized m
   RMS->RMS operator norm ``sqrt(B / A) ||dW||_2`` equals ``lr`` (the spectral condition of
   Yang, Simon & Bernstein 2023), so ``lr`` is in "RMS-operator-norm per step" units.
 
-Non-finite gradients: ``nonfinite="raise"`` (default) raises ``FloatingPointError`` naming
-the parameter (names come from ``model.named_parameters()``, else group/index/shape) before
+Non-finite gradients (the one policy of :func:`specopt.optim.nonfinite.screen_nonfinite`,
+shared with the hybrid; one scan per step): ``nonfinite="raise"`` (default) raises
+``NonFiniteGradientError`` (a ``FloatingPointError``) naming every bad parameter (names from
+``model.named_parameters()``, else ``param_groups[g].params[i]``) and its shape before
 anything is modified; ``"skip"`` leaves that parameter (weights and momentum) untouched for
-the step and counts it in the group's ``"nonfinite_skips"`` list
+the step, warns, and counts it in the group's ``"nonfinite_skips"`` list
 (see :attr:`Muon.nonfinite_skips`).
 
 Distributed (``distributed=``, see :mod:`specopt.optim.distributed`): stages 1, 2
@@ -86,10 +99,17 @@ from specopt.optim.newton_schulz import (
     DEFAULT_EPS,
     METHODS,
     NORMALIZATIONS,
+    NSWorkspace,
+    orthogonalize_into_,
     orthogonalize_many,
     resolve_schedule,
 )
-from specopt.optim.nonfinite import NonFiniteGradientError, nonfinite_indices
+from specopt.optim.nonfinite import (
+    NONFINITE_POLICIES,
+    restore_grads,
+    screen_nonfinite,
+    skips_by_name,
+)
 
 __all__ = [
     "ADJUST_LR_FNS",
@@ -97,17 +117,19 @@ __all__ = [
     "Muon",
     "adjust_lr",
     "default_ns_dtype",
-    "muon_apply_",
+    "matrix_views",
     "muon_momentum_",
-    "split_matrices",
 ]
 
 ADJUST_LR_FNS = ("original", "match_rms_adamw", "spectral")
-NONFINITE_POLICIES = ("raise", "skip")
 DISTRIBUTED_MODES = ("auto", "ddp", "off")
+MATRIX_LAYOUTS = ("flatten", "batch")
 #: The specopt default schedule (see the module docstring and tools/bench_muon.py --sweep).
 DEFAULT_NS_SCHEDULE = "pe4"
 TORCH_NS_STEPS = 5  # torch.optim.Muon's default ns_steps
+TORCH_NS_COEFFS = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's default ns_coefficients
+# Group keys torch.optim.Muon reads with a stricter type than ours (None = "specopt's").
+_TORCH_TYPED_KEYS = ("ns_coefficients", "ns_steps")
 
 
 def default_ns_dtype(device: torch.device) -> torch.dtype:
@@ -146,47 +168,36 @@ def muon_momentum_(
     return list(bufs)
 
 
-def split_matrices(
-    updates: list[Tensor], split_sizes: Sequence[int] | None
-) -> tuple[list[Tensor], list[int]]:
-    """Stage 2: each update as ``(shape[0], -1)``, cut into row blocks of ``split_sizes``
-    (e.g. a fused QKV weight). Returns the matrices and, per update, its block count."""
-    mats: list[Tensor] = []
-    counts: list[int] = []
-    for u in updates:
-        U = u.reshape(u.shape[0], -1)
-        blocks = [U] if split_sizes is None else list(U.split(list(split_sizes), dim=0))
-        mats.extend(blocks)
-        counts.append(len(blocks))
-    return mats, counts
-
-
-def muon_apply_(
-    params: list[Tensor],
-    ortho: list[Tensor],
-    counts: list[int],
+def matrix_views(
+    t: Tensor,
     *,
-    lr: float,
-    weight_decay: float,
-    adjust_lr_fn: str | None,
-) -> None:
-    """Stage 4: decoupled weight decay with the base lr, then ``p -= adjust(lr, block) O``
-    block by block (``ortho`` in :func:`split_matrices` order)."""
-    k = 0
-    for p, n in zip(params, counts, strict=True):
-        blocks = ortho[k : k + n]
-        k += n
-        p.mul_(1 - lr * weight_decay)
-        if n == 1:
-            O = blocks[0]
-            p.add_(O.reshape(p.shape), alpha=-adjust_lr(lr, adjust_lr_fn, O.shape))
-        else:
-            P = p.view(p.shape[0], -1)
-            row = 0
-            for O in blocks:
-                P[row : row + O.shape[0]].add_(O, alpha=-adjust_lr(lr, adjust_lr_fn, O.shape))
-                row += O.shape[0]
-    assert k == len(ortho), "every orthogonalized block belongs to one parameter"
+    matrix_layout: str | None = None,
+    transposed: bool = False,
+    split_sizes: Sequence[int] | None = None,
+) -> list[tuple[Tensor, tuple[int, int]]]:
+    """The 2-D matrices Muon orthogonalizes in ``t`` (a parameter, its gradient or its
+    momentum), as views in ``t``'s storage orientation, each with its operator shape
+    ``(out, in)`` (what the LR adjustment uses).
+
+    - 2-D: ``t`` itself; ``transposed=True`` means it is stored ``(in, out)`` (transformers'
+      ``Conv1D``): the view stays as stored (polar(W^T) = polar(W)^T), the shape flips.
+    - ndim >= 3, ``matrix_layout="flatten"`` (default; conv kernels): ``(shape[0], -1)``.
+    - ndim >= 3, ``matrix_layout="batch"`` (MoE expert stacks ``(E, out, in)``): one matrix
+      per index of the leading dims, each orthogonalized and LR-adjusted on its own.
+    - ``split_sizes``: each matrix cut into blocks of that many output rows (a fused QKV).
+    """
+    if t.ndim == 2:
+        mats = [t]
+    elif matrix_layout == "batch":
+        mats = list(t.view(-1, *t.shape[-2:]).unbind(0))
+    else:
+        mats = [t.view(t.shape[0], -1)]
+    out: list[tuple[Tensor, tuple[int, int]]] = []
+    for M in mats:
+        blocks = [M] if split_sizes is None else M.split(list(split_sizes), dim=int(transposed))
+        for b in blocks:
+            out.append((b, (b.shape[1], b.shape[0]) if transposed else (b.shape[0], b.shape[1])))
+    return out
 
 
 def _label(group: dict[str, Any], gi: int, i: int, p: Tensor) -> str:
@@ -194,6 +205,37 @@ def _label(group: dict[str, Any], gi: int, i: int, p: Tensor) -> str:
     names = group.get("param_names")
     label = repr(names[i]) if names else f"{i} of group {gi}"
     return f"parameter {label} (shape {tuple(p.shape)})"
+
+
+def _layout(group: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "matrix_layout": group.get("matrix_layout"),
+        "transposed": group.get("transposed", False),
+        "split_sizes": group.get("split_sizes"),
+    }
+
+
+def _add_blocks_(p: Tensor, blocks: list[Tensor], ops: list[tuple[int, int]],
+                 how: dict[str, Any], lr: float, adjust_lr_fn: str | None) -> None:
+    """``p -= adjust(lr, op) O`` for each orthogonalized block, in place."""
+    if p.ndim > 2 and not p.is_contiguous():  # e.g. a channels_last conv kernel: no views
+        scaled = [O * adjust_lr(lr, adjust_lr_fn, op) for O, op in zip(blocks, ops, strict=True)]
+        p.sub_(torch.cat(scaled).reshape(p.shape))
+        return
+    for (pv, _), O, op in zip(matrix_views(p, **how), blocks, ops, strict=True):
+        pv.add_(O.to(pv.dtype) if is_dtensor(pv) else O, alpha=-adjust_lr(lr, adjust_lr_fn, op))
+
+
+class ComplexParameterError(ValueError, RuntimeError):
+    """A complex parameter given to Muon (a ValueError at construction; also a RuntimeError,
+    the type torch.optim.Muon raises for it)."""
+
+
+def _fan_out(p: Tensor, matrix_layout: str | None, transposed: bool) -> int:
+    """Output rows of each matrix :func:`matrix_views` reads from ``p``."""
+    if p.ndim == 2 or matrix_layout == "batch":
+        return p.shape[-1] if transposed else p.shape[-2]
+    return p.shape[0]
 
 
 def _check_range(name: str, value: Any, ok: bool, expected: str) -> None:
@@ -222,8 +264,16 @@ class Muon(Optimizer):
         ns_method: ``"auto"``, ``"standard"`` or ``"gram"`` (torch mode default:
             ``"standard"``; else ``"auto"``).
         ns_normalize: ``"frobenius"`` or ``"tight"`` (torch mode default ``"frobenius"``).
-        split_sizes: row-block sizes (summing to ``shape[0]``) orthogonalized separately,
-            e.g. ``(d, d, d)`` for a fused QKV weight; give it in that parameter's group.
+        split_sizes: blocks of output rows (summing to the fan-out) orthogonalized
+            separately, e.g. ``(d, d, d)`` for a fused QKV weight; give it in that
+            parameter's group.
+        matrix_layout: how an ndim >= 3 tensor is read (see :func:`matrix_views`):
+            ``None``/``"flatten"`` (conv kernels: ``(shape[0], -1)``) or ``"batch"`` (a
+            stack of matrices over the leading dims, e.g. MoE experts ``(E, out, in)``,
+            each orthogonalized and LR-adjusted on its own). Per group; ``build_optimizer``
+            sets it from the module type (conv -> flatten, other ndim >= 3 -> batch).
+        transposed: the matrices are stored ``(in, out)`` (transformers' ``Conv1D``): the LR
+            adjustment and ``split_sizes`` use the true ``(out, in)`` orientation.
         nonfinite: ``"raise"`` or ``"skip"`` (module docstring).
         distributed: ``"auto"``, ``"ddp"`` or ``"off"``: how stage 3 is split across
             ranks (module docstring); no effect without a process group.
@@ -250,6 +300,8 @@ class Muon(Optimizer):
         ns_method: str | None = None,
         ns_normalize: str | None = None,
         split_sizes: Sequence[int] | None = None,
+        matrix_layout: str | None = None,
+        transposed: bool = False,
         nonfinite: str = "raise",
         distributed: str = "auto",
         process_group: Any = None,
@@ -280,6 +332,8 @@ class Muon(Optimizer):
             "ns_method": ns_method,
             "ns_normalize": ns_normalize,
             "split_sizes": split_sizes,
+            "matrix_layout": matrix_layout,
+            "transposed": transposed,
         }
         super().__init__(params, defaults)
 
@@ -288,8 +342,43 @@ class Muon(Optimizer):
         # lack our keys; fill them with this instance's defaults so such checkpoints resume.
         super().__setstate__(state)
         for group in self.param_groups:
+            for key in _TORCH_TYPED_KEYS:  # our own values, saved beside torch's (state_dict)
+                if f"specopt_{key}" in group:
+                    group[key] = group.pop(f"specopt_{key}")
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state_dict, loadable by ``torch.optim.Muon`` too: ``ns_coefficients`` and
+        ``ns_steps`` hold torch's types (an ``(a, b, c)`` tuple, an int; torch's defaults
+        where specopt's schedule is in use) and specopt's own values ride along under
+        ``specopt_ns_coefficients`` / ``specopt_ns_steps`` (restored on load here)."""
+        sd = super().state_dict()
+        for g in sd["param_groups"]:
+            coeffs = g["ns_coefficients"]
+            for key in _TORCH_TYPED_KEYS:
+                g[f"specopt_{key}"] = g[key]
+            constant = isinstance(coeffs, (tuple, list)) and len(coeffs) == 3 and all(
+                isinstance(c, (int, float)) for c in coeffs)
+            g["ns_coefficients"] = tuple(float(c) for c in coeffs) if constant else TORCH_NS_COEFFS
+            g["ns_steps"] = g["ns_steps"] or TORCH_NS_STEPS
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's load, after checking every momentum buffer's shape against its parameter
+        (a checkpoint of a different model fails here, naming the parameter, and loads
+        nothing; torch would fail only at the next step, naming none)."""
+        saved = state_dict.get("param_groups", [])
+        if len(saved) == len(self.param_groups):
+            for gi, (sg, g) in enumerate(zip(saved, self.param_groups, strict=True)):
+                for i, (idx, p) in enumerate(zip(sg["params"], g["params"], strict=False)):
+                    buf = state_dict.get("state", {}).get(idx, {}).get("momentum_buffer")
+                    if isinstance(buf, Tensor) and tuple(buf.shape) != tuple(p.shape):
+                        raise ValueError(
+                            f"checkpoint momentum_buffer for {_label(g, gi, i, p)} has shape "
+                            f"{tuple(buf.shape)}: the checkpoint is from a different model"
+                        )
+        super().load_state_dict(state_dict)
 
     # -- validation (once per group, at construction / add_param_group)
 
@@ -305,11 +394,18 @@ class Muon(Optimizer):
     def _validate_group(g: dict[str, Any], gi: int) -> None:
         lr = g["lr"]
         if isinstance(lr, Tensor):
-            _check_range("lr", lr, lr.numel() == 1, "a float or a 1-element tensor")
+            if lr.numel() != 1:  # torch.optim.Muon's wording first (its tests match it)
+                raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
             lr = float(lr)
-        _check_range("lr", lr, isinstance(lr, (int, float)) and lr >= 0, ">= 0")
+        _check_range(
+            "lr", lr, isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0,
+            "finite and >= 0",
+        )
         wd = g["weight_decay"]
-        _check_range("weight_decay", wd, isinstance(wd, (int, float)) and wd >= 0, ">= 0")
+        _check_range(
+            "weight_decay", wd, isinstance(wd, (int, float)) and math.isfinite(wd) and wd >= 0,
+            "finite and >= 0",
+        )
         mom = g["momentum"]
         _check_range("momentum", mom, isinstance(mom, (int, float)) and 0 <= mom < 1, "in [0, 1)")
         _check_range("nesterov", g["nesterov"], isinstance(g["nesterov"], bool), "a bool")
@@ -323,9 +419,16 @@ class Muon(Optimizer):
             "None or an int in [1, 100)",
         )
         fn = g["adjust_lr_fn"]
+        if fn is not None and fn not in ADJUST_LR_FNS:
+            raise ValueError(
+                f"Adjust learning rate function {fn} is not supported: adjust_lr_fn must be "
+                f"None or one of {ADJUST_LR_FNS}"
+            )
         _check_range(
-            "adjust_lr_fn", fn, fn is None or fn in ADJUST_LR_FNS, f"None or one of {ADJUST_LR_FNS}"
+            "matrix_layout", g["matrix_layout"], g["matrix_layout"] in (None, *MATRIX_LAYOUTS),
+            f"None or one of {MATRIX_LAYOUTS}",
         )
+        _check_range("transposed", g["transposed"], isinstance(g["transposed"], bool), "a bool")
         if g["ns_coefficients"] is not None and g["ns_schedule"] is not None:
             raise ValueError("give ns_coefficients (torch-compatible) or ns_schedule, not both")
         for key in ("ns_coefficients", "ns_schedule"):
@@ -368,9 +471,21 @@ class Muon(Optimizer):
                     f"{what} has {p.ndim} dims: give it to AdamW (see specopt.build_optimizer)"
                 )
             if p.is_complex():
-                raise ValueError(f"Muon does not support complex parameters: {what}")
-            if split is not None and sum(split) != p.shape[0]:
-                raise ValueError(f"split_sizes {split} must sum to shape[0]={p.shape[0]} of {what}")
+                raise ComplexParameterError(f"Muon does not support complex parameters: {what}")
+            if not p.is_floating_point():
+                raise ValueError(f"Muon needs floating-point parameters; {what} is {p.dtype}")
+            fan_out = _fan_out(p, g["matrix_layout"], g["transposed"])
+            if split is not None and sum(split) != fan_out:
+                raise ValueError(
+                    f"split_sizes {split} must sum to the fan-out {fan_out} (output rows) "
+                    f"of {what}"
+                )
+            batched = p.ndim > 2 and g["matrix_layout"] == "batch"
+            if is_dtensor(p) and (g["transposed"] or batched):
+                raise ValueError(
+                    f"matrix_layout='batch' / transposed are not supported for sharded (DTensor) "
+                    f"{what}; FSDP2 shards dim 0, which would split its matrices"
+                )
             if split is not None and is_dtensor(p):
                 raise ValueError(
                     f"split_sizes is not supported for sharded (DTensor) {what}: its row blocks "
@@ -418,7 +533,8 @@ class Muon(Optimizer):
         # NS starts by rounding its input to the NS dtype and returns that dtype, so moving
         # matrices and results in it (bf16: half the bytes of fp32) loses nothing.
         ns_dtype = self.ns_options(group, matrices[0].device)["dtype"] if matrices else None
-        narrow = ns_dtype is not None and all(
+        # Not fp16: its range cannot carry unnormalized gradients (NS normalizes first there).
+        narrow = ns_dtype is not None and torch.finfo(ns_dtype).max > 1e38 and all(
             ns_dtype.itemsize < m.dtype.itemsize for m in matrices)
         return orthogonalize_distributed(
             matrices,
@@ -437,7 +553,7 @@ class Muon(Optimizer):
         return _label(group, gi, i, p)
 
     def _init_group(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        idx, params, grads = [], [], []
+        params, grads = [], []
         for i, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
@@ -445,24 +561,8 @@ class Muon(Optimizer):
                 raise RuntimeError(
                     f"Muon does not support sparse gradients: {self._param_label(group, i, p)}"
                 )
-            idx.append(i)
             params.append(p)
             grads.append(p.grad)
-        if grads:
-            bad = nonfinite_indices(grads)  # same answer on every rank under FSDP2
-            if bad and self.nonfinite == "raise":
-                k = bad[0]
-                raise NonFiniteGradientError(
-                    f"non-finite gradient in {self._param_label(group, idx[k], params[k])}; "
-                    "no parameter was updated. Pass nonfinite='skip' to skip such steps."
-                )
-            if bad:
-                skips = group.setdefault("nonfinite_skips", [0] * len(group["params"]))
-                for k in bad:
-                    skips[idx[k]] += 1
-                keep = [k for k in range(len(params)) if k not in frozenset(bad)]
-                params = [params[k] for k in keep]
-                grads = [grads[k] for k in keep]
         bufs = []
         for p in params:
             state = self.state[p]
@@ -480,32 +580,105 @@ class Muon(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # One scan of every gradient (same answer on every rank under FSDP2), unless the
+        # hybrid already screened them for this step.
+        screened_already = getattr(self, "_specopt_screened", False)
+        hidden = [] if screened_already else screen_nonfinite(self.param_groups, self.nonfinite)
+        try:
+            self._step_groups()
+        finally:
+            restore_grads(hidden)
+        return loss
+
+    def _step_groups(self) -> None:
         work = [(g, *self._init_group(g)) for g in self.param_groups]  # all checks first
         for group, params, grads, bufs in work:
             if not params:
                 continue
+            if self._is_local(params):
+                self._step_local(group, params, grads, bufs)
+                continue
+            how = _layout(group)
             updates = muon_momentum_(
                 grads, bufs, momentum=group["momentum"], nesterov=group["nesterov"]
             )
-            mats, counts = split_matrices(updates, group["split_sizes"])
-            ortho = self._orthogonalize_stage(mats, group)
-            muon_apply_(
-                params,
-                ortho,
-                counts,
-                lr=float(group["lr"]),
-                weight_decay=group["weight_decay"],
-                adjust_lr_fn=group["adjust_lr_fn"],
-            )
-        return loss
+            views = [matrix_views(u, **how) for u in updates]
+            ortho = self._orthogonalize_stage([m for v in views for m, _ in v], group)
+            lr, fn = float(group["lr"]), group["adjust_lr_fn"]
+            k = 0
+            for p, v in zip(params, views, strict=True):
+                p.mul_(1 - lr * group["weight_decay"])
+                _add_blocks_(p, ortho[k : k + len(v)], [op for _, op in v], how, lr, fn)
+                k += len(v)
+
+    def _is_local(self, params: list[Tensor]) -> bool:
+        """The single-process path: plain tensors (no DTensor, no "ddp" split) whose matrix
+        views share the parameter's storage."""
+        mode = getattr(self, "distributed", "auto")  # getattr: unpickled optimizers lack it
+        return mode != "ddp" and not any(
+            is_dtensor(p) or (p.ndim > 2 and not p.is_contiguous()) for p in params
+        )
+
+    def free_workspaces(self) -> None:
+        """Drop the persistent per-bucket buffers (rebuilt at the next step), e.g. to give
+        their memory to evaluation between training phases."""
+        self.__dict__.pop("_workspaces", None)
+
+    def _workspace(
+        self, batch: int, shape: tuple[int, int], dtype: torch.dtype, device: torch.device,
+        opts: dict[str, Any],
+    ) -> tuple[NSWorkspace, Tensor]:
+        """The persistent buffers for one bucket of same-shaped matrices: the NS workspace
+        and the stacked update ``U`` (``(batch, *shape)`` in the gradients' dtype; the
+        workspace's own input when that is already the NS dtype, saving a cast)."""
+        cache = self.__dict__.setdefault("_workspaces", {})
+        # One per bucket, not per batch size: a bucket whose size changes (a skipped
+        # non-finite gradient, a parameter without grad) replaces its buffers, never piles
+        # up copies of them.
+        key = (shape, dtype, device, opts["dtype"], opts["normalize"] == "frobenius")
+        hit = cache.get(key)
+        if hit is None or hit[0].batch != batch:
+            ws = NSWorkspace(batch, *shape, opts["dtype"], device,
+                             torch_layout=opts["normalize"] == "frobenius")
+            U = ws.input if dtype == opts["dtype"] else torch.empty(
+                batch, *shape, dtype=dtype, device=device)
+            hit = cache[key] = (ws, U)
+        return hit
+
+    def _step_local(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+        bufs: list[Tensor],
+    ) -> None:
+        """Stages 1-4 without per-step batch allocations: momentum in place (one foreach),
+        the Nesterov update written straight into the bucket's persistent stacked buffer,
+        NS in reused workspaces, then one foreach add per bucket."""
+        momentum, nesterov = group["momentum"], group["nesterov"]
+        torch._foreach_lerp_(bufs, grads, 1 - momentum)
+        how = _layout(group)
+        buckets: dict[tuple, list[tuple[Tensor, Tensor, Tensor]]] = {}
+        for p, g, b in zip(params, grads, bufs, strict=True):
+            views = zip(matrix_views(p, **how), matrix_views(g, **how), matrix_views(b, **how),
+                        strict=True)
+            for (pv, op), (gv, _), (bv, _) in views:
+                buckets.setdefault((tuple(pv.shape), op, g.dtype, p.device), []).append(
+                    (pv, gv, bv))
+        lr, fn = float(group["lr"]), group["adjust_lr_fn"]
+        if group["weight_decay"]:
+            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+        opts = self.ns_options(group, params[0].device)
+        for (shape, op, dtype, device), mats in buckets.items():
+            ws, U = self._workspace(len(mats), shape, dtype, device, opts)
+            for j, (_, gv, bv) in enumerate(mats):
+                if nesterov:
+                    torch.lerp(gv, bv, momentum, out=U[j])
+                else:
+                    U[j].copy_(bv)
+            O = orthogonalize_into_(ws, U, **opts)
+            torch._foreach_add_([pv for pv, _, _ in mats], list(O.unbind(0)),
+                                alpha=-adjust_lr(lr, fn, op))
 
     @property
     def nonfinite_skips(self) -> dict[str, int]:
-        """``{parameter label: steps skipped for a non-finite gradient}`` (non-zero only)."""
-        out: dict[str, int] = {}
-        for gi, g in enumerate(self.param_groups):
-            names = g.get("param_names")
-            for i, n in enumerate(g.get("nonfinite_skips", ())):
-                if n:
-                    out[names[i] if names else _label(g, gi, i, g["params"][i])] = n
-        return out
+        """``{parameter name: steps skipped for a non-finite gradient}`` (non-zero only;
+        unnamed parameters as ``param_groups[g].params[i]``)."""
+        return skips_by_name(self.param_groups)

@@ -8,17 +8,20 @@ singular values::
 
     A = X X^T;  B = b_t A + c_t A A;  X <- a_t X + B X          (standard side)
 
-Shapes: ``(m, n)`` or a batch ``(B, m, n)`` of same-shaped matrices. Tall inputs are
-transposed so the iteration works with the small Gram side ``n_small x n_small``; the output
-has the input's shape and the compute ``dtype``.
+Shapes: ``(m, n)`` or a batch ``(B, m, n)`` of same-shaped matrices. The iteration works
+with the small side ``n_small x n_small`` (for tall inputs through transposed views,
+multiplying from the right, so no transposed copy is made); the output has the input's
+shape and the compute ``dtype``. :class:`NSWorkspace` holds the buffers so a caller that
+orthogonalizes the same shapes every step (Muon) allocates them once.
 
 Schedules (coefficient sets, see ``shared/reference/muon.md`` and :data:`SCHEDULES`):
 
 - ``"jordan"``: Keller Jordan's constant (3.4445, -4.7750, 2.0315), 5 steps (torch.optim.Muon).
 - ``"tuned"``: a published per-step quintic, 5 steps.
 - ``"polar_express"``: the 5-step Polar Express set used with normalization ``1.02 ||X||_F``.
-- ``"polar_express_paper"``: the paper's greedy l=1e-3 schedule (8 steps then constant),
-  with the 1.01 safety factor applied to every step.
+- ``"polar_express_paper"``: exactly the published algorithm (arXiv 2505.16932): its greedy
+  l=1e-3 schedule (8 steps, the last repeated), the 1.01 safety factor on every step but
+  that last one, and normalization by ``1.01 ||G||_F``.
 - ``"pe4"``: a 4-step Polar Express schedule designed here by :func:`design_polar_express`
   (``steps=4, lower=3e-3``; the tests regenerate it). Meant for ``normalize="tight"``.
 
@@ -61,11 +64,15 @@ __all__ = [
     "SCHEDULES",
     "Coefficients",
     "NSSchedule",
+    "NSWorkspace",
     "ScheduleLike",
     "design_polar_express",
+    "frobenius_normalize_",
     "ns_matmul_flops",
     "orthogonality_error",
     "orthogonalize",
+    "orthogonalize_flops",
+    "orthogonalize_into_",
     "orthogonalize_many",
     "polar_factor",
     "resolve_schedule",
@@ -167,8 +174,13 @@ SCHEDULES: dict[str, NSSchedule] = {
         5,
         "polar_express",
     ),
+    # The published algorithm: every step but the last (repeated) one divided by 1.01, and
+    # X_0 = G / (1.01 ||G||_F + 1e-7) (here max(1.01 ||G||_F, eps)).
     "polar_express_paper": NSSchedule(
-        tuple(_scale(c, 1.01) for c in _PE_PAPER_L1E3), 1.0, 5, "polar_express_paper"
+        (*(_scale(c, 1.01) for c in _PE_PAPER_L1E3[:-1]), _PE_PAPER_L1E3[-1]),
+        1.01,
+        5,
+        "polar_express_paper",
     ),
     "pe4": NSSchedule(_PE4_L3E3, 1.0, 4, "pe4"),
 }
@@ -222,6 +234,261 @@ def _check_input(G: Tensor) -> None:
         raise ValueError("orthogonalize: complex inputs are not supported")
 
 
+#: Below this Frobenius norm the squares of fp32/bf16 entries may underflow; only matters
+#: when the floor ``eps`` is smaller still (the fp16 path, see :func:`orthogonalize_into_`).
+_NORM_UNDERFLOW = 1e-18
+
+
+def frobenius_normalize_(X: Tensor, *, eps: float = DEFAULT_EPS, safety: float = 1.0) -> Tensor:
+    """In place, per matrix of ``X`` (``(..., r, c)``): ``X /= max(safety * ||X||_F, eps)``.
+
+    The same ops as torch.optim.Muon (so bit-identical to it in bf16). The norm's squares
+    overflow for ``||X||_F`` above ~1.8e19 in fp32/bf16, which would divide by inf and give
+    an all-zero update (and underflow below ~1e-18, which matters only for ``eps`` below
+    that): such matrices, and only those, are first divided twice by ``sqrt(||X||_F)``
+    computed in float64, then normalized as usual (one host sync, on that rare path only).
+    Returns ``X``.
+    """
+    dims = (-2, -1)
+    norm = torch.linalg.vector_norm(X, dim=dims, keepdim=True)
+    unsafe = ~torch.isfinite(norm)
+    if eps < _NORM_UNDERFLOW:
+        unsafe |= norm < _NORM_UNDERFLOW
+    if bool(unsafe.any()):
+        exact = torch.linalg.vector_norm(X.double(), dim=dims, keepdim=True)
+        root = torch.where(unsafe & (exact > 0), exact.sqrt(), 1.0).to(X.dtype)
+        X.div_(root).div_(root)  # dividing by exactly 1.0 leaves the other matrices' bits alone
+        norm = torch.linalg.vector_norm(X, dim=dims, keepdim=True)
+    if safety != 1.0:
+        norm = norm * safety
+    return X.div_(norm.clamp(min=eps))
+
+
+def _narrow_range(dtype: torch.dtype) -> bool:
+    # fp16: its exponent range cannot hold the squares of ordinary gradient norms.
+    return torch.finfo(dtype).max < 1e38  # bf16's max is 3.39e38, fp32's 3.40e38
+
+
+class NSWorkspace:
+    """Buffers for orthogonalizing a batch of ``batch`` same-shaped ``(rows, cols)`` matrices
+    in ``dtype``, reused across calls so a training step allocates and copies no batch.
+
+    Write the matrices into :attr:`input` (``(batch, rows, cols)``), or pass them to
+    :func:`orthogonalize_into_`. The iteration works on the wide orientation ``(n, m)``,
+    ``n <= m``, as transposed *views*: tall matrices keep their own memory layout (a
+    transposed copy costs ~10x a contiguous pass on CPU) and are multiplied from the right
+    (``X <- X P``, the transpose of ``P X``). ``torch_layout=True`` instead writes the
+    iterates wide, as torch.optim.Muon does, so its mode is bit-identical to torch.
+    The result returned by :meth:`run` is a view of a buffer, valid until the next run.
+    """
+
+    def __init__(
+        self,
+        batch: int,
+        rows: int,
+        cols: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        *,
+        torch_layout: bool = False,
+    ) -> None:
+        self.key = (batch, rows, cols, dtype, torch.device(device), torch_layout)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.n, self.m = min(rows, cols), max(rows, cols)
+        self.tall = rows > cols
+        self.right_side = self.tall and not torch_layout
+        self.batch = batch
+        #: ``(batch, rows, cols)``: the normalized matrices to orthogonalize.
+        self.input = torch.empty(batch, rows, cols, dtype=dtype, device=self.device)
+        self._x = [self._new_x(), self._new_x()]
+        self._square: dict[str, Tensor] = {}
+
+    def _new_x(self) -> Tensor:
+        b, n, m = self.batch, self.n, self.m
+        if self.right_side:
+            return torch.empty(b, m, n, dtype=self.dtype, device=self.device).mT
+        return torch.empty(b, n, m, dtype=self.dtype, device=self.device)
+
+    def _sq(self, name: str, dtype: torch.dtype | None = None) -> Tensor:
+        """An ``(batch, n, n)`` buffer, allocated on first use."""
+        buf = self._square.get(name)
+        if buf is None:
+            buf = torch.empty(self.batch, self.n, self.n, dtype=dtype or self.dtype,
+                              device=self.device)
+            self._square[name] = buf
+        return buf
+
+    def buffers(self) -> list[Tensor]:
+        """Every buffer allocated so far (tests check that steps reuse them)."""
+        return [self.input, *self._x, *self._square.values()]
+
+    def _lmul(self, P: Tensor, X: Tensor, out: Tensor, beta: float | None) -> Tensor:
+        # out <- P X (+ beta X); all logical (batch, n, m). Right side: out^T = X^T P^T.
+        if self.right_side:
+            Xt, Pt = X.mT, P.mT
+            if beta is None:
+                torch.bmm(Xt, Pt, out=out.mT)
+            else:
+                torch.baddbmm(Xt, Xt, Pt, beta=beta, out=out.mT)
+        elif beta is None:
+            torch.bmm(P, X, out=out)
+        else:
+            torch.baddbmm(X, P, X, beta=beta, out=out)
+        return out
+
+    def _tight_poly(self, A: Tensor, coeffs: Coefficients, safety: float) -> Tensor:
+        """``P = a r I + b r^3 A + c r^5 A^2`` with ``1/r = safety (sum sigma_i^8)^(1/8)``,
+        so that ``P X = p(r X)``: the "tight" first step (no extra matmul: ``A^2`` is needed
+        anyway). Built in fp32 so tiny scales cannot overflow a 16-bit coefficient."""
+        a, b, c = coeffs
+        S = torch.bmm(A, A, out=self._sq("S"))
+        wide = torch.promote_types(self.dtype, torch.float32)
+        if wide == self.dtype:
+            A32, S32 = A, S
+        else:
+            A32 = self._sq("A32", wide).copy_(A)
+            S32 = self._sq("S32", wide).copy_(S)
+        # ||A^2||_F = (sum sigma^8)^(1/2) >= sigma_max^2. A unit-Frobenius X has
+        # sigma_max^2 >= 1/n, so the clamp only acts on zero or sub-eps inputs (bounding r).
+        r2 = torch.linalg.vector_norm(S32, dim=(-2, -1), keepdim=True).sqrt_()
+        r2 = (r2 * safety**2).clamp_(min=1.0 / self.n).reciprocal_()
+        r = r2.sqrt()
+        S32.mul_(r2 * r2 * r * c).addcmul_(A32, r2 * r * b)
+        S32.diagonal(dim1=-2, dim2=-1).add_((r * a).squeeze(-1))
+        return S if S32 is S else S.copy_(S32)
+
+    def run(
+        self,
+        sched: NSSchedule,
+        steps: int,
+        *,
+        method: str,
+        tight: bool,
+        restarts: tuple[int, ...] = (),
+    ) -> Tensor:
+        """Iterate on :attr:`input` (already normalized); returns ``(batch, rows, cols)``."""
+        X = self.input.mT if self.tall else self.input  # (batch, n, m) view
+        k = 0
+
+        def next_x() -> Tensor:
+            nonlocal k
+            k ^= 1
+            return self._x[k ^ 1]
+
+        if method == "standard":  # torch's op sequence: A = X X^T; B = b A + c A^2; aX + B X
+            A = self._sq("A")
+            for t in range(steps):
+                a, b, c = sched.at(t)
+                torch.bmm(X, X.mT, out=A)
+                if t == 0 and tight:
+                    X = self._lmul(self._tight_poly(A, (a, b, c), sched.safety), X, next_x(), None)
+                else:
+                    Bm = torch.baddbmm(A, A, A, beta=b, alpha=c, out=self._sq("S"))
+                    X = self._lmul(Bm, X, next_x(), a)
+        else:
+            X = self._gram(X, sched, steps, tight, restarts, next_x)
+        return X.mT if self.tall else X
+
+    def _gram(self, X, sched, steps, tight, restarts, next_x) -> Tensor:
+        # Every iterate is Q X0, Q a polynomial in R0 = X0 X0^T: loop on (n, n) matrices only.
+        R = torch.bmm(X, X.mT, out=self._sq("R"))
+        q_name: str | None = None  # None while Q is the identity (saves a matmul)
+        for t in range(steps):
+            if t in restarts and q_name is not None:
+                X = self._lmul(self._sq(q_name), X, next_x(), None)
+                torch.bmm(X, X.mT, out=R)
+                q_name = None
+            a, b, c = sched.at(t)
+            p_name = "P0" if q_name != "P0" else "P1"
+            if t == 0 and tight:
+                P = self._sq(p_name).copy_(self._tight_poly(R, (a, b, c), sched.safety))
+            else:
+                P = torch.baddbmm(R, R, R, beta=b, alpha=c, out=self._sq(p_name))
+                P.diagonal(dim1=-2, dim2=-1).add_(a)
+            if q_name is None:
+                q_name = p_name
+            else:
+                out_name = "Q0" if q_name != "Q0" else "Q1"
+                torch.bmm(self._sq(q_name), P, out=self._sq(out_name))
+                q_name = out_name
+            if t + 1 < steps and (t + 1) not in restarts:
+                T = torch.bmm(P, R, out=self._sq("T"))
+                torch.bmm(T, P, out=R)  # R <- P R P
+        return X if q_name is None else self._lmul(self._sq(q_name), X, next_x(), None)
+
+
+def _resolve(
+    shape: tuple[int, int],
+    dtype: torch.dtype,
+    *,
+    schedule: ScheduleLike,
+    steps: int | None,
+    method: str,
+    restarts: Sequence[int] | None,
+    gram_min_aspect: float,
+    normalize: str,
+) -> tuple[NSSchedule, int, str, tuple[int, ...], bool]:
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(
+            f"orthogonalize: normalize must be one of {NORMALIZATIONS}, got {normalize!r}"
+        )
+    if method not in METHODS:
+        raise ValueError(f"orthogonalize: method must be one of {METHODS}, got {method!r}")
+    sched = resolve_schedule(schedule)
+    steps = sched.steps if steps is None else steps
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps < 100:
+        raise ValueError(f"orthogonalize: steps must be an int in [1, 100), got {steps!r}")
+    n, m = sorted(shape)
+    if method == "auto":
+        method = "gram" if m >= gram_min_aspect * n else "standard"
+    if restarts is None:
+        restarts = DEFAULT_GRAM_RESTARTS if torch.finfo(dtype).bits <= 16 else ()
+    return sched, steps, method, tuple(restarts), normalize == "tight"
+
+
+def orthogonalize_into_(
+    workspace: NSWorkspace,
+    U: Tensor,
+    *,
+    schedule: ScheduleLike = "pe4",
+    steps: int | None = None,
+    eps: float = DEFAULT_EPS,
+    method: str = "auto",
+    restarts: Sequence[int] | None = None,
+    gram_min_aspect: float = GRAM_MIN_ASPECT,
+    normalize: str = "tight",
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Orthogonalize the batch ``U`` (``(batch, rows, cols)``, matching ``workspace``) with
+    :class:`NSWorkspace` buffers; **``U`` is overwritten** (it may be ``workspace.input``).
+
+    Options as in :func:`orthogonalize` (``dtype`` must be the workspace's if given).
+    Normalization: after the cast to the workspace dtype (torch's order: the result depends
+    only on the cast values, so the distributed stage may send them in that dtype), except
+    for fp16, whose narrow exponent range needs it done in ``U``'s precision first, with
+    ``eps`` replaced by fp32's smallest normal number (every nonzero matrix is scaled to
+    unit norm: fp16 cannot hold ``G / eps`` for ``||G|| << eps``). Returns a view of a
+    workspace buffer, valid until its next use.
+    """
+    ws = workspace
+    assert dtype is None or dtype == ws.dtype, "the workspace fixes the compute dtype"
+    sched, steps, method, restarts, tight = _resolve(
+        (ws.n, ws.m), ws.dtype, schedule=schedule, steps=steps, method=method,
+        restarts=restarts, gram_min_aspect=gram_min_aspect, normalize=normalize,
+    )
+    if _narrow_range(ws.dtype):
+        # fp16 cannot hold G / eps for ||G|| << eps: normalize every nonzero matrix to 1.
+        eps = torch.finfo(torch.float32).tiny
+    if U is ws.input:
+        frobenius_normalize_(U, eps=eps, safety=sched.safety)
+    elif _narrow_range(ws.dtype):
+        ws.input.copy_(frobenius_normalize_(U, eps=eps, safety=sched.safety))
+    else:
+        frobenius_normalize_(ws.input.copy_(U), eps=eps, safety=sched.safety)
+    return ws.run(sched, steps, method=method, tight=tight, restarts=restarts)
+
+
 def orthogonalize(
     G: Tensor,
     *,
@@ -240,137 +507,59 @@ def orthogonalize(
         G: ``(m, n)`` or ``(B, m, n)``; any real floating dtype.
         schedule: see the module docstring; default ``"pe4"`` (benchmark-chosen).
         steps: number of NS steps; ``None`` takes the schedule's own count.
-        eps: normalization floor: ``X_0 = G / max(safety * ||G||_F, eps)`` per matrix,
-            computed in ``dtype`` (with ``safety=1`` exactly torch.optim.Muon's).
-        dtype: compute (and output) dtype; ``None`` keeps ``G.dtype``.
+        eps: normalization floor: ``X_0 = G / max(safety * ||G||_F, eps)`` per matrix
+            (with ``safety=1`` exactly torch.optim.Muon's). Overflow-safe for any finite
+            ``G`` (see :func:`frobenius_normalize_`).
+        dtype: compute (and output) dtype; ``None`` keeps ``G.dtype``. fp16 works to the
+            same guarantees (normalized in fp32 first), but is slow on CPUs.
         method: ``"standard"`` (torch's iteration), ``"gram"`` or ``"auto"``
             (Gram when the aspect ratio is at least ``gram_min_aspect``).
         restarts: Gram only: 0-based steps before which ``X <- Q X`` and ``R`` are recomputed;
             ``None`` = ``(2,)`` for 16-bit dtypes and ``()`` otherwise.
         gram_min_aspect: threshold for ``method="auto"``.
-        normalize: ``"frobenius"``: only ``X_0`` above (torch's); ``"tight"``: additionally
-            divide ``X_0`` by ``safety * (sum sigma_i(X_0)^8)^(1/8)`` (the bound is at least
+        normalize: ``"frobenius"``: only ``X_0`` above, torch's iteration and layout
+            (bit-identical to torch.optim.Muon in bf16); ``"tight"``: additionally divide
+            ``X_0`` by ``safety * (sum sigma_i(X_0)^8)^(1/8)`` (the bound is at least
             ``sigma_max(X_0)`` and at most 1) computed from the ``A^2`` the first step needs
             anyway: same polar factor, larger small singular values, no extra matmul.
+            (The tight normalization, not the schedule, is what gives specopt's default a
+            smaller error than torch's; see ``tools/bench_muon.py --sweep``.)
 
     Returns:
-        Tensor of ``G``'s shape in the compute dtype. A zero matrix maps to zero.
+        Tensor of ``G``'s shape in the compute dtype. A zero matrix maps to zero; a finite
+        nonzero matrix never gives NaN or an all-zero result.
     """
     _check_input(G)
-    if normalize not in NORMALIZATIONS:
-        raise ValueError(
-            f"orthogonalize: normalize must be one of {NORMALIZATIONS}, got {normalize!r}"
-        )
-    tight = normalize == "tight"
-    if method not in METHODS:
-        raise ValueError(f"orthogonalize: method must be one of {METHODS}, got {method!r}")
-    sched = resolve_schedule(schedule)
-    steps = sched.steps if steps is None else steps
-    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps < 100:
-        raise ValueError(f"orthogonalize: steps must be an int in [1, 100), got {steps!r}")
     dtype = G.dtype if dtype is None else dtype
-    batched = G.ndim == 3
-    X = G.to(dtype)
-    if not batched:
-        X = X.unsqueeze(0)
-    tall = X.shape[-2] > X.shape[-1]
-    if tall:
-        X = X.mT  # iterate on the short side: A = X X^T is min(m, n) squared
-    n, m = X.shape[-2:]
-    if method == "auto":
-        method = "gram" if m >= gram_min_aspect * n else "standard"
-    # torch.optim.Muon: X / ||X||_F.clamp(min=eps) in the compute dtype (per matrix here).
-    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
-    if sched.safety != 1.0:
-        norm = norm * sched.safety
-    X = X / norm.clamp(min=eps)
-    if method == "standard":
-        X = _ns_standard(X, sched, steps, tight, eps)
-    else:
-        if restarts is None:
-            restarts = DEFAULT_GRAM_RESTARTS if X.element_size() <= 2 else ()
-        X = _ns_gram(X, sched, steps, tuple(restarts), tight, eps)
-    if tall:
-        X = X.mT
-    return X if batched else X.squeeze(0)
-
-
-def _tighten(X: Tensor, A: Tensor, eps: float, safety: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Rescale ``X`` (and its ``A = X X^T``) by ``s = safety (sum sigma^8)^(1/8)``, an upper
-    bound on ``safety * sigma_max``.
-
-    ``A^2`` is needed by the first step anyway, so the bound costs no extra matmul; after
-    Frobenius normalization ``s <= safety``, so small singular values start larger (for
-    spectra spread over 3 decades by a factor of ~3, worth about one NS step)."""
-    A2 = torch.bmm(A, A)
-    s2 = torch.linalg.vector_norm(A2, dim=(-2, -1), keepdim=True).sqrt()  # sigma_max^2 bound
-    s2 = (s2 * safety**2).clamp(min=eps)
-    return X / s2.sqrt(), A / s2, A2 / s2.square()
-
-
-def _ns_standard(X: Tensor, sched: NSSchedule, steps: int, tight: bool, eps: float) -> Tensor:
-    # X: (B, n, m), n <= m. Same op sequence as torch.optim.Muon (addmm -> baddbmm).
-    for t in range(steps):
-        a, b, c = sched.at(t)
-        A = torch.bmm(X, X.mT)
-        if t == 0 and tight:
-            X, A, A2 = _tighten(X, A, eps, sched.safety)
-            Bm = A2.mul_(c).add_(A, alpha=b)
-        else:
-            Bm = torch.baddbmm(A, A, A, beta=b, alpha=c)
-        X = torch.baddbmm(X, Bm, X, beta=a)
-    return X
-
-
-def _ns_gram(
-    X: Tensor, sched: NSSchedule, steps: int, restarts: tuple[int, ...], tight: bool, eps: float
-) -> Tensor:
-    # X: (B, n, m), n <= m. Q stays None while it equals the identity (saves a matmul).
-    R = torch.bmm(X, X.mT)
-    Q: Tensor | None = None
-    for t in range(steps):
-        if t in restarts and Q is not None:
-            X = torch.bmm(Q, X)
-            R = torch.bmm(X, X.mT)
-            Q = None
-        a, b, c = sched.at(t)
-        if t == 0 and tight:
-            X, R, R2 = _tighten(X, R, eps, sched.safety)
-            P = R2.mul(c).add_(R, alpha=b)
-        else:
-            P = torch.baddbmm(R, R, R, beta=b, alpha=c)  # b R + c R^2
-        P.diagonal(dim1=-2, dim2=-1).add_(a)  # + a I
-        Q = P if Q is None else torch.bmm(Q, P)
-        if t + 1 < steps and (t + 1) not in restarts:
-            R = torch.bmm(torch.bmm(P, R), P)  # R_{t+1} = P R P (symmetric form)
-    return X if Q is None else torch.bmm(Q, X)
+    X = G if G.ndim == 3 else G.unsqueeze(0)
+    ws = NSWorkspace(*X.shape, dtype, G.device, torch_layout=normalize == "frobenius")
+    # A private copy to normalize in place, in at least fp32 (G's own precision if wider).
+    U = X.to(torch.promote_types(X.dtype, torch.float32), copy=True)
+    O = orthogonalize_into_(ws, U, schedule=schedule, steps=steps, eps=eps, method=method,
+                            restarts=restarts, gram_min_aspect=gram_min_aspect,
+                            normalize=normalize)
+    return O if G.ndim == 3 else O.squeeze(0)
 
 
 def orthogonalize_many(matrices: Sequence[Tensor], **kwargs) -> list[Tensor]:
-    """Orthogonalize a list of 2-D matrices, batching those of the same shape (a tall
-    ``(m, n)`` and a wide ``(n, m)`` share a batch after transposing) into one batched
-    iteration. ``kwargs`` go to :func:`orthogonalize`. Output order matches input order."""
+    """Orthogonalize a list of 2-D matrices, batching those of the same shape, dtype and
+    device into one batched iteration. ``kwargs`` go to :func:`orthogonalize`. Output
+    order matches input order."""
     groups: dict[tuple, list[int]] = {}
     for i, M in enumerate(matrices):
         if M.ndim != 2:
             raise ValueError(
                 f"orthogonalize_many: matrices[{i}] must be 2-D, got shape {tuple(M.shape)}"
             )
-        r, c = M.shape
-        groups.setdefault((min(r, c), max(r, c), M.dtype, M.device), []).append(i)
+        groups.setdefault((tuple(M.shape), M.dtype, M.device), []).append(i)
     out: list[Tensor | None] = [None] * len(matrices)
     for idx in groups.values():
         if len(idx) == 1:
             out[idx[0]] = orthogonalize(matrices[idx[0]], **kwargs)
             continue
-        # Stack in the wide orientation so tall and wide members share one batch.
-        wide = [
-            matrices[i] if matrices[i].shape[0] <= matrices[i].shape[1] else matrices[i].mT
-            for i in idx
-        ]
-        O = orthogonalize(torch.stack(wide), **kwargs)
+        O = orthogonalize(torch.stack([matrices[i] for i in idx]), **kwargs)
         for k, i in enumerate(idx):
-            out[i] = O[k] if matrices[i].shape[0] <= matrices[i].shape[1] else O[k].mT
+            out[i] = O[k]
     return out  # type: ignore[return-value]
 
 
@@ -413,6 +602,28 @@ def ns_matmul_flops(
         if t + 1 < steps and (t + 1) not in restarts:
             total += 2 * mm(n, n, n)
     return total + mm(n, n, m)
+
+
+def orthogonalize_flops(
+    shape: tuple[int, int],
+    *,
+    schedule: ScheduleLike = "pe4",
+    steps: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    method: str = "auto",
+    restarts: Sequence[int] | None = None,
+    gram_min_aspect: float = GRAM_MIN_ASPECT,
+    normalize: str = "tight",
+    **_: object,
+) -> int:
+    """Matmul FLOPs of ``orthogonalize(G, **options)`` for one ``shape`` matrix, with steps,
+    ``method="auto"`` and default restarts resolved exactly as :func:`orthogonalize` does
+    (extra keywords such as ``eps`` are ignored)."""
+    _, steps, method, restarts, _tight = _resolve(
+        shape, dtype, schedule=schedule, steps=steps, method=method, restarts=restarts,
+        gram_min_aspect=gram_min_aspect, normalize=normalize,
+    )
+    return ns_matmul_flops(shape, steps, method, restarts)
 
 
 # ---------------------------------------------------------------------------------------
@@ -468,14 +679,30 @@ def design_polar_express(
     out = []
     lo, hi = lower, upper
     for t in range(steps):
-        if hi - lo < 1e-9:  # converged: the quintic with p(1)=1, p'(1)=p''(1)=0
-            a, b, c = _CONVERGED_QUINTIC
-        else:
-            a, b, c = _remez_quintic(max(lo, cushion * hi), hi)
-        p_lo, p_hi = (a * x + b * x**3 + c * x**5 for x in (lo, hi))
-        s = 2.0 / (p_lo + p_hi)
-        a, b, c = a * s, b * s, c * s
-        lo = min(s * p_lo, 1.0)
+        step = None
+        if hi - lo >= 1e-9:
+            try:
+                step = _symmetric(_remez_quintic(max(lo, cushion * hi), hi), lo, hi)
+            except np.linalg.LinAlgError:  # narrow interval: the 4x4 exchange is singular
+                step = None
+            # Near convergence the exchange can return a useless quintic (e.g. (1, .5, -.5):
+            # slope 1 at 0, small singular values never lifted): keep only real progress.
+            if step is not None and not (
+                all(math.isfinite(x) for x in step[0]) and step[0][0] > 1 and step[1] > lo
+            ):
+                step = None
+        if step is None:  # converged: the quintic with p(1)=1, p'(1)=p''(1)=0 (slope 1.875)
+            step = _symmetric(_CONVERGED_QUINTIC, lo, hi)
+        (a, b, c), lo = step
         hi = 2.0 - lo
         out.append((a, b, c) if t == steps - 1 else _scale((a, b, c), safety))
     return tuple(out)
+
+
+def _symmetric(c: Coefficients, lo: float, hi: float) -> tuple[Coefficients, float]:
+    """Rescale ``p`` so that ``p(lo)`` and ``p(hi)`` are symmetric around 1; returns the
+    coefficients and the new lower bound ``p(lo)`` (at most 1)."""
+    a, b, cc = c
+    p_lo, p_hi = (a * x + b * x**3 + cc * x**5 for x in (lo, hi))
+    s = 2.0 / (p_lo + p_hi)
+    return (a * s, b * s, cc * s), min(s * p_lo, 1.0)
