@@ -407,23 +407,28 @@ def test_write_failure_warns_once_and_training_continues() -> None:
     assert mon.global_step == 3
 
 
-def test_budget_backs_off_cadence(tmp_path) -> None:
-    class SlowSink(Sink):
-        def write_snapshot(self, snapshot) -> None:
-            import time
+class _SlowSink(Sink):
+    """Makes every snapshot cost ~20 ms: far above 2% of a ~0 ms "training step"."""
 
-            time.sleep(0.02)  # a snapshot far above 2% of a ~0 ms "training step"
+    def write_snapshot(self, snapshot) -> None:
+        import time
 
+        time.sleep(0.02)
+
+
+def test_explicit_budget_backs_off_to_the_bound_before_the_first_snapshot(caplog) -> None:
     mon = SpectralMonitor(_model(), every=1, budget=0.02, alarms=())
-    mon.sink.sinks.append(SlowSink())
-    for i in range(1, 9):
-        mon.step(i)
-    assert mon.current_every > 1
-    assert mon.current_every % 1 == 0 and mon.current_signal_every >= 1
+    mon.sink.sinks.append(_SlowSink())
+    with caplog.at_level(logging.WARNING, logger="specopt.spectral"):
+        steps = [i for i in range(1, 41) if mon.step(i) is not None]
+    # The estimate (~ms vs ~us steps) backs off to the maximum (16x) before any snapshot
+    # is paid for, and it says so once; the snapshots then follow that cadence.
+    assert mon.current_every == 16 and steps == [16, 32]
+    backoff = [r for r in caplog.records if "backed off from every 1 to every 16" in r.message]
+    assert len(backoff) == 1
     fixed = SpectralMonitor(_model(), every=1, budget=None, alarms=())
-    fixed.sink.sinks.append(SlowSink())
-    for i in range(1, 5):
-        fixed.step(i)
+    fixed.sink.sinks.append(_SlowSink())
+    assert [i for i in range(1, 5) if fixed.step(i) is not None] == [1, 2, 3, 4]
     assert fixed.current_every == 1
 
 
@@ -448,7 +453,8 @@ def test_console_sink_lists_worst_layers_first() -> None:
     ("kwargs", "error", "match"),
     [
         ({"every": 0}, ValueError, "every must be an int >= 1, got 0"),
-        ({"budget": 2.0}, ValueError, r"budget must be a float in \(0, 1\] or None, got 2.0"),
+        ({"budget": 2.0}, ValueError,
+         r"budget must be a float in \(0, 1\], None or 'auto', got 2.0"),
         ({"console": "yes"}, ValueError, "console must be False, True or 'live', got 'yes'"),
         ({"include": "nothing.*"}, ValueError, r"SpectralMonitor: include pattern 'nothing\.\*' "
                                                 r"matches no weight matrix of the model"),

@@ -133,8 +133,8 @@ def main(argv: list[str] | None = None) -> dict:
         own_fraction = own / (sum(watched_t) * args.block - own)
         cadence = monitor.current_every
         signal_every = monitor.current_signal_every
-        est = monitor._overhead()
-        snap_in_run = monitor._snapshot_ms
+        est = monitor._cadence.overhead()
+        snap_in_run = monitor._cadence.snapshot_ms
         monitor.close()
         identical = all(torch.equal(p, q) for p, q in
                         zip(plain.parameters(), watched.parameters(), strict=True))

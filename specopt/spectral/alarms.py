@@ -240,6 +240,8 @@ class StableRankCollapseAlarm(AlarmRule):
             value = m.get("stable_rank", math.nan)
             if not math.isfinite(value) or value == 0:  # NaN weights / zero matrix
                 continue
+            if m.get("sigma_min", -1.0) >= m.get("sigma_max", math.inf):
+                continue  # one singular value (a (1, n) / (m, 1) matrix): no rank to lose
             evaluated.add(layer)
             peak = max(self._peak.get(layer, value), value)
             self._peak[layer] = peak

@@ -52,6 +52,7 @@ __all__ = [
     "matrix_metrics",
     "model_aggregates",
     "singular_values",
+    "spectra_float64",
     "spectrum_metrics",
 ]
 
@@ -145,21 +146,33 @@ def _as_matrix(w: Tensor) -> Tensor:
     return w if w.ndim == 2 else w.reshape(w.shape[0], -1)
 
 
+#: Float64 working set of one batched spectrum call, in bytes (matrices plus Gram
+#: matrices): bounds a snapshot's memory whatever the model size.
+CHUNK_BYTES = 64 * 2**20
+#: The Gram route loses relative accuracy in sigma_i as ``eps64 * (sigma_1 / sigma_i)^2``;
+#: matrices whose condition number exceeds this are recomputed with float64 svdvals, so
+#: every singular value stays within ~1e-8 relative of a float64 SVD.
+GRAM_MAX_CONDITION = 1e4
+
+
 @torch.no_grad()
 def singular_values(
     weights: Sequence[Tensor] | Tensor, *, dtype: torch.dtype = torch.float32
 ) -> list[Tensor]:
     """Singular values (descending) of each matrix, batched by shape, on its device.
 
-    Same-shaped matrices on the same device go through one ``torch.linalg.svdvals`` call
-    (one device sync per group). bf16/fp16 weights are upcast to ``dtype`` (svdvals has no
-    half kernel); weights with more than 2 dims are flattened to ``(shape[0], -1)``.
+    Computed in float64 on the cheaper Gram side: ``sigma = sqrt(eigvalsh(W W^T))`` with
+    ``W W^T`` of size ``min(m, n)`` (3-4x faster than ``svdvals`` on CPU); matrices with
+    a condition number above :data:`GRAM_MAX_CONDITION` (where the Gram route loses
+    precision) fall back to float64 ``svdvals``. Same-shaped matrices on the same device
+    go through one batched call per chunk of :data:`CHUNK_BYTES` (one device sync each).
+    Weights with more than 2 dims are flattened to ``(shape[0], -1)``.
 
     Args:
         weights: a list of tensors ``(m, n)`` (or conv kernels), or one tensor
             ``(..., m, n)`` whose leading dims are a batch. Never modified.
-        dtype: ``torch.float32`` (fast) or ``torch.float64`` (exact for condition
-            numbers past ~1e6, where fp32 svdvals loses sigma_min).
+        dtype: dtype of the result, ``torch.float32`` or ``torch.float64`` (the
+            computation is float64 either way).
 
     Returns:
         One tensor per input matrix, shape ``(min(m, n),)`` (or ``(..., min(m, n))`` for
@@ -186,34 +199,47 @@ def singular_values(
     for i, w in enumerate(mats):
         groups.setdefault((tuple(w.shape), w.device), []).append(i)
     out: list[Tensor | None] = [None] * len(mats)
-    for idx in groups.values():
-        batch = torch.stack([mats[i].to(dtype) for i in idx])  # (B, m, n)
-        sig = _svdvals_nan_safe(batch)
-        for j, i in enumerate(idx):
-            out[i] = sig[j]
+    for ((m, n), _), idx in groups.items():
+        per_matrix = 8 * (m * n + min(m, n) ** 2)  # float64 matrix + its Gram matrix
+        size = max(1, CHUNK_BYTES // per_matrix)
+        for c in range(0, len(idx), size):
+            chunk = idx[c : c + size]
+            batch = torch.empty(len(chunk), m, n, dtype=torch.float64, device=mats[chunk[0]].device)
+            for j, i in enumerate(chunk):  # copy in place: no second float64 copy per chunk
+                batch[j].copy_(mats[i])
+            sig = spectra_float64(batch).to(dtype)
+            for j, i in enumerate(chunk):
+                out[i] = sig[j]
     return out  # type: ignore[return-value]
 
 
-def _svdvals_nan_safe(batch: Tensor) -> Tensor:
-    """svdvals of ``(B, m, n)``; NaN rows for non-finite matrices instead of raising."""
+def spectra_float64(batch: Tensor) -> Tensor:
+    """Singular values ``(B, r)`` (descending) of a float64 batch ``(B, m, n)``.
+
+    Gram eigenvalues with the svdvals fallback of :func:`singular_values`; NaN rows for
+    matrices with NaN/Inf entries (``svdvals`` and ``eigvalsh`` would raise).
+    """
     finite = torch.isfinite(batch).all(dim=(-2, -1))  # (B,)
     r = min(batch.shape[-2:])
-    if bool(finite.all()):
-        try:
-            return torch.linalg.svdvals(batch)
-        except RuntimeError:  # LAPACK non-convergence on pathological input: per matrix
-            pass
     sig = torch.full((batch.shape[0], r), math.nan, dtype=batch.dtype, device=batch.device)
-    for j in range(batch.shape[0]):
-        if bool(finite[j]):
-            try:
-                sig[j] = torch.linalg.svdvals(batch[j])
-            except RuntimeError:
-                # fp64 retry; a matrix that still fails is reported as NaN.
-                try:
-                    sig[j] = torch.linalg.svdvals(batch[j].double()).to(batch.dtype)
-                except RuntimeError:
-                    pass
+    ok = finite.nonzero().flatten()
+    if ok.numel() == 0:
+        return sig
+    good = batch if ok.numel() == batch.shape[0] else batch[ok]
+    gram = good @ good.mT if good.shape[-2] <= good.shape[-1] else good.mT @ good  # (B', r, r)
+    try:
+        lam = torch.linalg.eigvalsh(gram)  # ascending
+        s = lam.clamp_min(0).sqrt().flip(-1)
+        exact = s[:, 0] > GRAM_MAX_CONDITION * s[:, -1]  # incl. singular: Gram too coarse
+    except RuntimeError:  # LAPACK non-convergence: every matrix goes through svdvals
+        s = torch.zeros(good.shape[0], r, dtype=good.dtype, device=good.device)
+        exact = torch.ones(good.shape[0], dtype=torch.bool, device=good.device)
+    for j in exact.nonzero().flatten().tolist():
+        try:
+            s[j] = torch.linalg.svdvals(good[j])
+        except RuntimeError:  # still failing: reported as NaN
+            s[j] = math.nan
+    sig[ok] = s
     return sig
 
 
