@@ -75,13 +75,16 @@ class CadenceController:
         every: base snapshot cadence in optimizer steps (>= 1).
         signal_every: base cheap-signal cadence (0: no signal).
         budget: target monitor time / training time, or None for fixed cadences.
+        main: this process reports (rank 0); other ranks decide silently.
 
     Attributes:
         every_eff: snapshot cadence in use, in ``[every, every * MAX_BACKOFF]``.
         signal_stride: cheap-signal cadence in use (0: disabled).
     """
 
-    def __init__(self, every: int, signal_every: int, budget: float | None) -> None:
+    def __init__(self, every: int, signal_every: int, budget: float | None, *,
+                 main: bool = True) -> None:
+        self.main = main
         self.every = every
         self.signal_every = signal_every
         self.budget = budget
@@ -253,7 +256,7 @@ class CadenceController:
         self.signal_stride = min(stride, max(self.every_eff, self.signal_every))
 
     def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
+        if self.main and key not in self._warned:
             self._warned.add(key)
             logger.warning(message)
 

@@ -398,7 +398,8 @@ class SpectralMonitor:
         self._groups = self._make_signal_groups()
         self._handles: list[AttachHandle] = []
         self._step = start_step
-        self._cadence = CadenceController(every, signal_every, self.budget)
+        self._cadence = CadenceController(every, signal_every, self.budget,
+                                          main=self._rank == 0)
         self._last_end: float | None = None
         self._pending_loss: Any = None
         self._previous: dict[str, Tensor] | None = None  # trained weights before the step
