@@ -43,6 +43,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -217,30 +218,52 @@ def spectra_float64(batch: Tensor) -> Tensor:
     """Singular values ``(B, r)`` (descending) of a float64 batch ``(B, m, n)``.
 
     Gram eigenvalues with the svdvals fallback of :func:`singular_values`; NaN rows for
-    matrices with NaN/Inf entries (``svdvals`` and ``eigvalsh`` would raise).
+    matrices with NaN/Inf entries (``svdvals`` and ``eigvalsh`` would raise). On CPU the
+    Gram matrix is one BLAS ``dsyrk`` (half a matmul: one triangle) and its eigenvalues
+    LAPACK's ``dsyevr`` through scipy, 2-3x faster than ``matmul`` + ``eigvalsh`` at
+    1024 x 4096 on one thread; other devices use torch's batched kernels.
     """
-    finite = torch.isfinite(batch).all(dim=(-2, -1))  # (B,)
-    r = min(batch.shape[-2:])
-    sig = torch.full((batch.shape[0], r), math.nan, dtype=batch.dtype, device=batch.device)
-    ok = finite.nonzero().flatten()
-    if ok.numel() == 0:
-        return sig
-    good = batch if ok.numel() == batch.shape[0] else batch[ok]
-    gram = good @ good.mT if good.shape[-2] <= good.shape[-1] else good.mT @ good  # (B', r, r)
-    try:
-        lam = torch.linalg.eigvalsh(gram)  # ascending
-        s = lam.clamp_min(0).sqrt().flip(-1)
-        exact = s[:, 0] > GRAM_MAX_CONDITION * s[:, -1]  # incl. singular: Gram too coarse
-    except RuntimeError:  # LAPACK non-convergence: every matrix goes through svdvals
-        s = torch.zeros(good.shape[0], r, dtype=good.dtype, device=good.device)
-        exact = torch.ones(good.shape[0], dtype=torch.bool, device=good.device)
+    if batch.device.type == "cpu":
+        lam = torch.from_numpy(np.stack([_gram_eigvals_cpu(w) for w in batch.numpy()]))
+    else:
+        gram = batch @ batch.mT if batch.shape[-2] <= batch.shape[-1] else batch.mT @ batch
+        finite = torch.isfinite(gram.diagonal(dim1=-2, dim2=-1)).all(-1)
+        try:
+            lam = torch.linalg.eigvalsh(torch.where(finite[:, None, None], gram, 0))
+        except RuntimeError:  # LAPACK non-convergence: every matrix goes through svdvals
+            lam = torch.zeros(gram.shape[:-1], dtype=gram.dtype, device=gram.device)
+        lam[~finite] = math.nan
+    # A NaN/Inf entry makes its row's squared norm (a Gram diagonal entry) non-finite;
+    # fp32 / bf16 weights cannot overflow it in float64.
+    bad = torch.isnan(lam).any(-1)
+    sig = lam.clamp_min(0).sqrt().flip(-1)
+    sig[bad] = math.nan
+    # Ill-conditioned (incl. singular) matrices: the Gram route is too coarse for sigma_min.
+    exact = ~bad & (sig[:, 0] > GRAM_MAX_CONDITION * sig[:, -1])
     for j in exact.nonzero().flatten().tolist():
         try:
-            s[j] = torch.linalg.svdvals(good[j])
+            sig[j] = torch.linalg.svdvals(batch[j])
         except RuntimeError:  # still failing: reported as NaN
-            s[j] = math.nan
-    sig[ok] = s
+            sig[j] = math.nan
     return sig
+
+
+def _gram_eigvals_cpu(w: np.ndarray) -> np.ndarray:
+    """Ascending eigenvalues of ``w w^T`` (or ``w^T w``, the smaller) of a float64 matrix;
+    all NaN when the Gram matrix is not finite or LAPACK fails."""
+    from scipy.linalg import LinAlgError, eigh
+    from scipy.linalg.blas import dsyrk
+
+    m, n = w.shape
+    # w.T is Fortran-ordered (no copy): trans=1 gives w w^T, trans=0 gives w^T w.
+    gram = dsyrk(1.0, w.T, trans=int(m <= n))  # upper triangle
+    r = min(m, n)
+    if not np.isfinite(np.diagonal(gram)).all():
+        return np.full(r, np.nan)
+    try:
+        return eigh(gram, lower=False, eigvals_only=True, driver="evr", check_finite=False)
+    except (LinAlgError, ValueError):
+        return np.full(r, np.nan)
 
 
 def matrix_metrics(
