@@ -434,7 +434,8 @@ def train(
         # Called by hand after optimizer.step() (not attached) so the loop gets the snapshot
         # back for the progress bar; same numbers as attach().
         monitor: Any = SpectralMonitor(unwrap(model), writer=writer, every=cfg.monitor_every,
-                                       budget=cfg.monitor_budget or None, start_step=start_step)
+                                       budget=cfg.monitor_budget or None, start_step=start_step,
+                                       loss_tags=("train/loss", "val/loss"))  # charted first
     else:
         monitor = _NullMonitor()
     if start_step == 0:

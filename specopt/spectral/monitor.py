@@ -93,6 +93,7 @@ from torch.nn.utils import parametrize
 from specopt.distributed import get_rank, get_world_size, is_dtensor
 from specopt.hooks import AttachHandle
 from specopt.layers import Pattern, block_of, check_patterns, matches, matrix_spec, no_match_error
+from specopt.optim.nonfinite import nonfinite_indices
 from specopt.spectral import metrics
 from specopt.spectral.alarms import Alarm, AlarmRule, Observation, default_alarms
 from specopt.spectral.cadence import CadenceController, estimate_snapshot_ms, resolve_budget
@@ -294,6 +295,9 @@ class SpectralMonitor:
             monitored weights across the one optimizer step before each snapshot).
         dtype: ``torch.float32`` or ``torch.float64`` for the SVD.
         start_step: optimizer-step count before the first attached step (for resumed runs).
+        loss_tags: tags of loss scalars the training loop writes to the same event file
+            (e.g. ``("train/loss", "val/loss")``), charted first in the Custom Scalars
+            dashboard.
 
     Raises:
         ValueError: bad arguments (named), an unwritable ``log_dir``, a model without
@@ -321,6 +325,7 @@ class SpectralMonitor:
         update_ratio: bool = True,
         dtype: torch.dtype = torch.float32,
         start_step: int = 0,
+        loss_tags: Sequence[str] = (),
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -354,6 +359,9 @@ class SpectralMonitor:
         self.power_iters = power_iters
         self.update_ratio = update_ratio
         self.dtype = dtype
+        if isinstance(loss_tags, str) or not all(isinstance(t, str) for t in loss_tags):
+            raise TypeError(f"loss_tags must be a sequence of tag strings, got {loss_tags!r}")
+        self.loss_tags = tuple(loss_tags)
         self.rules = rules
         self.on_alarm = on_alarm
         self.alarms_fired: deque[Alarm] = deque(maxlen=1000)
@@ -624,7 +632,8 @@ class SpectralMonitor:
         if not self._layout_written:
             self._layout_written = True
             self.sink.write_layout([m.info for m in self._matrices]
-                                   + [m.raw_info for m in self._matrices if m.raw_info])
+                                   + [m.raw_info for m in self._matrices if m.raw_info],
+                                   self._logged_series())
 
         sigma_pi: dict[str, float] = {}
         bad_w: list[str] = []
@@ -678,6 +687,16 @@ class SpectralMonitor:
         self._last_end = time.perf_counter()
         self._charge(self._last_end - t0)
         return snapshot
+
+    def _logged_series(self) -> dict[str, list[str]]:
+        """Which layer keys each charted metric is logged for (the dashboard lists only
+        those), plus the loss tags charted first."""
+        keys = self.layers
+        plain = [m.trained_key for m in self._matrices if not _is_dtensor(m.trained)]
+        return {"condition_number": keys, "gmcn": keys,
+                "sigma_max_pi": plain if self.signal_every else [],
+                "update_ratio": plain if self.update_ratio else [],
+                "loss": list(self.loss_tags)}
 
     def _estimate_snapshot_ms(self) -> float:
         """Cost of the next snapshot, estimated from one probe matrix per shape."""
@@ -735,15 +754,12 @@ class SpectralMonitor:
             for g in self._groups:
                 self._repair_vectors(g)
         grads = [m.grad() for m in self._matrices]
-        # Sparse gradients (nn.Embedding(sparse=True)): check their stored values.
+        # Sparse gradients (nn.Embedding(sparse=True)): check their stored values. The
+        # optimizer's check (fused norm, exact recheck of overflowing norms): an fp16
+        # gradient of 1000.0 everywhere is finite although its 2-norm overflows.
         present = [(m.trained_key, gr._values() if gr.is_sparse else gr)
                    for m, gr in zip(self._matrices, grads, strict=True) if gr is not None]
-        bad_g: list[str] = []
-        if present:
-            norms = torch.stack([n.double().cpu() for n in
-                                 torch._foreach_norm([gr for _, gr in present])])
-            bad_g = [k for (k, _), ok in zip(present, torch.isfinite(norms).tolist(), strict=True)
-                     if not ok]
+        bad_g = [present[i][0] for i in nonfinite_indices([gr for _, gr in present])]
         self.sink.write_scalars(step, {metric_tag("sigma_max_pi", k): v for k, v in sigma.items()})
         return sigma, bad_w, bad_g
 
