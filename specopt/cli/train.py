@@ -611,7 +611,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help=f"spectral snapshot cadence in steps (default: {d.monitor_every})")
     p.add_argument("--monitor-budget", type=float, default=None,
                    help="monitor time / step time above which snapshots thin out, 0: never "
-                   f"(default: {d.monitor_budget})")
+                   f"(default: {d.monitor_budget}; 0 when --monitor-every is given)")
     p.add_argument("--eval-every", type=int, default=None,
                    help=f"validation interval, 0: only at the end (default: {d.eval_every})")
     p.add_argument("--eval-batches", type=int, default=d.eval_batches,
@@ -635,6 +635,8 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
     # Resume-overridable flags default to None (so a resume can tell "not given").
     values = {k: v for k, v in vars(args).items()
               if k in fields and not (v is None and k in RESUME_OVERRIDES)}
+    if values.get("monitor_every") is not None and values.get("monitor_budget") is None:
+        values["monitor_budget"] = 0.0  # an explicit --monitor-every is honoured as given
     try:
         return TrainConfig(**values)
     except ValueError as exc:
