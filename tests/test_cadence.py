@@ -97,12 +97,12 @@ def test_first_snapshot_planned_from_the_estimate(monkeypatch) -> None:
                         lambda shapes, **kw: calls.append(shapes) or 1e9)
     ran = []
     monkeypatch.setattr(SpectralMonitor, "_snapshot", lambda self, step: ran.append(step))
-    mon = SpectralMonitor(_mlp(), every=2, budget=0.5, alarms=(), update_ratio=False,
-                          signal_every=0)
+    mon = SpectralMonitor(_mlp(), every=2, budget=0.5, alarms=(), signal_every=0)
     for i in range(1, 32):
         mon.step(i)
+        assert (mon._previous is None) == (i not in (1, 31))  # postponed: copy freed
     # Step 2 is the first snapshot step with a step time: the estimate backs off to 32.
-    assert calls == [{(16, 16): 3}] and ran == []
+    assert calls == [{(16, 16): 2 * 3}] and ran == []  # 3 matrices + 3 update deltas
     assert mon.current_every == 2 * MAX_BACKOFF
     mon.step(32)
     assert ran == [32]

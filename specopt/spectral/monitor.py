@@ -652,6 +652,8 @@ class SpectralMonitor:
             if self._plan is not None:
                 cadence.agree()
             run_snapshot = not cadence.needs_first_estimate and cadence.is_snapshot_step(step)
+            if not run_snapshot:
+                self._previous = self._previous_step = None  # postponed: free the copy
         if run_snapshot:
             ts = time.perf_counter()
             snapshot = (self._snapshot(step) if self._plan is None
