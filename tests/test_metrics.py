@@ -160,3 +160,40 @@ def test_rank_metrics_stay_in_their_ranges(values: list[float]) -> None:
     assert -1e-12 <= float(got["spectral_entropy"]) <= 1 + 1e-12
     assert float(got["gmcn"]) <= float(got["condition_number"]) * (1 + 1e-12)
     assert float(got["condition_number"]) >= 1
+
+
+@pytest.mark.parametrize("shape", [(48, 200), (200, 48), (64, 64), (1, 30), (30, 1)])
+@pytest.mark.parametrize("log10_cond", [0.5, 3.0, 6.0])
+def test_gram_route_matches_float64_svd_to_1e6(shape, log10_cond) -> None:
+    """The Gram eigenvalue route (and its svdvals fallback past GRAM_MAX_CONDITION) keeps
+    every singular value within 1e-6 relative of numpy's float64 SVD, on both sides."""
+    from specopt.spectral.metrics import GRAM_MAX_CONDITION
+
+    gen = torch.Generator().manual_seed(7)
+    m, n = shape
+    r = min(m, n)
+    q1, _ = torch.linalg.qr(torch.randn(m, r, generator=gen, dtype=torch.float64))
+    q2, _ = torch.linalg.qr(torch.randn(n, r, generator=gen, dtype=torch.float64))
+    s = torch.logspace(0, -log10_cond, r, dtype=torch.float64) if r > 1 else torch.ones(1)
+    w = (q1 * s) @ q2.T
+    ref = np.linalg.svd(w.numpy(), compute_uv=False)
+    got = singular_values([w.float(), w], dtype=torch.float64)
+    ref32 = np.linalg.svd(w.float().double().numpy(), compute_uv=False)
+    np.testing.assert_allclose(got[0].numpy(), ref32, rtol=1e-6, atol=0)
+    np.testing.assert_allclose(got[1].numpy(), ref, rtol=1e-6, atol=0)
+    assert (10**log10_cond > GRAM_MAX_CONDITION) == (log10_cond == 6.0)  # both paths ran
+
+
+def test_singular_values_chunks_by_bytes(monkeypatch) -> None:
+    import specopt.spectral.metrics as metrics
+
+    seen = []
+    real = metrics.spectra_float64
+    monkeypatch.setattr(metrics, "spectra_float64", lambda b: seen.append(b.shape[0]) or real(b))
+    monkeypatch.setattr(metrics, "CHUNK_BYTES", 8 * (16 * 32 + 16 * 16) * 3)  # 3 matrices
+    ws = [torch.randn(16, 32) for _ in range(7)]
+    got = singular_values(ws)
+    assert seen == [3, 3, 1]
+    for w, s in zip(ws, got, strict=True):
+        np.testing.assert_allclose(s.numpy(), np.linalg.svd(w.double().numpy(), compute_uv=False),
+                                   rtol=1e-6)

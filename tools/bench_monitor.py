@@ -29,8 +29,12 @@ import sys
 import tempfile
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import machine  # (tools/machine.py: CPU kind and matmul peak)
 
 from specopt.models import PRESETS, Llama
 from specopt.spectral import SpectralMonitor
@@ -100,6 +104,7 @@ def _time_snapshot(model, repeats: int, log_dir: str | None) -> float:
 def main(argv: list[str] | None = None) -> dict:
     args = _parse(argv)
     torch.set_num_threads(args.threads)
+    print(machine.describe(), flush=True)
     cfg = replace(PRESETS[args.preset], max_seq_len=max(args.seq, 8))
     plain, plain_opt = _setup(cfg, 0)
     watched, watched_opt = _setup(cfg, 0)
@@ -133,8 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
         own_fraction = own / (sum(watched_t) * args.block - own)
         cadence = monitor.current_every
         signal_every = monitor.current_signal_every
-        est = monitor._overhead()
-        snap_in_run = monitor._snapshot_ms
+        est = monitor._cadence.overhead()
+        snap_in_run = monitor._cadence.snapshot_ms
         monitor.close()
         identical = all(torch.equal(p, q) for p, q in
                         zip(plain.parameters(), watched.parameters(), strict=True))
@@ -149,7 +154,8 @@ def main(argv: list[str] | None = None) -> dict:
     overhead = statistics.median(ratios) - 1
     res = {
         "config": {k: v for k, v in vars(args).items() if k != "json"},
-        "device": "cpu", "torch": torch.__version__, "threads": args.threads,
+        "device": "cpu", "machine": machine.describe(), "torch": torch.__version__,
+        "threads": args.threads,
         "matrices": n_mats,
         "step_ms_plain_median": statistics.median(plain_t) * 1e3,
         "step_ms_monitored_median": statistics.median(watched_t) * 1e3,

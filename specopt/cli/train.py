@@ -700,7 +700,8 @@ def train(
         # Called by hand after optimizer.step() (not attached) so the loop gets the snapshot
         # back for the progress bar; same numbers as attach().
         monitor: Any = SpectralMonitor(unwrap(model), writer=writer, every=cfg.monitor_every,
-                                       budget=cfg.monitor_budget or None, start_step=start_step)
+                                       budget=cfg.monitor_budget or None, start_step=start_step,
+                                       loss_tags=("train/loss", "val/loss"))  # charted first
     else:
         monitor = _NullMonitor()
     if start_step == 0:
@@ -891,7 +892,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help=f"spectral snapshot cadence in steps (default: {d.monitor_every})")
     p.add_argument("--monitor-budget", type=float, default=None,
                    help="monitor time / step time above which snapshots thin out, 0: never "
-                   f"(default: {d.monitor_budget})")
+                   f"(default: {d.monitor_budget}; 0 when --monitor-every is given)")
     p.add_argument("--eval-every", type=int, default=None,
                    help=f"validation interval, 0: only at the end (default: {d.eval_every})")
     p.add_argument("--eval-batches", type=int, default=None,
@@ -920,7 +921,10 @@ def _given_options(args: argparse.Namespace) -> dict[str, Any]:
     """The training options given on the command line (every flag defaults to None, so a
     resume can tell "not given" from "given, equal to the default")."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    return {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    if "monitor_every" in given and "monitor_budget" not in given:
+        given["monitor_budget"] = 0.0  # an explicit --monitor-every is honoured as given
+    return given
 
 
 def _as_flags(message: str) -> str:

@@ -43,6 +43,7 @@ tensor ``module.parametrizations.weight.original``. Module paths never contain `
     monitor/overhead                      monitor time over the last snapshot interval /
                                           (its steps x median step time), measured
     monitor/every, monitor/signal_every   current (possibly backed-off) cadences
+    monitor/backoff                       monitor/every over the base ``every`` (1: none)
     alarms                                text, one entry per fired alarm (torch's
                                           add_text stores it as alarms/text_summary)
 
@@ -56,12 +57,19 @@ is computed by calling its ``ParametrizationList`` directly (bypassing
 torch's ``spectral_norm`` does not advance its power iteration; the monitor's own power
 iteration uses its own vectors and a private generator (global RNG untouched).
 
-Overhead control: the monitor times its own work and the training between its calls.
-The step time is the median time between its calls (robust to pauses such as evaluation
-or checkpointing). It aims at 70% of ``budget``: snapshots may use 50% of it; when one
-costs more, the snapshot cadence doubles (and comes back down when it gets cheaper, never
-below ``every``). The cheap signal gets what remains (at least 20%) by striding, sized from its
-mean cost and corrected by the overhead measured over the last snapshot interval.
+Overhead control (:mod:`specopt.spectral.cadence`): an explicit ``every`` is honoured.
+The default cadence (every 50 steps) is thinned to fit a 2% time budget, and so is any
+cadence when ``budget=`` is passed. The first snapshot's cost is estimated before it runs;
+the back-off never goes beyond ``every * 16`` and is reported once as a warning and at each
+snapshot as ``monitor/every`` and ``monitor/backoff``. Under torch.distributed rank 0
+decides the snapshot cadence and broadcasts it at snapshot steps, so every rank enters the
+collective snapshot at the same step.
+
+Memory: a snapshot decomposes matrices in chunks of at most
+:data:`specopt.spectral.metrics.CHUNK_BYTES` (float64 copies included); with
+``update_ratio`` a copy of the monitored trained weights is held across the one optimizer
+step before each snapshot. Peak extra memory is therefore about one copy of the monitored
+weights plus one chunk.
 """
 
 from __future__ import annotations
@@ -70,13 +78,12 @@ import logging
 import math
 import os
 import re
-import statistics
 import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -86,7 +93,10 @@ from torch.nn.utils import parametrize
 from specopt.distributed import get_rank, get_world_size, is_dtensor
 from specopt.hooks import AttachHandle
 from specopt.layers import Pattern, block_of, check_patterns, matches, matrix_spec, no_match_error
+from specopt.optim.nonfinite import nonfinite_indices
+from specopt.spectral import metrics
 from specopt.spectral.alarms import Alarm, AlarmRule, Observation, default_alarms
+from specopt.spectral.cadence import CadenceController, estimate_snapshot_ms, resolve_budget
 from specopt.spectral.metrics import (
     METRIC_NAMES,
     model_aggregates,
@@ -118,8 +128,6 @@ logger = logging.getLogger("specopt.spectral.alarms")
 #: Power iterations run once per matrix at construction so the first cheap reading is
 #: already converged (later readings are warm-started and need only ``power_iters``).
 _WARMUP_ITERS = 30
-#: Recent training steps whose median estimates the step time.
-_STEP_WINDOW = 20
 
 
 def _block_of(key: str) -> str:
@@ -149,6 +157,24 @@ def _get_pc(module: nn.Module) -> Any:
         if getattr(p, "is_pc_parametrization", False):
             return p
     return None
+
+
+def _chunked_spectra(work: Sequence[tuple[str, tuple[int, ...], Callable[[], Tensor]]], *,
+                     dtype: torch.dtype) -> dict[str, Tensor]:
+    """``{key: singular values}`` of ``(key, shape, producer)`` items, materializing
+    same-shaped matrices in chunks of about :data:`~specopt.spectral.metrics.CHUNK_BYTES`
+    of float64 (the bound :func:`singular_values` keeps for its own copies)."""
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, (_, shape, _) in enumerate(work):
+        by_shape.setdefault(shape, []).append(i)
+    out: dict[str, Tensor] = {}
+    for shape, idx in by_shape.items():
+        size = max(1, metrics.CHUNK_BYTES // (8 * math.prod(shape)))
+        for c in range(0, len(idx), size):
+            chunk = [work[i] for i in idx[c : c + size]]
+            sig = singular_values([make() for _, _, make in chunk], dtype=dtype)
+            out.update((key, s) for (key, _, _), s in zip(chunk, sig, strict=True))
+    return out
 
 
 @dataclass
@@ -245,14 +271,18 @@ class SpectralMonitor:
         writer: an existing ``SummaryWriter`` instead of ``log_dir`` (not closed by us).
             With neither, nothing is written to TensorBoard (alarms still fire).
         every: snapshot cadence in optimizer steps (snapshots at steps divisible by it).
+            Given explicitly it is honoured (unless ``budget=`` is also passed); None:
+            the default cadence, 50 steps, thinned to fit the default budget.
         include, exclude: layer patterns (the :mod:`specopt.layers` vocabulary: globs on
             the module path or key, e.g. ``"layers.*.attention.*"``, or compiled regexes);
             each must match some matrix of the model (else ``ValueError`` listing close
             names).
         histograms: log the two histograms per layer at each snapshot.
         save_spectra: also save raw spectra as ``.npz`` per snapshot (needs a log dir).
-        budget: target amortized monitor time as a fraction of step time (default 2%);
-            None disables the back-off (cadences stay as given).
+        budget: target amortized monitor time as a fraction of step time. ``"auto"``
+            (default): 2% for the default cadence, none for an explicit ``every``; a
+            float in (0, 1] thins any cadence (at most 16x, see
+            :mod:`specopt.spectral.cadence`); None disables the back-off.
         alarms: alarm rules (default :func:`default_alarms`); ``()`` for none.
         on_alarm: ``callback(alarm)`` for each fired alarm (may raise to stop training).
         console: False, True (print a table of the worst-conditioned layers at each
@@ -265,6 +295,9 @@ class SpectralMonitor:
             monitored weights across the one optimizer step before each snapshot).
         dtype: ``torch.float32`` or ``torch.float64`` for the SVD.
         start_step: optimizer-step count before the first attached step (for resumed runs).
+        loss_tags: tags of loss scalars the training loop writes to the same event file
+            (e.g. ``("train/loss", "val/loss")``), charted first in the Custom Scalars
+            dashboard.
 
     Raises:
         ValueError: bad arguments (named), an unwritable ``log_dir``, a model without
@@ -277,12 +310,12 @@ class SpectralMonitor:
         *,
         log_dir: str | os.PathLike[str] | None = None,
         writer: Any = None,
-        every: int = 50,
+        every: int | None = None,
         include: str | re.Pattern[str] | Sequence[str | re.Pattern[str]] | None = None,
         exclude: str | re.Pattern[str] | Sequence[str | re.Pattern[str]] | None = None,
         histograms: bool = True,
         save_spectra: bool = False,
-        budget: float | None = 0.02,
+        budget: float | Literal["auto"] | None = "auto",
         alarms: Iterable[AlarmRule] | None = None,
         on_alarm: Callable[[Alarm], Any] | None = None,
         console: bool | str = False,
@@ -292,20 +325,22 @@ class SpectralMonitor:
         update_ratio: bool = True,
         dtype: torch.dtype = torch.float32,
         start_step: int = 0,
+        loss_tags: Sequence[str] = (),
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if log_dir is not None and writer is not None:
             raise ValueError("give either log_dir or writer, not both")
-        for name, value, low in (("every", every, 1), ("signal_every", signal_every, 0),
+        for name, value, low in (("every", 1 if every is None else every, 1),
+                                 ("signal_every", signal_every, 0),
                                  ("power_iters", power_iters, 1), ("console_top", console_top, 1),
                                  ("start_step", start_step, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        if budget is not None and not (
+        if budget != "auto" and budget is not None and not (
             isinstance(budget, (int, float)) and not isinstance(budget, bool) and 0 < budget <= 1
         ):
-            raise ValueError(f"budget must be a float in (0, 1] or None, got {budget!r}")
+            raise ValueError(f"budget must be a float in (0, 1], None or 'auto', got {budget!r}")
         if console not in (False, True, "live"):
             raise ValueError(f"console must be False, True or 'live', got {console!r}")
         if dtype not in (torch.float32, torch.float64):
@@ -317,12 +352,16 @@ class SpectralMonitor:
             if not isinstance(rule, AlarmRule):
                 raise TypeError(f"alarms must be AlarmRule instances, got {type(rule).__name__}")
         self.model = model
+        every, budget = resolve_budget(every, budget)
         self.every = every
         self.budget = None if budget is None else float(budget)
         self.signal_every = signal_every
         self.power_iters = power_iters
         self.update_ratio = update_ratio
         self.dtype = dtype
+        if isinstance(loss_tags, str) or not all(isinstance(t, str) for t in loss_tags):
+            raise TypeError(f"loss_tags must be a sequence of tag strings, got {loss_tags!r}")
+        self.loss_tags = tuple(loss_tags)
         self.rules = rules
         self.on_alarm = on_alarm
         self.alarms_fired: deque[Alarm] = deque(maxlen=1000)
@@ -367,11 +406,8 @@ class SpectralMonitor:
         self._groups = self._make_signal_groups()
         self._handles: list[AttachHandle] = []
         self._step = start_step
-        self._every_eff = every
-        self._signal_stride = signal_every
-        self._step_times: deque[float] = deque(maxlen=_STEP_WINDOW)
-        self._signal_ms: deque[float] = deque(maxlen=_STEP_WINDOW)
-        self._snapshot_ms: float | None = None
+        self._cadence = CadenceController(every, signal_every, self.budget,
+                                          main=self._rank == 0)
         self._last_end: float | None = None
         self._pending_loss: Any = None
         self._previous: dict[str, Tensor] | None = None  # trained weights before the step
@@ -379,10 +415,6 @@ class SpectralMonitor:
         self._layout_written = False
         self._closed = False
         self._own_s = 0.0  # total monitor wall time (hooks and step())
-        self._own_interval_s = 0.0  # since the last snapshot
-        self._steps_in_interval = 0  # monitor calls since then
-        self._measured: float | None = None  # own / training time over the last interval
-        self._signal_floor = signal_every  # stride floor set by the measured feedback
 
     # ------------------------------------------------------------------ setup
     @staticmethod
@@ -510,12 +542,12 @@ class SpectralMonitor:
     @property
     def current_every(self) -> int:
         """Snapshot cadence in use (``every``, or larger when backed off)."""
-        return self._every_eff
+        return self._cadence.every_eff
 
     @property
     def current_signal_every(self) -> int:
         """Cheap-signal cadence in use (0: disabled)."""
-        return self._signal_stride
+        return self._cadence.signal_stride
 
     @property
     def own_time_s(self) -> float:
@@ -557,7 +589,7 @@ class SpectralMonitor:
         self._pending_loss = loss.detach() if isinstance(loss, Tensor) else float(loss)
 
     def _is_snapshot_step(self, step: int) -> bool:
-        return step % self._every_eff == 0
+        return self._cadence.is_snapshot_step(step)
 
     def _pre_step(self) -> None:
         if self.update_ratio and self._is_snapshot_step(self._step + 1):
@@ -567,7 +599,7 @@ class SpectralMonitor:
 
     def _charge(self, seconds: float) -> None:
         self._own_s += seconds
-        self._own_interval_s += seconds
+        self._cadence.charge(seconds)
 
     @torch.no_grad()
     def _capture(self, step: int) -> None:
@@ -589,9 +621,10 @@ class SpectralMonitor:
         t0 = time.perf_counter()
         if self._closed:
             raise RuntimeError("SpectralMonitor.step() called after close()")
+        cadence = self._cadence
         if self._last_end is not None:
-            self._step_times.append(t0 - self._last_end)
-        self._steps_in_interval += 1
+            cadence.step_times.append(t0 - self._last_end)
+        cadence.steps_in_interval += 1
         step = self._step + 1 if global_step is None else int(global_step)
         self._step = step
         if loss is None:
@@ -599,25 +632,33 @@ class SpectralMonitor:
         if not self._layout_written:
             self._layout_written = True
             self.sink.write_layout([m.info for m in self._matrices]
-                                   + [m.raw_info for m in self._matrices if m.raw_info])
+                                   + [m.raw_info for m in self._matrices if m.raw_info],
+                                   self._logged_series())
 
         sigma_pi: dict[str, float] = {}
         bad_w: list[str] = []
         bad_g: list[str] = []
-        if self._signal_stride and step % self._signal_stride == 0:
+        if cadence.is_signal_step(step):
             ts = time.perf_counter()
             sigma_pi, bad_w, bad_g = self._signal(step)
-            self._signal_ms.append((time.perf_counter() - ts) * 1e3)
-            if len(self._step_times) >= 3 and not self._is_snapshot_step(step):
-                # Size the signal stride from the first steps on, not at the first snapshot.
-                self._adapt_signal(self._snapshot_ms and self._snapshot_ms / (
-                    self._every_eff * self._step_ms()))
+            cadence.record_signal((time.perf_counter() - ts) * 1e3, step)
         snapshot = None
-        if self._is_snapshot_step(step):
+        run_snapshot = cadence.is_snapshot_step(step)
+        if run_snapshot and cadence.needs_first_estimate:
+            # Budgeted: size the cadence from an estimate before paying for a snapshot.
+            # Rank 0 decides for everyone (snapshots are collective).
+            estimate = self._estimate_snapshot_ms() if self._rank == 0 else None
+            cadence.plan_first_snapshot(estimate, step)
+            if self._plan is not None:
+                cadence.agree()
+            run_snapshot = not cadence.needs_first_estimate and cadence.is_snapshot_step(step)
+            if not run_snapshot:
+                self._previous = self._previous_step = None  # postponed: free the copy
+        if run_snapshot:
             ts = time.perf_counter()
             snapshot = (self._snapshot(step) if self._plan is None
                         else self._snapshot_distributed(step))  # includes the sink writes
-            self._snapshot_ms = (time.perf_counter() - ts) * 1e3
+            snapshot_ms = (time.perf_counter() - ts) * 1e3
             if snapshot is not None:
                 bad_w = sorted(set(bad_w) | set(snapshot.nonfinite))
         # Snapshot rules judge the weights the model computes with (effective); a PC raw
@@ -633,24 +674,47 @@ class SpectralMonitor:
         for rule in self.rules:
             for alarm in rule.check(obs):
                 self._dispatch(alarm)
-        if snapshot is not None:
+        if run_snapshot:
             self._charge(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            step_ms = self._step_ms()
-            if step_ms:
-                # Relative to the median step, so pauses between steps (evaluation,
-                # checkpoints, another model) do not make the monitor look cheaper.
-                self._measured = self._own_interval_s / (
-                    self._steps_in_interval * step_ms / 1e3)
-            self._adapt_cadence()
-            self.sink.write_scalars(step, self._cost_scalars())
-            self._own_interval_s, self._steps_in_interval = 0.0, 0
+            cadence.after_snapshot(snapshot_ms)
+            if self._plan is not None:
+                cadence.agree()  # every rank: rank 0's cadence, at the same step
+            self.sink.write_scalars(step, {monitor_tag(k): v
+                                           for k, v in cadence.scalars().items()})
+            cadence.end_interval()
         # Without hooks (manual step() calls) capture for the update ratio here.
         if self.update_ratio and not self._handles and self._is_snapshot_step(step + 1):
             self._capture(step)
         self._last_end = time.perf_counter()
         self._charge(self._last_end - t0)
         return snapshot
+
+    def _logged_series(self) -> dict[str, list[str]]:
+        """Which layer keys each charted metric is logged for (the dashboard lists only
+        those), plus the loss tags charted first."""
+        keys = self.layers
+        plain = [m.trained_key for m in self._matrices if not _is_dtensor(m.trained)]
+        return {"condition_number": keys, "gmcn": keys,
+                "sigma_max_pi": plain if self.signal_every else [],
+                "update_ratio": plain if self.update_ratio else [],
+                "loss": list(self.loss_tags)}
+
+    def _estimate_snapshot_ms(self) -> float:
+        """Cost of the next snapshot, estimated from one probe matrix per shape."""
+        shapes: dict[tuple[int, int], int] = {}
+        per_matrix = 1 + int(self.update_ratio)  # the update ratio's delta: one more SVD
+        for m in self._matrices:
+            shape = (m.info.shape[0], m.info.shape[1])
+            count = per_matrix + (m.raw_info is not None)
+            shapes[shape] = shapes.get(shape, 0) + count
+        if self._plan is not None:  # each rank decomposes about its share
+            world = _distributed_world()[1]
+            shapes = {k: max(1, math.ceil(v / world)) for k, v in shapes.items()}
+        device = self._matrices[0].trained.device
+        if _is_dtensor(self._matrices[0].trained):
+            device = self._matrices[0].trained.to_local().device
+        return estimate_snapshot_ms(shapes, device=device, dtype=self.dtype)
 
     def snapshot(self, step: int | None = None) -> Snapshot | None:
         """Take a full snapshot now (outside the cadence) and write it to the sinks
@@ -692,31 +756,31 @@ class SpectralMonitor:
             for g in self._groups:
                 self._repair_vectors(g)
         grads = [m.grad() for m in self._matrices]
-        # Sparse gradients (nn.Embedding(sparse=True)): check their stored values.
+        # Sparse gradients (nn.Embedding(sparse=True)): check their stored values. The
+        # optimizer's check (fused norm, exact recheck of overflowing norms): an fp16
+        # gradient of 1000.0 everywhere is finite although its 2-norm overflows.
         present = [(m.trained_key, gr._values() if gr.is_sparse else gr)
                    for m, gr in zip(self._matrices, grads, strict=True) if gr is not None]
-        bad_g: list[str] = []
-        if present:
-            norms = torch.stack([n.double().cpu() for n in
-                                 torch._foreach_norm([gr for _, gr in present])])
-            bad_g = [k for (k, _), ok in zip(present, torch.isfinite(norms).tolist(), strict=True)
-                     if not ok]
+        bad_g = [present[i][0] for i in nonfinite_indices([gr for _, gr in present])]
         self.sink.write_scalars(step, {metric_tag("sigma_max_pi", k): v for k, v in sigma.items()})
         return sigma, bad_w, bad_g
 
     @torch.no_grad()
     def _snapshot(self, step: int) -> Snapshot:
         t0 = time.perf_counter()
+        # What to decompose, as (key, shape, producer): a producer materializes its matrix
+        # only when its chunk is processed, so a snapshot holds at most CHUNK_BYTES of
+        # effective weights / update deltas at a time, not a copy of the model.
+        work: list[tuple[str, tuple[int, ...], Callable[[], Tensor]]] = []
         infos: list[LayerInfo] = []
-        weights: list[Tensor] = []
         for m in self._matrices:
             infos.append(m.info)
-            weights.append(m.effective())
+            work.append((m.info.key, tuple(m.matrix().shape), m.effective))
         for m in self._matrices:
             if m.raw_info is not None:
                 infos.append(m.raw_info)
-                weights.append(m.matrix())
-        # Update ratio: ||W_t - W_{t-1}||_2 of the trained tensors, in the same batched SVD.
+                work.append((m.raw_info.key, tuple(m.matrix().shape), m.matrix))
+        # Update ratio: ||W_t - W_{t-1}||_2 of the trained tensors, in the same batches.
         previous = self._previous if self._previous_step == step - 1 else None
         self._previous, self._previous_step = None, None
         delta_keys: list[str] = []
@@ -725,11 +789,13 @@ class SpectralMonitor:
                 key = m.trained_key
                 if key in previous:
                     delta_keys.append(key)
-                    weights.append(m.matrix() - previous[key])
-        sigmas = singular_values(weights, dtype=self.dtype)
-        spectra = {info.key: sig for info, sig in zip(infos, sigmas[: len(infos)], strict=True)}
+                    work.append(("delta:" + key, tuple(m.matrix().shape),
+                                 lambda m=m, old=previous[key]: m.matrix() - old))
+        sigmas = _chunked_spectra(work, dtype=self.dtype)
+        previous = work = None  # free the update-ratio copy before the sinks run
+        spectra = {info.key: sigmas[info.key] for info in infos}
         delta_norms = {key: float(sig[0]) if sig.numel() else math.nan
-                       for key, sig in zip(delta_keys, sigmas[len(infos):], strict=True)}
+                       for key in delta_keys for sig in (sigmas["delta:" + key],)}
         return self._finish_snapshot(step, t0, infos, spectra, delta_norms)
 
     def _finish_snapshot(self, step: int, t0: float, infos: Sequence[LayerInfo],
@@ -828,82 +894,3 @@ class SpectralMonitor:
         self.sink.write_alarm(alarm)
         if self.on_alarm is not None:
             self.on_alarm(alarm)
-
-    def _step_ms(self) -> float | None:
-        return statistics.median(self._step_times) * 1e3 if self._step_times else None
-
-    def _overhead(self) -> float | None:
-        """Monitor time / training time: measured over the last snapshot interval when
-        there is one, else modelled from the mean signal and last snapshot costs."""
-        if self._measured is not None:
-            return self._measured
-        step_ms = self._step_ms()
-        if step_ms is None or step_ms <= 0:
-            return None
-        frac = 0.0
-        if self._snapshot_ms is not None:
-            frac += self._snapshot_ms / (self._every_eff * step_ms)
-        if self._signal_ms and self._signal_stride:
-            frac += statistics.fmean(self._signal_ms) / (self._signal_stride * step_ms)
-        return frac
-
-    def _adapt_cadence(self) -> None:
-        """Back off (or recover) the cadences so the amortized cost fits the budget.
-
-        Aims at 70% of the budget (the rest is headroom for noise and costs it cannot
-        time, e.g. the TensorBoard writer thread): snapshots may take 50% of the budget,
-        the cheap signal what remains (at least 20%), sized from its mean cost, with a
-        floor from the cost measured over the last interval.
-        """
-        step_ms = self._step_ms()
-        if self.budget is None or step_ms is None or step_ms <= 0:
-            return
-        snap_frac_old = 0.0
-        if self._snapshot_ms is not None:
-            snap_frac = snap_frac_old = self._snapshot_ms / (self._every_eff * step_ms)
-            while snap_frac > 0.5 * self.budget and self._every_eff < 2**30:
-                self._every_eff *= 2
-                snap_frac /= 2
-            while self._every_eff > self.every and 2 * snap_frac < 0.25 * self.budget:
-                self._every_eff //= 2
-                snap_frac *= 2
-        else:
-            snap_frac = 0.0
-        self._adapt_signal(snap_frac, snap_frac_old, feedback=True)
-
-    def _adapt_signal(self, snap_frac: float | None, snap_frac_old: float = 0.0, *,
-                      feedback: bool = False) -> None:
-        """Cheap-signal stride so that it fits what the snapshots leave of the budget
-        (``feedback``: at a snapshot, also re-set the floor from the measured cost)."""
-        step_ms = self._step_ms()
-        if self.budget is None or not step_ms:
-            return
-        snap_frac = snap_frac or 0.0
-        target = 0.7 * self.budget
-        if self.signal_every and self._signal_ms:
-            left = max(target - snap_frac, 0.2 * self.budget)
-            need = statistics.fmean(self._signal_ms) / (left * step_ms)
-            stride = max(self.signal_every, math.ceil(need))
-            if feedback:
-                self._signal_floor = self.signal_every
-                if self._measured is not None and self._signal_stride:
-                    # What the interval really cost beyond its snapshot.
-                    rest = self._measured - snap_frac_old
-                    if rest > left:
-                        self._signal_floor = math.ceil(self._signal_stride * rest / left)
-            stride = max(stride, self._signal_floor)
-            self._signal_stride = min(stride, max(self._every_eff, self.signal_every))
-
-    def _cost_scalars(self) -> dict[str, float]:
-        out = {monitor_tag("time_ms"): self._own_interval_s * 1e3,
-               monitor_tag("snapshot_ms"): float(self._snapshot_ms or 0.0),
-               monitor_tag("every"): float(self._every_eff),
-               monitor_tag("signal_every"): float(self._signal_stride)}
-        step_ms, overhead = self._step_ms(), self._overhead()
-        if step_ms is not None:
-            out[monitor_tag("step_ms")] = step_ms
-        if overhead is not None:
-            out[monitor_tag("overhead")] = overhead
-        if self._signal_ms:
-            out[monitor_tag("signal_ms")] = self._signal_ms[-1]
-        return out

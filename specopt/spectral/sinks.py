@@ -145,8 +145,10 @@ class Snapshot:
 class Sink:
     """No-op sink and the interface every sink implements."""
 
-    def write_layout(self, layers: Sequence[LayerInfo]) -> None:
-        """Called once, before the first write, with the monitored layers."""
+    def write_layout(self, layers: Sequence[LayerInfo],
+                     series: Mapping[str, Sequence[str]] | None = None) -> None:
+        """Called once, before the first write, with the monitored layers and the series
+        that will be logged (``series``: see :func:`custom_scalar_layout`)."""
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         """Every-step scalars ``{tag: value}`` (cheap sigma_max signal, monitor cost)."""
@@ -168,28 +170,50 @@ def _layer_regex(keys: Sequence[str], metric: str) -> str:
     return "^(" + "|".join(re.escape(metric_tag(metric, k)) for k in keys) + ")$"
 
 
-def custom_scalar_layout(layers: Sequence[LayerInfo]) -> dict[str, dict[str, list[Any]]]:
-    """TensorBoard custom-scalar layout: condition numbers, GMCN and sigma_max grouped by
-    block (attention, MLP, ...) and PC vs non-PC, plus the model aggregates.
+#: Per-layer metrics charted in the custom-scalar layout, with their chart titles.
+LAYOUT_METRICS: tuple[tuple[str, str], ...] = (
+    ("condition_number", "condition number"),
+    ("gmcn", "GMCN"),
+    ("sigma_max_pi", "sigma_max (power iteration, every step)"),
+    ("update_ratio", "update ratio ||dW||/||W||"),
+)
+
+
+def custom_scalar_layout(layers: Sequence[LayerInfo],
+                         series: Mapping[str, Sequence[str]] | None = None
+                         ) -> dict[str, dict[str, list[Any]]]:
+    """TensorBoard custom-scalar layout: the loss first, then condition numbers, GMCN,
+    sigma_max and update ratios grouped by block (attention, MLP, ...) and PC vs non-PC,
+    then the model aggregates. Lists only series that will exist (no empty charts).
+
+    Args:
+        layers: the monitored layers.
+        series: ``{metric: layer keys logged for it}`` for the metrics of
+            :data:`LAYOUT_METRICS` (a metric missing: every layer), plus ``"loss"``: the
+            tags of loss scalars written beside the monitor (e.g. ``train/loss``), charted
+            first; without them no loss chart.
 
     Format of ``SummaryWriter.add_custom_scalars``:
     ``{category: {chart title: ["Multiline", [tag regex, ...]]}}``.
     """
-    groups: dict[str, list[str]] = {}
-    for info in layers:
-        kind = "PC raw" if info.raw else ("PC" if info.pc else "non-PC")
-        groups.setdefault(f"{info.block} ({kind})", []).append(info.key)
+    series = series or {}
     layout: dict[str, dict[str, list[Any]]] = {}
-    for metric, title in (
-        ("condition_number", "condition number"),
-        ("gmcn", "GMCN"),
-        ("sigma_max_pi", "sigma_max (power iteration, every step)"),
-        ("update_ratio", "update ratio ||dW||/||W||"),
-    ):
-        layout[f"spectral: {title}"] = {
-            name: ["Multiline", [_layer_regex(keys, metric)]]
-            for name, keys in sorted(groups.items())
-        }
+    loss_tags = list(series.get("loss", ()))
+    if loss_tags:
+        layout["loss"] = {"loss": ["Multiline", ["^(" + "|".join(
+            re.escape(t) for t in loss_tags) + ")$"]]}
+    for metric, title in LAYOUT_METRICS:
+        logged = set(series[metric]) if metric in series else None
+        groups: dict[str, list[str]] = {}
+        for info in layers:
+            if logged is None or info.key in logged:
+                kind = "PC raw" if info.raw else ("PC" if info.pc else "non-PC")
+                groups.setdefault(f"{info.block} ({kind})", []).append(info.key)
+        if groups:
+            layout[f"spectral: {title}"] = {
+                name: ["Multiline", [_layer_regex(keys, metric)]]
+                for name, keys in sorted(groups.items())
+            }
     layout["spectral: model"] = {
         "GMCN / condition number (geometric means)": [
             "Multiline", [r"^spectral/model/(gmcn|condition_number)$"]],
@@ -296,8 +320,9 @@ class TensorBoardSink(Sink):
         if values:
             self.writer._get_file_writer().add_summary(Summary(value=values), step)
 
-    def write_layout(self, layers: Sequence[LayerInfo]) -> None:
-        self.writer.add_custom_scalars(custom_scalar_layout(layers))
+    def write_layout(self, layers: Sequence[LayerInfo],
+                     series: Mapping[str, Sequence[str]] | None = None) -> None:
+        self.writer.add_custom_scalars(custom_scalar_layout(layers, series))
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         self._emit(step, scalars)
@@ -452,8 +477,9 @@ class SinkGroup(Sink):
                         stacklevel=3,
                     )
 
-    def write_layout(self, layers: Sequence[LayerInfo]) -> None:
-        self._call("write_layout", layers)
+    def write_layout(self, layers: Sequence[LayerInfo],
+                     series: Mapping[str, Sequence[str]] | None = None) -> None:
+        self._call("write_layout", layers, series)
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         self._call("write_scalars", step, scalars)
