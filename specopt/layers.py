@@ -109,7 +109,8 @@ BLOCKS: tuple[str, ...] = ("attention", "mlp", "embedding", "head", "other")
 
 #: Module names of an output / classifier head (first or last component of the path).
 HEAD_NAMES: tuple[str, ...] = (
-    "output", "lm_head", "head", "classifier", "embed_out", "score", "cls",
+    "output", "lm_head", "head", "classifier", "classification_head", "embed_out", "score",
+    "cls",
 )
 #: Component names of embedding tables besides those containing "embed".
 EMBEDDING_NAMES: tuple[str, ...] = ("wte", "wpe", "shared")

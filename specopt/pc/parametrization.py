@@ -61,6 +61,7 @@ from specopt.hooks import AttachHandle
 from specopt.layers import (
     Pattern,
     check_patterns,
+    is_head_path,
     matches,
     matrix_spec,
     no_match_error,
@@ -92,17 +93,29 @@ __all__ = [
 #: component (``"mlp.c_fc"`` matches ``transformer.h.0.mlp.c_fc``; ``"fc1"`` any module
 #: named ``fc1``). FFN matrices and the attention output projection, as in the paper;
 #: never q/k/v or a fused qkv (:data:`QKV_TARGETS`). Only matrix modules (``nn.Linear``,
-#: transformers' ``Conv1D``) are wrapped; a non-matrix module with such a name is skipped
-#: with a warning.
+#: transformers' ``Conv1D``) are wrapped; a non-matrix layer with such a name (e.g. a conv)
+#: is skipped with a warning, a container module (DistilBERT's ``ffn``) silently. Modules
+#: inside an output head (:func:`specopt.layers.is_head_path`: RoBERTa's
+#: ``classifier.out_proj``, BART's ``classification_head.out_proj``) and weights that
+#: already carry another parametrization (``weight_norm``, ``spectral_norm``: skipped with
+#: a warning) are never wrapped by default.
 PC_TARGET_TABLE: dict[str, tuple[str, ...]] = {
-    "Llama / Mistral / Qwen (HF)": ("gate_proj", "up_proj", "down_proj", "o_proj"),
+    "Llama / Mistral / Qwen / Gemma (HF)": ("gate_proj", "up_proj", "down_proj", "o_proj"),
+    "Phi-3 (fused gate/up)": ("mlp.gate_up_proj",),
     "specopt Llama / Meta Llama": ("w1", "w2", "w3", "attention.wo"),
     "GPT-2 (Conv1D) / nanoGPT (Linear)": ("mlp.c_fc", "mlp.c_proj", "attn.c_proj"),
-    "GPT-NeoX / Pythia, Falcon": ("dense_h_to_4h", "dense_4h_to_h", "attention.dense",
-                                  "self_attention.dense"),
-    "BERT / RoBERTa, ViT (HF < 5)": ("intermediate.dense", "output.dense"),
+    "GPT-NeoX / Pythia, Falcon, ALBERT attention": ("dense_h_to_4h", "dense_4h_to_h",
+                                                    "attention.dense",
+                                                    "self_attention.dense"),
+    "BERT / RoBERTa / DeBERTa, ViT (HF < 5)": ("intermediate.dense", "output.dense"),
+    "DistilBERT": ("ffn.lin1", "ffn.lin2", "attention.out_lin"),
+    "ALBERT FFN": ("ffn", "ffn_output"),
     "T5": ("wi", "wi_0", "wi_1", "DenseReluDense.wo", "SelfAttention.o", "EncDecAttention.o"),
-    "Phi, OPT, CLIP, ViT, timm ViT": ("fc1", "fc2", "self_attn.dense", "out_proj", "attn.proj"),
+    "Phi, OPT, BART, Whisper, CLIP, ViT / DeiT / Swin, timm ViT": (
+        "fc1", "fc2", "self_attn.dense", "out_proj", "attn.proj"),
+    "GPT-J / CodeGen": ("mlp.fc_in", "mlp.fc_out"),
+    "ConvNeXt (HF)": ("pwconv1", "pwconv2"),
+    "torch nn.TransformerEncoderLayer / DecoderLayer": ("linear1", "linear2"),
 }
 
 #: Every default target suffix, in table order (what ``apply_pc`` wraps by default).
@@ -525,6 +538,11 @@ def _pc_kind(module: nn.Module) -> bool:
     return matrix_spec(module, "weight", weight).kind in PC_KINDS
 
 
+def _other_parametrization(module: nn.Module) -> bool:
+    """``module.weight`` is parametrized, but not (only) by PC."""
+    return parametrize.is_parametrized(module, "weight") and not is_pc_module(module)
+
+
 def _describe(items: Sequence[tuple[str, nn.Module]], limit: int = 4) -> str:
     shown = ", ".join(f"{n} ({type(m).__name__})" for n, m in items[:limit])
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
@@ -561,12 +579,22 @@ def _select_targets(
         selected = {n: m for n, m in named if _pc_kind(m) and predicate(n, m)}
     else:
         suffixes = DEFAULT_PC_TARGETS + (QKV_TARGETS if include_qkv else ())
-        chosen = [(n, m) for n, m in named if any(_suffix_matches(n, s) for s in suffixes)]
-        skipped = [(n, m) for n, m in chosen if not _pc_kind(m)]
+        chosen = [(n, m) for n, m in named if not is_head_path(n)
+                  and any(_suffix_matches(n, s) for s in suffixes)]
+        # Containers named like a target (DistilBERT's ``ffn`` holds lin1/lin2) are not
+        # layers; a layer with a weight that is not a matrix module (a conv) is worth a word.
+        skipped = [(n, m) for n, m in chosen
+                   if not _pc_kind(m) and isinstance(getattr(m, "weight", None), Tensor)]
         if skipped:
             warnings.warn("apply_pc: skipping non-matrix modules named like PC targets: "
                           f"{_describe(skipped, 8)}", stacklevel=3)
-        selected = {n: m for n, m in chosen if _pc_kind(m)}
+        other = [(n, m) for n, m in chosen if _pc_kind(m) and _other_parametrization(m)]
+        if other:
+            warnings.warn("apply_pc: skipping modules whose weight already has another "
+                          f"parametrization (weight_norm, spectral_norm, ...): "
+                          f"{_describe(other, 8)}; PC does not stack on top of it",
+                          stacklevel=3)
+        selected = {n: m for n, m in chosen if _pc_kind(m) and not _other_parametrization(m)}
     for pattern in exclude:
         if not matches([pattern], names):
             raise no_match_error("apply_pc: exclude", pattern, names, "module")
@@ -619,7 +647,9 @@ def apply_pc(
     Matrix modules: ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2, weight stored
     ``(in, out)``). Default selection: every matrix module whose path ends with a suffix
     of :data:`PC_TARGET_TABLE` (FFN matrices and attention output projections of Llama,
-    GPT-2, GPT-NeoX, BERT, T5, Phi/OPT, ViT, nanoGPT and specopt's Llama).
+    GPT-2, GPT-NeoX, BERT, T5, Phi/OPT, ViT, nanoGPT, specopt's Llama and more), except
+    modules inside an output head and weights with another parametrization (skipped with
+    a warning).
 
     The current weight becomes the raw ``W`` (``module.parametrizations.weight.original``,
     the same Parameter object); ``module.weight`` becomes ``W_eff``, so the model's
@@ -669,9 +699,15 @@ def apply_pc(
         share_count[id(p)] = share_count.get(id(p), 0) + 1
     for name, module in selected.items():
         if parametrize.is_parametrized(module, "weight"):
-            what = "PC" if is_pc_module(module) else "another parametrization"
-            raise ValueError(f"apply_pc: '{name}.weight' already has {what} "
-                             "(apply_pc called twice? merge_pc first)")
+            if is_pc_module(module):
+                raise ValueError(f"apply_pc: '{name}.weight' already has PC "
+                                 "(apply_pc called twice? merge_pc first)")
+            kinds = ", ".join(type(p).__name__ for p in module.parametrizations["weight"])
+            raise ValueError(
+                f"apply_pc: '{name}.weight' already has another parametrization ({kinds}, "
+                "e.g. weight_norm / spectral_norm); PC does not stack on top of it: exclude "
+                "the module or remove it first (torch.nn.utils.parametrize."
+                "remove_parametrizations)")
         weight = module.weight
         if share_count.get(id(weight), 0) > 1:
             raise ValueError(f"apply_pc: '{name}.weight' {tuple(weight.shape)} is shared with "
