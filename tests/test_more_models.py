@@ -175,7 +175,7 @@ VIT_PC = ["*.attention.o_proj", "*.mlp.fc1", "*.mlp.fc2"]
 @dataclass
 class Case:
     """``adamw``: extra globs of matrices that must go to AdamW; ``pc``: globs of the
-    exact default ``apply_pc`` set (``[]``: ``apply_pc`` must raise "selected no module");
+    exact default ``apply_pc`` set;
     ``hf``: a transformers model (save/from_pretrained, ``.loss``)."""
 
     build: Callable[[], nn.Module]
@@ -435,6 +435,31 @@ def test_weight_norm_in_include_is_a_clear_error_and_leaves_the_model_unchanged(
     assert set(model.state_dict()) == keys and not is_pc_module(model.fc2)
     with pytest.raises(ValueError, match=r"already has PC \(apply_pc called twice"):
         apply_pc(model, include="fc2") and apply_pc(model, include="fc2")
+
+
+def test_pc_on_a_frozen_layer_keeps_it_frozen():
+    c, model = CASES["frozen"], _build("frozen")
+    handle = apply_pc(model, level=2)
+    pc = handle.parametrizations["fc1"]
+    assert pc.gamma is not None and not pc.gamma.requires_grad
+    assert handle.parametrizations["fc2"].gamma.requires_grad
+    w_eff = model.fc1.weight.detach().clone()
+    opt = build_optimizer(model, "muon", lr=c.lr, weight_decay=0.0)
+    assert id(pc.gamma) not in {id(p) for g in opt.param_groups for p in g["params"]}
+    handle.attach(opt)
+    _train(c, model, opt, 3)
+    torch.testing.assert_close(model.fc1.weight.detach(), w_eff, rtol=1e-5, atol=1e-7)
+
+
+def test_nothing_selected_names_the_matrix_modules():
+    class Tagger(nn.Module):  # an LSTM and a projection: no default target
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.proj = nn.LSTM(8, 8), nn.Linear(8, 8)
+
+    with pytest.raises(ValueError, match=r"selected no module: .*default targets.*"
+                                         r"\(matrix modules: 'proj'\)"):
+        apply_pc(Tagger())
 
 
 def test_heads_are_never_default_pc_targets():

@@ -204,7 +204,8 @@ class PCParametrization(nn.Module):
     ``<module>.parametrizations.weight.0.{u,v,gamma}``):
         u: buffer ``(out,)``, left singular vector estimate (fp32, fp64 for fp64 weights).
         v: buffer ``(in,)``, right singular vector estimate.
-        gamma: 0-D ``nn.Parameter`` (init ``gamma_init``) or ``None`` when disabled.
+        gamma: 0-D ``nn.Parameter`` (init ``gamma_init``; ``requires_grad`` as the weight's,
+            so a frozen layer stays frozen) or ``None`` when disabled.
 
     ``(out, in)`` is the operator's orientation: with ``transposed=True`` the weight is
     stored ``(in, out)`` (transformers' ``Conv1D``) and ``u`` still has ``out`` entries.
@@ -259,8 +260,10 @@ class PCParametrization(nn.Module):
         )
         self.register_buffer("u", u)
         self.register_buffer("v", v)
+        # A frozen weight (requires_grad=False) gets a frozen gamma: the layer stays frozen.
         self.gamma: nn.Parameter | None = (
-            nn.Parameter(torch.tensor(float(gamma_init), dtype=weight.dtype, device=weight.device))
+            nn.Parameter(torch.tensor(float(gamma_init), dtype=weight.dtype, device=weight.device),
+                         requires_grad=weight.requires_grad)
             if learn_gamma
             else None
         )
@@ -637,7 +640,8 @@ def apply_pc(
             selection.
         power_iters: power iterations per refresh (after each optimizer step).
         eps: floor for power-iteration normalisation and for ``s``.
-        learn_gamma: add a learnable scalar ``gamma`` per layer (init ``gamma_init``).
+        learn_gamma: add a learnable scalar ``gamma`` per layer (init ``gamma_init``); it
+            is frozen when the layer's weight is (``requires_grad=False``).
         norm_recovery: ``W_eff = gamma * stopgrad(s) * f(W/s)`` (True, published) or
             ``gamma * f(W/s)`` (False); see the module docstring.
         init_iters: power iterations run once now, from the random start, so the first
@@ -688,10 +692,14 @@ def apply_pc(
     if not selected:
         how = (f"include={include!r}" if inc else "the predicate" if predicate is not None
                else "the default targets (PC_TARGET_TABLE)")
+        mats = [n for n, m in model.named_modules()
+                if n and "parametrizations" not in n.split(".") and _pc_kind(m)]
+        listed = ", ".join(repr(n) for n in mats[:5]) + (
+            f" (of {len(mats)})" if len(mats) > 5 else "") if mats else "none"
         raise ValueError(
             f"apply_pc selected no module: no nn.Linear / Conv1D matches {how}"
             + (f" once exclude={exclude!r} is applied" if exc else "")
-            + "; pass include=[...] with module paths"
+            + f"; pass include=[...] with module paths (matrix modules: {listed})"
         )
     # Validate everything before touching the model, so a failure leaves it unchanged.
     share_count: dict[int, int] = {}
