@@ -38,7 +38,7 @@ from test_real_models import _expected_matrices  # noqa: E402
 
 import specopt  # noqa: E402
 from specopt import apply_pc, build_optimizer, describe_routing, merge_pc  # noqa: E402
-from specopt.pc import QKV_TARGETS, is_pc_module  # noqa: E402
+from specopt.pc import QKV_TARGETS, is_pc_module, merged_state_dict  # noqa: E402
 
 D, V, SEQ, BATCH = 32, 80, 8, 2  # V != 2 * D: no FFN width coincides with the vocabulary
 Batch = dict[str, torch.Tensor]
@@ -387,9 +387,17 @@ def test_default_pc_train_merge_and_reload(case, tmp_path):
     batch = _batch(c)
     with torch.no_grad():
         before = c.logits(model, batch)
+    # The merged checkpoint without touching the model, then merge_pc itself.
+    merged = merged_state_dict(model)
+    assert len(handle) == sum(is_pc_module(m) for m in model.modules())
+    plain = _build(name).eval()
+    assert set(merged) == set(plain.state_dict())
+    plain.load_state_dict(merged)
     merge_pc(model)
     assert not any(is_pc_module(m) for m in model.modules())
-    assert set(model.state_dict()) == set(_build(name).state_dict())
+    assert set(model.state_dict()) == set(plain.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(c.logits(plain, batch), before, rtol=1e-5, atol=1e-6)
     if c.hf:
         model.save_pretrained(tmp_path)
         fresh = type(model).from_pretrained(tmp_path).eval()
@@ -424,6 +432,30 @@ def test_monitor_matches_float64_svd_of_the_effective_weights(case):
 
 
 # --------------------------------------------------------------- targeted behaviour
+
+
+def test_save_pretrained_of_a_training_pc_model_with_merged_state_dict(tmp_path):
+    c, model = CASES["gemma"], _build("gemma")  # tied embeddings
+    handle = apply_pc(model, level=2)
+    opt = build_optimizer(model, "muon", lr=c.lr, weight_decay=0.0)
+    handle.attach(opt)
+    _train(c, model, opt, 2)
+    model.eval()
+    batch = _batch(c)
+    with torch.no_grad():
+        before = c.logits(model, batch)
+    model.save_pretrained(tmp_path, state_dict=merged_state_dict(model))
+    assert len(handle) == 4 and all(is_pc_module(m) for m in handle.modules.values())
+    fresh = type(model).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        after = c.logits(fresh, batch)
+    assert float((after - before).norm() / before.norm()) <= 1e-5
+    _train(c, model, opt, 1)  # training goes on with PC
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.parametrizations.weight.original[0, 0] = math.nan
+    with pytest.raises(ValueError, match=r"merged_state_dict: effective weight of "
+                                         r"'model\.layers\.0\.mlp\.down_proj' \(32, 64\)"):
+        merged_state_dict(model)
 
 
 def test_weight_norm_in_include_is_a_clear_error_and_leaves_the_model_unchanged():

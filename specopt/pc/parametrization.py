@@ -86,6 +86,7 @@ __all__ = [
     "get_pc",
     "is_pc_module",
     "merge_pc",
+    "merged_state_dict",
     "pc_weight",
 ]
 
@@ -739,13 +740,27 @@ def apply_pc(
     return PCHandle(dict(selected))
 
 
+def _effective_weights(pcs: Sequence[tuple[str, nn.Module]], caller: str) -> dict[int, Tensor]:
+    """``{id(module): W_eff}`` (detached), every one checked finite before any is used."""
+    out: dict[int, Tensor] = {}
+    with torch.no_grad():
+        for name, module in pcs:
+            w_eff = module.weight.detach()
+            if not torch.isfinite(w_eff).all():
+                raise ValueError(f"{caller}: effective weight of '{name}' "
+                                 f"{tuple(w_eff.shape)} is not finite; nothing was merged")
+            out[id(module)] = w_eff
+    return out
+
+
 def merge_pc(model: nn.Module) -> nn.Module:
     """Bake ``W_eff`` into plain weights of every PC module of ``model`` (in place).
 
     Afterwards each module is its original class (e.g. plain ``nn.Linear``) with
     ``weight`` = the former ``W_eff``, stored in the same Parameter object that held the
     raw ``W``; no ``gamma``, ``u``, ``v`` remain, and ``model.state_dict()`` has exactly the
-    keys of a model that never had PC. Outputs are unchanged.
+    keys of a model that never had PC. Outputs are unchanged. To write such a checkpoint
+    while training goes on, without changing the model: :func:`merged_state_dict`.
 
     Returns:
         ``model``.
@@ -757,16 +772,49 @@ def merge_pc(model: nn.Module) -> nn.Module:
     pcs = [(name, m) for name, m in model.named_modules() if is_pc_module(m)]
     if not pcs:
         raise ValueError("merge_pc: the model has no PC-parametrized module (nothing to merge)")
+    _effective_weights(pcs, "merge_pc")
     with torch.no_grad():
-        for name, module in pcs:
-            w_eff = module.weight
-            if not torch.isfinite(w_eff).all():
-                raise ValueError(f"merge_pc: effective weight of '{name}' "
-                                 f"{tuple(w_eff.shape)} is not finite; nothing was merged")
         for _, module in pcs:
             _give_private_class(module)
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
     return model
+
+
+_PC_KEY = "parametrizations.weight."
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """``model.state_dict()`` as it would be after :func:`merge_pc`, leaving ``model`` as is.
+
+    Each PC module's ``<path>.parametrizations.weight.{original, 0.u, 0.v, 0.gamma}``
+    become one ``<path>.weight`` = ``W_eff`` (detached, in the key's place), so the result
+    loads into a model that never had PC. For checkpoints in the middle of training, e.g.
+    ``model.save_pretrained(d, state_dict=merged_state_dict(model))``: a plain
+    ``model.save_pretrained(d)`` of a PC model writes the raw ``W`` under PC keys, which
+    ``from_pretrained`` into a plain model reports as UNEXPECTED / MISSING and replaces by
+    random weights. A model without PC modules gives its ``state_dict()`` unchanged.
+
+    Raises:
+        ValueError: some ``W_eff`` is non-finite.
+    """
+    state = model.state_dict()
+    pcs = [(name, m) for name, m in model.named_modules() if is_pc_module(m)]
+    if not pcs:
+        return state
+    effective = _effective_weights(pcs, "merged_state_dict")
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        at = key.find(_PC_KEY)
+        prefix = key[:at]
+        if at < 0 or (prefix and not prefix.endswith(".")):
+            out[key] = value
+            continue
+        module = model.get_submodule(prefix[:-1]) if prefix else model
+        if id(module) not in effective:  # another parametrization: keep its keys
+            out[key] = value
+        elif key == prefix + _PC_KEY + "original":
+            out[prefix + "weight"] = effective[id(module)]
+    return out
 
 
 def _give_private_class(module: nn.Module) -> None:
