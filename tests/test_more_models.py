@@ -494,6 +494,30 @@ def test_nothing_selected_names_the_matrix_modules():
         apply_pc(Tagger())
 
 
+def test_integer_weight_is_named():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    model[1].weight = nn.Parameter(torch.zeros(4, 4, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(TypeError, match=r"'1\.weight' \(4, 4\) has dtype torch\.int8"):
+        apply_pc(model, include="*")
+    assert not is_pc_module(model[0])  # validated before anything was wrapped
+
+
+@pytest.mark.parametrize(("path", "block"), [
+    ("albert.encoder.albert_layer_groups.0.albert_layers.0.ffn", "mlp"),
+    ("albert.encoder.albert_layer_groups.0.albert_layers.0.ffn_output", "mlp"),
+    ("distilbert.transformer.layer.0.attention.out_lin", "attention"),
+    ("distilbert.transformer.layer.0.ffn.lin1", "mlp"),
+    ("convnext.encoder.stages.0.layers.0.pwconv1", "mlp"),
+    ("enc.layers.0.linear2", "mlp"), ("enc.layers.0.self_attn.out_proj", "attention"),
+    ("model.layers.0.self_attn.kv_a_proj_with_mqa", "attention"),
+    ("model.layers.0.mlp.shared_expert_gate", "mlp"), ("classification_head.dense", "head"),
+    ("transformer.h.0.self_attention.dense", "attention"), ("model.decoder.embed_positions",
+                                                           "embedding"),
+])
+def test_block_labels_on_more_families(path, block):
+    assert specopt.layers.block_of(path) == block
+
+
 def test_heads_are_never_default_pc_targets():
     # BART's classification_head (dense, out_proj) is a head for routing and PC alike.
     model = _hf("BartForSequenceClassification", "BartConfig", **_S2S, num_labels=3)()

@@ -718,6 +718,10 @@ def apply_pc(
                 "the module or remove it first (torch.nn.utils.parametrize."
                 "remove_parametrizations)")
         weight = module.weight
+        if not weight.is_floating_point():
+            raise TypeError(f"apply_pc: '{name}.weight' {tuple(weight.shape)} has dtype "
+                            f"{weight.dtype}; PC needs a floating-point weight (a quantized "
+                            "layer? exclude it)")
         if share_count.get(id(weight), 0) > 1:
             raise ValueError(f"apply_pc: '{name}.weight' {tuple(weight.shape)} is shared with "
                              "another module (tied weights); exclude it from the targets")
