@@ -547,8 +547,8 @@ def test_monitor_and_pc_on_a_torch_optimizer(make, tmp_path):
     opt = make(model.parameters(), lr=1e-2)
     monitor = specopt.SpectralMonitor(model, log_dir=tmp_path, every=1, budget=None,
                                       alarms=(), histograms=False)
-    # PC first: its refresh runs before the monitor reads W_eff (hooks run in order).
-    with pc.attach(opt), monitor.attach(opt):
+    # The monitor attached first: the PC refresh still runs before it reads W_eff.
+    with monitor.attach(opt), pc.attach(opt):
         _train(c, model, opt, 2)
     monitor.close()
     acc = event_accumulator.EventAccumulator(str(tmp_path),

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
@@ -478,7 +479,9 @@ class PCHandle:
         Uses ``optimizer.register_step_post_hook``, so it works with any
         ``torch.optim.Optimizer`` (``specopt.Muon``, ``build_optimizer``'s optimizer,
         ``torch.optim.AdamW``). It runs before ``scheduler.step()`` in the usual loop, so
-        the forward at step t uses vectors refined on the current W.
+        the forward at step t uses vectors refined on the current W. The hook is moved
+        ahead of the optimizer's other post-step hooks, so a monitor attached earlier still
+        reads ``W_eff`` with the refreshed ``s`` (the one the next forward uses).
 
         Returns:
             An :class:`~specopt.hooks.AttachHandle` (the type ``SpectralMonitor.attach``
@@ -491,6 +494,11 @@ class PCHandle:
                 f"{type(optimizer).__name__}"
             )
         hook = register(lambda _opt, _args, _kwargs: self.refresh())
+        # Hooks run in registration order; torch offers no prepend for step hooks, so move
+        # ours to the front of the (private, OrderedDict) table when it is there.
+        table = getattr(optimizer, "_optimizer_step_post_hooks", None)
+        if isinstance(table, OrderedDict) and getattr(hook, "id", None) in table:
+            table.move_to_end(hook.id, last=False)
         return AttachHandle(optimizer, [hook], owner="PCHandle")
 
     @contextmanager
