@@ -494,6 +494,30 @@ def test_nothing_selected_names_the_matrix_modules():
         apply_pc(Tagger())
 
 
+def test_pc_on_a_block_registered_twice_and_the_tied_error():
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.fc2(torch.relu(self.fc1(x)))
+
+    block = Block()
+    model = nn.Sequential(block, block)  # one set of weights applied twice (shared depth)
+    x = torch.randn(3, 8)
+    assert apply_pc(model, level=2).names == ["0.fc1", "0.fc2"]
+    with torch.no_grad():
+        before = model(x)
+    merge_pc(model)
+    assert not is_pc_module(model[1].fc1)
+    torch.testing.assert_close(model(x), before, rtol=1e-6, atol=1e-6)
+    tied = _TorchLM("none", tied=True)  # the embedding is also the head: two modules
+    with pytest.raises(ValueError, match=r"'lm_head\.weight' \(50, 16\) is shared with "
+                                         r"another module \(tied weights\)"):
+        apply_pc(tied, include="lm_head")
+
+
 def test_integer_weight_is_named():
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     model[1].weight = nn.Parameter(torch.zeros(4, 4, dtype=torch.int8), requires_grad=False)

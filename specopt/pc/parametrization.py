@@ -711,9 +711,12 @@ def apply_pc(
             + f"; pass include=[...] with module paths (matrix modules: {listed})"
         )
     # Validate everything before touching the model, so a failure leaves it unchanged.
-    share_count: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        share_count[id(p)] = share_count.get(id(p), 0) + 1
+    # Owners per tensor: tied weights have two modules; one module registered under two
+    # paths (a weight-shared block repeated in a ModuleList) is one owner, and fine to wrap.
+    owners: dict[int, set[int]] = {}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            owners.setdefault(id(p), set()).add(id(m))
     for name, module in selected.items():
         if parametrize.is_parametrized(module, "weight"):
             if is_pc_module(module):
@@ -730,7 +733,7 @@ def apply_pc(
             raise TypeError(f"apply_pc: '{name}.weight' {tuple(weight.shape)} has dtype "
                             f"{weight.dtype}; PC needs a floating-point weight (a quantized "
                             "layer? exclude it)")
-        if share_count.get(id(weight), 0) > 1:
+        if len(owners.get(id(weight), ())) > 1:
             raise ValueError(f"apply_pc: '{name}.weight' {tuple(weight.shape)} is shared with "
                              "another module (tied weights); exclude it from the targets")
         if not weight.is_meta and not torch.isfinite(weight).all():
