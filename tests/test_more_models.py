@@ -518,6 +518,17 @@ def test_pc_on_a_block_registered_twice_and_the_tied_error():
         apply_pc(tied, include="lm_head")
 
 
+@pytest.mark.parametrize(("name", "leaves"), [
+    ("distilbert", {"q_lin", "k_lin", "v_lin"}),
+    ("deberta_v2", {"query_proj", "key_proj", "value_proj"}),
+    ("deepseek_v3", {"q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj"}),
+])
+def test_include_qkv_adds_each_familys_qkv(name, leaves):
+    default = set(apply_pc(_build(name)).names)
+    extra = set(apply_pc(_build(name), include_qkv=True).names) - default
+    assert {n.rsplit(".", 1)[-1] for n in extra} == leaves
+
+
 def test_integer_weight_is_named():
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     model[1].weight = nn.Parameter(torch.zeros(4, 4, dtype=torch.int8), requires_grad=False)

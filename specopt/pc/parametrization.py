@@ -131,6 +131,9 @@ QKV_TARGETS: tuple[str, ...] = (
     "wq", "wk", "wv", "q_proj", "k_proj", "v_proj", "c_attn", "qkv", "qkv_proj",
     "query", "key", "value", "query_key_value", "SelfAttention.q", "SelfAttention.k",
     "SelfAttention.v", "EncDecAttention.q", "EncDecAttention.k", "EncDecAttention.v",
+    "q_lin", "k_lin", "v_lin",  # DistilBERT
+    "query_proj", "key_proj", "value_proj",  # DeBERTa
+    "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj",  # DeepSeek MLA
 )
 #: Former name of :data:`QKV_TARGETS`.
 QKV_NAMES = QKV_TARGETS
