@@ -51,7 +51,8 @@ wrapper prefixes (``module``, ``_orig_mod``, ``_fsdp_wrapped_module``,
    ``layer.N.output.dense`` is the FFN's second matrix) -> ``"mlp"``.
 5. The last component alone: a q/k/v/output projection name (``q_proj``, ``c_attn``,
    ``query``, ...) -> ``"attention"``; an FFN matrix name (``fc1``, ``w1``, ``c_fc``,
-   ``up_proj``, ``dense_h_to_4h``, ...) -> ``"mlp"``.
+   ``up_proj``, ``dense_h_to_4h``, ALBERT's ``ffn_output``, ConvNeXt's ``pwconv1``,
+   ``nn.TransformerEncoderLayer``'s ``linear1``, ...) -> ``"mlp"``.
 6. ``"other"``.
 
 Selection (one vocabulary for ``include`` / ``exclude`` everywhere): a pattern is a glob
@@ -109,7 +110,8 @@ BLOCKS: tuple[str, ...] = ("attention", "mlp", "embedding", "head", "other")
 
 #: Module names of an output / classifier head (first or last component of the path).
 HEAD_NAMES: tuple[str, ...] = (
-    "output", "lm_head", "head", "classifier", "embed_out", "score", "cls",
+    "output", "lm_head", "head", "classifier", "classification_head", "embed_out", "score",
+    "cls",
 )
 #: Component names of embedding tables besides those containing "embed".
 EMBEDDING_NAMES: tuple[str, ...] = ("wte", "wpe", "shared")
@@ -127,6 +129,7 @@ ATTENTION_LEAF_NAMES: tuple[str, ...] = (
 MLP_LEAF_NAMES: tuple[str, ...] = (
     "fc1", "fc2", "c_fc", "w1", "w2", "w3", "gate_proj", "up_proj", "down_proj",
     "gate_up_proj", "dense_h_to_4h", "dense_4h_to_h", "wi", "wi_0", "wi_1", "fc_in", "fc_out",
+    "ffn_output", "pwconv1", "pwconv2", "linear1", "linear2",
 )
 
 _WRAPPERS = frozenset({"module", "_orig_mod", "_fsdp_wrapped_module",

@@ -617,6 +617,7 @@ def test_monitor_rms_to_rms_uses_the_conv1d_operator_orientation():
     ("bert.encoder.layer.0.intermediate.dense", "mlp"),
     ("bert.encoder.layer.0.output.dense", "mlp"),
     ("bert.embeddings.word_embeddings", "embedding"), ("classifier", "head"),
+    ("classification_head.out_proj", "head"),
     ("encoder.block.0.layer.0.SelfAttention.o", "attention"),
     ("decoder.block.0.layer.1.EncDecAttention.k", "attention"),
     ("encoder.block.0.layer.1.DenseReluDense.wi_0", "mlp"), ("shared", "embedding"),

@@ -13,6 +13,7 @@ from specopt.pc.parametrization import (
     get_pc,
     is_pc_module,
     merge_pc,
+    merged_state_dict,
     pc_weight,
 )
 from specopt.pc.polynomials import (
@@ -37,6 +38,7 @@ __all__ = [
     "get_pc",
     "is_pc_module",
     "merge_pc",
+    "merged_state_dict",
     "odd_matrix_polynomial",
     "pc_weight",
     "resolve_polynomial",

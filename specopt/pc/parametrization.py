@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
@@ -61,6 +62,7 @@ from specopt.hooks import AttachHandle
 from specopt.layers import (
     Pattern,
     check_patterns,
+    is_head_path,
     matches,
     matrix_spec,
     no_match_error,
@@ -85,6 +87,7 @@ __all__ = [
     "get_pc",
     "is_pc_module",
     "merge_pc",
+    "merged_state_dict",
     "pc_weight",
 ]
 
@@ -92,17 +95,29 @@ __all__ = [
 #: component (``"mlp.c_fc"`` matches ``transformer.h.0.mlp.c_fc``; ``"fc1"`` any module
 #: named ``fc1``). FFN matrices and the attention output projection, as in the paper;
 #: never q/k/v or a fused qkv (:data:`QKV_TARGETS`). Only matrix modules (``nn.Linear``,
-#: transformers' ``Conv1D``) are wrapped; a non-matrix module with such a name is skipped
-#: with a warning.
+#: transformers' ``Conv1D``) are wrapped; a non-matrix layer with such a name (e.g. a conv)
+#: is skipped with a warning, a container module (DistilBERT's ``ffn``) silently. Modules
+#: inside an output head (:func:`specopt.layers.is_head_path`: RoBERTa's
+#: ``classifier.out_proj``, BART's ``classification_head.out_proj``) and weights that
+#: already carry another parametrization (``weight_norm``, ``spectral_norm``: skipped with
+#: a warning) are never wrapped by default.
 PC_TARGET_TABLE: dict[str, tuple[str, ...]] = {
-    "Llama / Mistral / Qwen (HF)": ("gate_proj", "up_proj", "down_proj", "o_proj"),
+    "Llama / Mistral / Qwen / Gemma (HF)": ("gate_proj", "up_proj", "down_proj", "o_proj"),
+    "Phi-3 (fused gate/up)": ("mlp.gate_up_proj",),
     "specopt Llama / Meta Llama": ("w1", "w2", "w3", "attention.wo"),
     "GPT-2 (Conv1D) / nanoGPT (Linear)": ("mlp.c_fc", "mlp.c_proj", "attn.c_proj"),
-    "GPT-NeoX / Pythia, Falcon": ("dense_h_to_4h", "dense_4h_to_h", "attention.dense",
-                                  "self_attention.dense"),
-    "BERT / RoBERTa, ViT (HF < 5)": ("intermediate.dense", "output.dense"),
+    "GPT-NeoX / Pythia, Falcon, ALBERT attention": ("dense_h_to_4h", "dense_4h_to_h",
+                                                    "attention.dense",
+                                                    "self_attention.dense"),
+    "BERT / RoBERTa / DeBERTa, ViT (HF < 5)": ("intermediate.dense", "output.dense"),
+    "DistilBERT": ("ffn.lin1", "ffn.lin2", "attention.out_lin"),
+    "ALBERT FFN": ("ffn", "ffn_output"),
     "T5": ("wi", "wi_0", "wi_1", "DenseReluDense.wo", "SelfAttention.o", "EncDecAttention.o"),
-    "Phi, OPT, CLIP, ViT, timm ViT": ("fc1", "fc2", "self_attn.dense", "out_proj", "attn.proj"),
+    "Phi, OPT, BART, Whisper, CLIP, ViT / DeiT / Swin, timm ViT": (
+        "fc1", "fc2", "self_attn.dense", "out_proj", "attn.proj"),
+    "GPT-J / CodeGen": ("mlp.fc_in", "mlp.fc_out"),
+    "ConvNeXt (HF)": ("pwconv1", "pwconv2"),
+    "torch nn.TransformerEncoderLayer / DecoderLayer": ("linear1", "linear2"),
 }
 
 #: Every default target suffix, in table order (what ``apply_pc`` wraps by default).
@@ -116,6 +131,9 @@ QKV_TARGETS: tuple[str, ...] = (
     "wq", "wk", "wv", "q_proj", "k_proj", "v_proj", "c_attn", "qkv", "qkv_proj",
     "query", "key", "value", "query_key_value", "SelfAttention.q", "SelfAttention.k",
     "SelfAttention.v", "EncDecAttention.q", "EncDecAttention.k", "EncDecAttention.v",
+    "q_lin", "k_lin", "v_lin",  # DistilBERT
+    "query_proj", "key_proj", "value_proj",  # DeBERTa
+    "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj",  # DeepSeek MLA
 )
 #: Former name of :data:`QKV_TARGETS`.
 QKV_NAMES = QKV_TARGETS
@@ -191,7 +209,8 @@ class PCParametrization(nn.Module):
     ``<module>.parametrizations.weight.0.{u,v,gamma}``):
         u: buffer ``(out,)``, left singular vector estimate (fp32, fp64 for fp64 weights).
         v: buffer ``(in,)``, right singular vector estimate.
-        gamma: 0-D ``nn.Parameter`` (init ``gamma_init``) or ``None`` when disabled.
+        gamma: 0-D ``nn.Parameter`` (init ``gamma_init``; ``requires_grad`` as the weight's,
+            so a frozen layer stays frozen) or ``None`` when disabled.
 
     ``(out, in)`` is the operator's orientation: with ``transposed=True`` the weight is
     stored ``(in, out)`` (transformers' ``Conv1D``) and ``u`` still has ``out`` entries.
@@ -246,8 +265,10 @@ class PCParametrization(nn.Module):
         )
         self.register_buffer("u", u)
         self.register_buffer("v", v)
+        # A frozen weight (requires_grad=False) gets a frozen gamma: the layer stays frozen.
         self.gamma: nn.Parameter | None = (
-            nn.Parameter(torch.tensor(float(gamma_init), dtype=weight.dtype, device=weight.device))
+            nn.Parameter(torch.tensor(float(gamma_init), dtype=weight.dtype, device=weight.device),
+                         requires_grad=weight.requires_grad)
             if learn_gamma
             else None
         )
@@ -461,7 +482,9 @@ class PCHandle:
         Uses ``optimizer.register_step_post_hook``, so it works with any
         ``torch.optim.Optimizer`` (``specopt.Muon``, ``build_optimizer``'s optimizer,
         ``torch.optim.AdamW``). It runs before ``scheduler.step()`` in the usual loop, so
-        the forward at step t uses vectors refined on the current W.
+        the forward at step t uses vectors refined on the current W. The hook is moved
+        ahead of the optimizer's other post-step hooks, so a monitor attached earlier still
+        reads ``W_eff`` with the refreshed ``s`` (the one the next forward uses).
 
         Returns:
             An :class:`~specopt.hooks.AttachHandle` (the type ``SpectralMonitor.attach``
@@ -474,6 +497,11 @@ class PCHandle:
                 f"{type(optimizer).__name__}"
             )
         hook = register(lambda _opt, _args, _kwargs: self.refresh())
+        # Hooks run in registration order; torch offers no prepend for step hooks, so move
+        # ours to the front of the (private, OrderedDict) table when it is there.
+        table = getattr(optimizer, "_optimizer_step_post_hooks", None)
+        if isinstance(table, OrderedDict) and getattr(hook, "id", None) in table:
+            table.move_to_end(hook.id, last=False)
         return AttachHandle(optimizer, [hook], owner="PCHandle")
 
     @contextmanager
@@ -525,6 +553,11 @@ def _pc_kind(module: nn.Module) -> bool:
     return matrix_spec(module, "weight", weight).kind in PC_KINDS
 
 
+def _other_parametrization(module: nn.Module) -> bool:
+    """``module.weight`` is parametrized, but not (only) by PC."""
+    return parametrize.is_parametrized(module, "weight") and not is_pc_module(module)
+
+
 def _describe(items: Sequence[tuple[str, nn.Module]], limit: int = 4) -> str:
     shown = ", ".join(f"{n} ({type(m).__name__})" for n, m in items[:limit])
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
@@ -561,12 +594,22 @@ def _select_targets(
         selected = {n: m for n, m in named if _pc_kind(m) and predicate(n, m)}
     else:
         suffixes = DEFAULT_PC_TARGETS + (QKV_TARGETS if include_qkv else ())
-        chosen = [(n, m) for n, m in named if any(_suffix_matches(n, s) for s in suffixes)]
-        skipped = [(n, m) for n, m in chosen if not _pc_kind(m)]
+        chosen = [(n, m) for n, m in named if not is_head_path(n)
+                  and any(_suffix_matches(n, s) for s in suffixes)]
+        # Containers named like a target (DistilBERT's ``ffn`` holds lin1/lin2) are not
+        # layers; a layer with a weight that is not a matrix module (a conv) is worth a word.
+        skipped = [(n, m) for n, m in chosen
+                   if not _pc_kind(m) and isinstance(getattr(m, "weight", None), Tensor)]
         if skipped:
             warnings.warn("apply_pc: skipping non-matrix modules named like PC targets: "
                           f"{_describe(skipped, 8)}", stacklevel=3)
-        selected = {n: m for n, m in chosen if _pc_kind(m)}
+        other = [(n, m) for n, m in chosen if _pc_kind(m) and _other_parametrization(m)]
+        if other:
+            warnings.warn("apply_pc: skipping modules whose weight already has another "
+                          f"parametrization (weight_norm, spectral_norm, ...): "
+                          f"{_describe(other, 8)}; PC does not stack on top of it",
+                          stacklevel=3)
+        selected = {n: m for n, m in chosen if _pc_kind(m) and not _other_parametrization(m)}
     for pattern in exclude:
         if not matches([pattern], names):
             raise no_match_error("apply_pc: exclude", pattern, names, "module")
@@ -609,7 +652,8 @@ def apply_pc(
             selection.
         power_iters: power iterations per refresh (after each optimizer step).
         eps: floor for power-iteration normalisation and for ``s``.
-        learn_gamma: add a learnable scalar ``gamma`` per layer (init ``gamma_init``).
+        learn_gamma: add a learnable scalar ``gamma`` per layer (init ``gamma_init``); it
+            is frozen when the layer's weight is (``requires_grad=False``).
         norm_recovery: ``W_eff = gamma * stopgrad(s) * f(W/s)`` (True, published) or
             ``gamma * f(W/s)`` (False); see the module docstring.
         init_iters: power iterations run once now, from the random start, so the first
@@ -619,7 +663,9 @@ def apply_pc(
     Matrix modules: ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2, weight stored
     ``(in, out)``). Default selection: every matrix module whose path ends with a suffix
     of :data:`PC_TARGET_TABLE` (FFN matrices and attention output projections of Llama,
-    GPT-2, GPT-NeoX, BERT, T5, Phi/OPT, ViT, nanoGPT and specopt's Llama).
+    GPT-2, GPT-NeoX, BERT, T5, Phi/OPT, ViT, nanoGPT, specopt's Llama and more), except
+    modules inside an output head and weights with another parametrization (skipped with
+    a warning).
 
     The current weight becomes the raw ``W`` (``module.parametrizations.weight.original``,
     the same Parameter object); ``module.weight`` becomes ``W_eff``, so the model's
@@ -658,22 +704,39 @@ def apply_pc(
     if not selected:
         how = (f"include={include!r}" if inc else "the predicate" if predicate is not None
                else "the default targets (PC_TARGET_TABLE)")
+        mats = [n for n, m in model.named_modules()
+                if n and "parametrizations" not in n.split(".") and _pc_kind(m)]
+        listed = ", ".join(repr(n) for n in mats[:5]) + (
+            f" (of {len(mats)})" if len(mats) > 5 else "") if mats else "none"
         raise ValueError(
             f"apply_pc selected no module: no nn.Linear / Conv1D matches {how}"
             + (f" once exclude={exclude!r} is applied" if exc else "")
-            + "; pass include=[...] with module paths"
+            + f"; pass include=[...] with module paths (matrix modules: {listed})"
         )
     # Validate everything before touching the model, so a failure leaves it unchanged.
-    share_count: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        share_count[id(p)] = share_count.get(id(p), 0) + 1
+    # Owners per tensor: tied weights have two modules; one module registered under two
+    # paths (a weight-shared block repeated in a ModuleList) is one owner, and fine to wrap.
+    owners: dict[int, set[int]] = {}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            owners.setdefault(id(p), set()).add(id(m))
     for name, module in selected.items():
         if parametrize.is_parametrized(module, "weight"):
-            what = "PC" if is_pc_module(module) else "another parametrization"
-            raise ValueError(f"apply_pc: '{name}.weight' already has {what} "
-                             "(apply_pc called twice? merge_pc first)")
+            if is_pc_module(module):
+                raise ValueError(f"apply_pc: '{name}.weight' already has PC "
+                                 "(apply_pc called twice? merge_pc first)")
+            kinds = ", ".join(type(p).__name__ for p in module.parametrizations["weight"])
+            raise ValueError(
+                f"apply_pc: '{name}.weight' already has another parametrization ({kinds}, "
+                "e.g. weight_norm / spectral_norm); PC does not stack on top of it: exclude "
+                "the module or remove it first (torch.nn.utils.parametrize."
+                "remove_parametrizations)")
         weight = module.weight
-        if share_count.get(id(weight), 0) > 1:
+        if not weight.is_floating_point():
+            raise TypeError(f"apply_pc: '{name}.weight' {tuple(weight.shape)} has dtype "
+                            f"{weight.dtype}; PC needs a floating-point weight (a quantized "
+                            "layer? exclude it)")
+        if len(owners.get(id(weight), ())) > 1:
             raise ValueError(f"apply_pc: '{name}.weight' {tuple(weight.shape)} is shared with "
                              "another module (tied weights); exclude it from the targets")
         if not weight.is_meta and not torch.isfinite(weight).all():
@@ -695,13 +758,27 @@ def apply_pc(
     return PCHandle(dict(selected))
 
 
+def _effective_weights(pcs: Sequence[tuple[str, nn.Module]], caller: str) -> dict[int, Tensor]:
+    """``{id(module): W_eff}`` (detached), every one checked finite before any is used."""
+    out: dict[int, Tensor] = {}
+    with torch.no_grad():
+        for name, module in pcs:
+            w_eff = module.weight.detach()
+            if not torch.isfinite(w_eff).all():
+                raise ValueError(f"{caller}: effective weight of '{name}' "
+                                 f"{tuple(w_eff.shape)} is not finite; nothing was merged")
+            out[id(module)] = w_eff
+    return out
+
+
 def merge_pc(model: nn.Module) -> nn.Module:
     """Bake ``W_eff`` into plain weights of every PC module of ``model`` (in place).
 
     Afterwards each module is its original class (e.g. plain ``nn.Linear``) with
     ``weight`` = the former ``W_eff``, stored in the same Parameter object that held the
     raw ``W``; no ``gamma``, ``u``, ``v`` remain, and ``model.state_dict()`` has exactly the
-    keys of a model that never had PC. Outputs are unchanged.
+    keys of a model that never had PC. Outputs are unchanged. To write such a checkpoint
+    while training goes on, without changing the model: :func:`merged_state_dict`.
 
     Returns:
         ``model``.
@@ -713,16 +790,49 @@ def merge_pc(model: nn.Module) -> nn.Module:
     pcs = [(name, m) for name, m in model.named_modules() if is_pc_module(m)]
     if not pcs:
         raise ValueError("merge_pc: the model has no PC-parametrized module (nothing to merge)")
+    _effective_weights(pcs, "merge_pc")
     with torch.no_grad():
-        for name, module in pcs:
-            w_eff = module.weight
-            if not torch.isfinite(w_eff).all():
-                raise ValueError(f"merge_pc: effective weight of '{name}' "
-                                 f"{tuple(w_eff.shape)} is not finite; nothing was merged")
         for _, module in pcs:
             _give_private_class(module)
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
     return model
+
+
+_PC_KEY = "parametrizations.weight."
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """``model.state_dict()`` as it would be after :func:`merge_pc`, leaving ``model`` as is.
+
+    Each PC module's ``<path>.parametrizations.weight.{original, 0.u, 0.v, 0.gamma}``
+    become one ``<path>.weight`` = ``W_eff`` (detached, in the key's place), so the result
+    loads into a model that never had PC. For checkpoints in the middle of training, e.g.
+    ``model.save_pretrained(d, state_dict=merged_state_dict(model))``: a plain
+    ``model.save_pretrained(d)`` of a PC model writes the raw ``W`` under PC keys, which
+    ``from_pretrained`` into a plain model reports as UNEXPECTED / MISSING and replaces by
+    random weights. A model without PC modules gives its ``state_dict()`` unchanged.
+
+    Raises:
+        ValueError: some ``W_eff`` is non-finite.
+    """
+    state = model.state_dict()
+    pcs = [(name, m) for name, m in model.named_modules() if is_pc_module(m)]
+    if not pcs:
+        return state
+    effective = _effective_weights(pcs, "merged_state_dict")
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        at = key.find(_PC_KEY)
+        prefix = key[:at]
+        if at < 0 or (prefix and not prefix.endswith(".")):
+            out[key] = value
+            continue
+        module = model.get_submodule(prefix[:-1]) if prefix else model
+        if id(module) not in effective:  # another parametrization: keep its keys
+            out[key] = value
+        elif key == prefix + _PC_KEY + "original":
+            out[prefix + "weight"] = effective[id(module)]
+    return out
 
 
 def _give_private_class(module: nn.Module) -> None:
