@@ -141,6 +141,15 @@ CASES: list[tuple[str, Callable[[Path], list[object]], str]] = [
      r"cannot write --out '.*f/s\.png': '.*f' is a file, not a folder"),
     ("inspect-out-is-a-directory", lambda t: ["inspect", _checkpoint(t / "c.pt"), "--out", t],
      r"--out '.*' is a directory, expected a file path"),
+    ("inspect-out-is-the-checkpoint", lambda t: [
+        "inspect", _checkpoint(t / "c.pt"), "--out", t / "c.pt"],
+     r"--out '.*c\.pt' is the input file"),
+    # A folder where no file can be created although its mode says writable (root, /proc):
+    # found by the up-front probe, before the table is printed.
+    *([("inspect-out-in-proc", lambda t: [
+        "inspect", _checkpoint(t / "c.pt"), "--out", "/proc/specopt-test.png"],
+        r"cannot write --out '/proc/specopt-test\.png': cannot create a file in folder '/proc'")]
+      if Path("/proc/self").is_dir() else []),
     # merge
     ("merge-missing", lambda t: ["merge", t / "nope.pt", t / "m.pt"],
      r"checkpoint '.*nope\.pt' does not exist"),
@@ -168,6 +177,11 @@ CASES: list[tuple[str, Callable[[Path], list[object]], str]] = [
      r"cannot write OUT '.*f/m\.pt': '.*f' is a file, not a folder"),
     ("merge-out-is-a-directory", lambda t: ["merge", _checkpoint(t / "c.pt"), t],
      r"OUT '.*' is a directory"),
+    # OUT naming the checkpoint itself would replace the run's checkpoint with plain weights.
+    ("merge-out-is-the-checkpoint", lambda t: ["merge", _checkpoint(t / "c.pt"), t / "c.pt"],
+     r"OUT '.*c\.pt' is the input file '.*c\.pt': writing it would replace the input"),
+    ("merge-out-is-the-checkpoint-by-another-name", lambda t: [
+        "merge", _checkpoint(t / "c.pt"), t / "." / "c.pt"], r"is the input file"),
     # diagnose / compare: run folders
     ("diagnose-missing", lambda t: ["diagnose", t / "nope"], r"log folder '.*nope' does not exist"),
     ("diagnose-a-file", lambda t: ["diagnose", _write(t / "f", b"x")],

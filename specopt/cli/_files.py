@@ -14,8 +14,9 @@ from __future__ import annotations
 import os
 import pickle
 import stat
+import tempfile
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -78,24 +79,38 @@ def check_input_file(path: str | os.PathLike[str], *, what: str) -> Path:
     return p
 
 
-def check_output_path(path: str | os.PathLike[str], *, flag: str) -> Path:
-    """``path`` as a ``Path`` if a file can be written there; creates nothing.
+def check_output_path(
+    path: str | os.PathLike[str], *, flag: str, inputs: Iterable[str | os.PathLike[str]] = ()
+) -> Path:
+    """``path`` as a ``Path`` if a file can be written there; leaves nothing behind.
 
     The parent folders need not exist (``atomic_write`` creates them), but the nearest
-    existing one must be a writable folder. ``flag`` names the option in messages.
+    existing one must be a folder where a file can be created: checked by creating and
+    removing an empty temporary file (permission bits say nothing to root, nor about
+    read-only mounts or /proc). ``path`` must not be one of the ``inputs`` (writing the
+    output would replace the file being read). ``flag`` names the option in messages.
     """
     p = Path(path)
     if p.is_dir():
         raise CommandError(f"{flag} {_q(p)} is a directory, expected a file path")
     if p.exists() and not p.is_file():
         raise CommandError(f"{flag} {_q(p)} exists and is not a regular file")
+    for source in inputs:
+        if p.exists() and Path(source).exists() and os.path.samefile(p, source):
+            raise CommandError(f"{flag} {_q(p)} is the input file {_q(source)}: writing it "
+                               "would replace the input; choose another output path")
     ancestor = p.absolute().parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise CommandError(f"cannot write {flag} {_q(p)}: {_q(ancestor)} is a file, not a folder")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise CommandError(f"cannot write {flag} {_q(p)}: folder {_q(ancestor)} is not writable")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".specopt-probe.", suffix=".tmp", dir=ancestor)
+    except OSError as exc:
+        raise CommandError(f"cannot write {flag} {_q(p)}: cannot create a file in folder "
+                           f"{_q(ancestor)}: {exc.strerror or exc}") from exc
+    os.close(fd)
+    os.unlink(probe)
     return p
 
 

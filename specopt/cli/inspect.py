@@ -84,7 +84,7 @@ def inspect_file(
     from specopt.spectral.metrics import model_aggregates, singular_values, spectrum_metrics
 
     if png is not None:
-        check_output_path(png, flag="--out")
+        check_output_path(png, flag="--out", inputs=[path])
     if match is not None:
         try:
             pattern = re.compile(match)
