@@ -73,6 +73,7 @@ BAD_FLAGS = [
     (["--fsdp"], "--fsdp: distributed training needs a launcher"),
     (["--ddp", "--resume", "x"], "--ddp/--fsdp cannot be combined with --resume"),
     (["--compare", "--resume", "x"], "--compare starts two fresh runs"),
+    (["--resume", "/dev/null"], "--resume path '/dev/null' is not a regular file or folder"),
 ]
 
 

@@ -21,7 +21,9 @@ on any world size (``--resume`` of a distributed run is not supported yet).
 Resume restores model (incl. PC buffers), optimizer, scheduler, RNG and sampler state,
 so ``N`` straight steps and ``N/2 + resume + N/2`` give bit-identical parameters (also
 after a ``kill -9``). Into the same run folder every step stays logged once (the writer
-purges only steps after the checkpoint's). Flags on resume: :data:`RESUME_OVERRIDES` are
+purges only steps after the checkpoint's; resuming from an older checkpoint rewinds the
+run, and its newer checkpoints are moved to ``checkpoints/superseded_at_step_<n>/``).
+Flags on resume: :data:`RESUME_OVERRIDES` are
 applied (a new ``--steps`` continues the cosine from the LR reached at the checkpoint, a
 new ``--lr`` rescales it, with a warning); any other flag must equal the checkpoint's or
 the resume is refused with the list of differences. ``--device`` (cpu, cuda, auto) puts
@@ -408,7 +410,29 @@ def _find_checkpoint(path: Path) -> Path:
                 f"run the same command without --resume and with --log-dir {path} to start "
                 "it over in place")
         raise CommandError(f"no checkpoints (step_*.pt) in {str(folder)!r}")
+    if path.exists():
+        raise CommandError(f"--resume path {str(path)!r} is not a regular file or folder "
+                           "(a device, FIFO or socket)")
     raise CommandError(f"--resume path {str(path)!r} does not exist")
+
+
+def _set_aside_newer_checkpoints(folder: Path, step: int) -> Path | None:
+    """Move the checkpoints of ``folder`` newer than ``step`` into a subfolder; returns it.
+
+    Why: a resume from an older checkpoint of the same run rewinds it (the writer purges
+    what was logged after ``step``), so newer checkpoints belong to the abandoned
+    continuation; left in place, the next ``--resume RUN`` would pick one of them and
+    mix two timelines. Moved, not deleted: nothing is lost.
+    """
+    newer = [p for p in sorted(folder.glob("step_*.pt"))
+             if (n := p.stem.removeprefix("step_")).isdigit() and int(n) > step]
+    if not newer:
+        return None
+    aside = _unique(folder / f"superseded_at_step_{step:07d}")
+    aside.mkdir(parents=True)
+    for p in newer:
+        os.replace(p, aside / p.name)
+    return aside
 
 
 def _restore(
@@ -677,6 +701,11 @@ def train(
                                f"{exc.strerror or exc}") from exc
         for stale in remove_stale_temp_files(log_dir / CHECKPOINT_DIR, "step_*"):
             console.print(f"removed {escape(str(stale))} (an interrupted checkpoint write)")
+        if ckpt is not None:
+            aside = _set_aside_newer_checkpoints(log_dir / CHECKPOINT_DIR, start_step)
+            if aside is not None:
+                console.print(f"resuming from step {start_step} rewinds the run: its newer "
+                              f"checkpoints were moved to {escape(str(aside))}")
     if restart:
         console.print(f"log dir {escape(str(log_dir))} holds a run that stopped before its "
                       "first checkpoint: starting it over in place")
