@@ -73,6 +73,7 @@ BAD_FLAGS = [
     (["--fsdp"], "--fsdp: distributed training needs a launcher"),
     (["--ddp", "--resume", "x"], "--ddp/--fsdp cannot be combined with --resume"),
     (["--compare", "--resume", "x"], "--compare starts two fresh runs"),
+    (["--seed", str(2**64)], f"--seed must be < 2**63 ({2**63}), got {2**64}"),
     (["--resume", "/dev/null"], "--resume path '/dev/null' is not a regular file or folder"),
 ]
 
@@ -87,6 +88,22 @@ def test_bad_flag_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, monkey
                  "--log-dir", tmp_path / "r")
     assert line.startswith("specopt train: error: ") and message in line, line
     assert not (tmp_path / "r").exists()
+
+
+def test_out_of_memory_is_one_line_exit_2_naming_the_flags(tmp_path, capsys, monkeypatch,
+                                                           data_file):
+    """An allocation that fails (here: torch's real CPU allocator error for 2**60 bytes, in
+    place of a huge --batch-size's forward) is the environment, not a bug."""
+    import specopt.cli.train as train_cmd
+
+    def huge(*args, **kwargs):
+        return torch.empty(2**60, dtype=torch.uint8)
+
+    monkeypatch.setattr(train_cmd, "train_loss", huge)
+    line = fails(capsys, "train", *RUN, "--steps", "1", "--data", data_file,
+                 "--log-dir", tmp_path / "r")
+    assert line == ("specopt train: error: out of memory (tried to allocate "
+                    f"{2**60} bytes): a smaller --batch-size, --seq-len or --preset needs less")
 
 
 def test_device_cuda_without_cuda_is_refused(tmp_path, capsys, data_file):

@@ -109,6 +109,8 @@ DEFAULT_LR = {"muon": 0.02, "adamw": 3e-3}
 #: PC level per optimizer, as in the published configs (Muon already orthogonalizes).
 DEFAULT_PC_LEVEL = {"muon": 2, "adamw": 4}
 CHECKPOINT_DIR = "checkpoints"
+#: Seeds are below 2**63: torch generators take 64 bits, and rank r samples with seed + r.
+MAX_SEED = 2**63
 #: ``--device`` choices; "auto" is cuda when available, else cpu.
 DEVICES = ("auto", "cpu", "cuda")
 #: ``--dtype`` choices -> autocast dtype (None: no autocast, fp32 everywhere).
@@ -172,6 +174,8 @@ class TrainConfig:
             require(getattr(self, name) > 0, name, "positive")
         for name in ("warmup", "ckpt_every", "eval_every", "keep_checkpoints", "seed", "threads"):
             require(getattr(self, name) >= 0, name, ">= 0")
+        # torch generators take 64-bit seeds, and the sampler seeds each rank with seed + rank.
+        require(self.seed < MAX_SEED, "seed", f"< 2**63 ({MAX_SEED})")
         # Floats: `not (lo <= x)` is also true for NaN, so NaN never passes a range check.
         require(self.lr is None or (math.isfinite(self.lr) and self.lr > 0), "lr",
                 "a positive finite number")
