@@ -6,7 +6,8 @@ Each subcommand lives in its own module (``specopt/cli/<command>.py``) exposing
 Errors: a command raises :class:`~specopt.cli._console.CommandError` for bad input; an
 ``OSError`` escaping a command (disk full, permission denied) or running out of memory
 (CPU or GPU) is bad environment, not a bug. All print one line and exit 2. Anything else
-is a bug: one line naming the exception, exit 1. ``--debug`` (before or after the subcommand) adds the traceback.
+is a bug: one line naming the exception, exit 1. ``--debug`` (before or after the
+subcommand) adds the traceback.
 """
 
 from __future__ import annotations
