@@ -792,6 +792,7 @@ def train(
 
     tokens_per_step = cfg.batch_size * cfg.seq_len
     loss_val, val_bpb, tps, cond, diverged = math.nan, math.nan, math.nan, math.nan, False
+    losses: list[tuple[int, float]] = []  # (step, train loss) of this invocation
     last_ckpt: Path | None = None
     step = start_step
     model.train()
@@ -835,6 +836,7 @@ def train(
             tps = inst if math.isnan(tps) else 0.9 * tps + 0.1 * inst
             t_last = now
             writer.add_scalar("train/loss", loss_val, step)
+            losses.append((step, loss_val))
             writer.add_scalar("train/lr", lr_now, step)
             writer.add_scalar("train/grad_norm", grad_norm, step)
             writer.add_scalar("perf/tokens_per_s", inst, step)
@@ -856,6 +858,11 @@ def train(
                        tps=f"{tps:,.0f}", cond="-" if math.isnan(cond) else f"{cond:.3g}")
             t_last = time.perf_counter()  # eval/checkpoint time is not training throughput
     wall = time.perf_counter() - t_start
+    if not diverged and _loss_diverged(losses):
+        diverged = True
+        console.print(f"[bold red]the loss diverged: {losses[0][1]:.3g} at step {losses[0][0]}, "
+                      f"{loss_val:.3g} at step {step}.[/] Run `specopt diagnose {log_dir}` to "
+                      "see which layers went first.")
     if not math.isnan(val_bpb):
         console.print(
             f"final validation: {val_bpb:.4f} bits/byte after {step} steps ({wall:.1f} s)"
@@ -863,6 +870,19 @@ def train(
     console.print(f"logs and checkpoints: [bold]{escape(str(log_dir))}[/]")
     console.print(f"view them:  tensorboard --logdir {escape(str(log_dir))}")
     return TrainResult(log_dir, step, last_ckpt, val_bpb, loss_val, wall, diverged)
+
+
+def _loss_diverged(losses: list[tuple[int, float]]) -> bool:
+    """``specopt diagnose``'s rule (:func:`~specopt.cli.diagnose.ended_diverged`) on the
+    training losses of this invocation: the run ends in a loss spike it did not recover
+    from. Such a run exits 1, not 0, although every step ran."""
+    import numpy as np
+
+    from specopt.cli.diagnose import detect_spikes, ended_diverged
+
+    steps = np.array([s for s, _ in losses], dtype=np.int64)
+    values = np.array([v for _, v in losses], dtype=np.float64)
+    return ended_diverged(steps, values, detect_spikes(steps, values))
 
 
 def _mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
