@@ -28,6 +28,7 @@ __all__ = [
     "check_input_file",
     "check_output_path",
     "checkpoint_model",
+    "is_distributed_checkpoint",
     "load_specopt_checkpoint",
     "load_weight_file",
     "refuse_nonfinite",
@@ -167,6 +168,62 @@ def _sniff(p: Path) -> str | None:
     return None
 
 
+def is_distributed_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a folder written by ``specopt.cli.dcp.save_distributed_checkpoint``
+    (``specopt train --ddp/--fsdp``'s ``checkpoints/step_<n>/``)."""
+    return Path(path).is_dir() and (Path(path) / ".metadata").is_file()
+
+
+def _load_distributed(p: Path) -> dict[str, Any]:
+    """A distributed checkpoint folder as a specopt checkpoint dict (``step``, ``model``,
+    ``config``; no optimizer state), loaded in this one process into the model its saved
+    config describes."""
+    import torch
+
+    from specopt.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
+    from specopt.cli.dcp import _EXTRA_FILE, load_distributed_checkpoint
+    from specopt.cli.train import build_model
+
+    try:
+        extra = torch.load(p / _EXTRA_FILE, weights_only=True)
+    except FileNotFoundError:
+        raise CommandError(f"distributed checkpoint {_q(p)} has no {_EXTRA_FILE} (its config): "
+                           "incomplete, or not written by `specopt train`") from None
+    cfg = extra.get("config") if isinstance(extra, Mapping) else None
+    if not isinstance(cfg, Mapping) or not isinstance(cfg.get("model"), Mapping):
+        raise CommandError(f"distributed checkpoint {_q(p)} has no 'config' with the model "
+                           "settings, so its model cannot be rebuilt")
+    try:
+        model, _ = build_model(dict(cfg["model"]), pc=bool(cfg.get("pc")),
+                               pc_level=cfg.get("pc_level") or 1)
+    except (TypeError, ValueError) as exc:
+        raise CommandError(f"{_q(p)} has an invalid model config: {_load_reason(exc)}") from exc
+    load_distributed_checkpoint(p, model)
+    return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+            "step": extra.get("step", 0), "model": model.state_dict(), "config": dict(cfg)}
+
+
+def _load_distributed_checked(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """:func:`_load_distributed` with a reader failure (missing or damaged shard files) as
+    a one-line error."""
+    from torch.distributed.checkpoint import CheckpointException
+
+    try:
+        return _load_distributed(Path(path))
+    except CommandError:
+        raise
+    except CheckpointException as exc:  # a BaseException; its text ends in the rank's error
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise CommandError(f"cannot load distributed checkpoint {_q(path)}: a shard file is "
+                           f"missing, truncated or corrupt ({lines[-1] if lines else exc})"
+                           ) from exc
+    except Exception as exc:
+        if not isinstance(exc, _LOAD_ERRORS):
+            raise
+        raise CommandError(f"cannot load distributed checkpoint {_q(path)}: "
+                           f"{_load_reason(exc)}") from exc
+
+
 def _load(path: str | os.PathLike[str], load: Callable[[Path], Any], *, what: str) -> Any:
     """``load(path)`` after the input checks, with a loader failure as a one-line error."""
     p = check_input_file(path, what=what)
@@ -189,12 +246,16 @@ def _load(path: str | os.PathLike[str], load: Callable[[Path], Any], *, what: st
 def load_weight_file(
     path: str | os.PathLike[str],
 ) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
-    """:func:`specopt.checkpoint.load_weights` with every failure as a one-line error.
+    """:func:`specopt.checkpoint.load_weights` with every failure as a one-line error; also
+    reads a distributed checkpoint folder (``--ddp/--fsdp`` runs).
 
     Returns ``(state_dict, checkpoint or None)`` like ``load_weights``.
     """
     from specopt.checkpoint import load_weights
 
+    if is_distributed_checkpoint(path):
+        ckpt = _load_distributed_checked(path)
+        return ckpt["model"], ckpt
     state, ckpt = _load(path, load_weights, what="weight file")
     if ckpt is not None and not isinstance(ckpt.get("model"), Mapping):
         raise CommandError(f"{_q(path)} is a specopt checkpoint without its 'model' weights")
@@ -203,9 +264,12 @@ def load_weight_file(
 
 def load_specopt_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """:func:`specopt.checkpoint.load_checkpoint` with every failure as a one-line error
-    (also: its ``'model'`` entry must be a state_dict)."""
+    (also: its ``'model'`` entry must be a state_dict); also reads a distributed checkpoint
+    folder (``--ddp/--fsdp`` runs; model weights and config, no optimizer state)."""
     from specopt.checkpoint import load_checkpoint
 
+    if is_distributed_checkpoint(path):
+        return _load_distributed_checked(path)
     ckpt = _load(path, load_checkpoint, what="checkpoint")
     if not isinstance(ckpt.get("model"), Mapping):
         raise CommandError(f"{_q(path)} is a specopt checkpoint without its 'model' weights")

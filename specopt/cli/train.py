@@ -16,7 +16,8 @@ batch is N times larger. Muon splits its Newton-Schulz work across ranks, the PC
 the monitor gather sharded weights where they need whole matrices, only rank 0 prints and
 writes logs, and checkpoints are ``torch.distributed.checkpoint`` directories
 (``checkpoints/step_<n>/``) that ``specopt.cli.dcp.load_distributed_checkpoint`` loads
-on any world size (``--resume`` of a distributed run is not supported yet).
+on any world size (``--resume`` of a distributed run is not supported yet; ``inspect``
+and ``merge`` read these folders).
 
 Resume restores model (incl. PC buffers), optimizer, scheduler, RNG and sampler state,
 so ``N`` straight steps and ``N/2 + resume + N/2`` give bit-identical parameters (also
@@ -408,6 +409,11 @@ def _find_checkpoint(path: Path) -> Path:
         found = sorted(folder.glob("step_*.pt"))
         if found:
             return found[-1]
+        if any(p.is_dir() and (p / ".metadata").is_file() for p in folder.glob("step_*")):
+            raise CommandError(
+                f"run {str(path)!r} holds only distributed checkpoints (step_*/ folders of a "
+                "--ddp/--fsdp run): --resume of a distributed run is not supported yet; "
+                "`specopt inspect` and `specopt merge` read them")
         if any(path.glob("events.out.tfevents.*")):
             raise CommandError(
                 f"run {str(path)!r} stopped before its first checkpoint: nothing to resume; "
