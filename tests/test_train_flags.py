@@ -180,6 +180,12 @@ def _bad_optimizer_state(c):
             entry[key] = torch.zeros(7)
 
 
+def _nan_weight(c):
+    w = c["model"]["layers.0.attention.wq.weight"].clone()
+    w[0, 0] = float("nan")
+    c["model"]["layers.0.attention.wq.weight"] = w
+
+
 def _optimizer_groups(c):
     c["optimizer"]["param_groups"] = c["optimizer"]["param_groups"][:1]
 
@@ -199,6 +205,9 @@ BAD_CHECKPOINTS = [
     ("unexpected-tensor", _extra_tensor, "unexpected tensors: surprise.weight"),
     ("optimizer-state-shape", _bad_optimizer_state, "optimizer state does not fit"),
     ("optimizer-groups", _optimizer_groups, "parameter groups"),
+    # Resumed, it stopped at its first step with "loss nan" (exit 1), after writing events.
+    ("nan-weights", _nan_weight, "holds NaN/Inf in 1 tensor(s): layers.0.attention.wq.weight; "
+     "refusing to resume from it (the run diverged? use an earlier checkpoint)"),
 ]
 
 

@@ -67,6 +67,7 @@ from specopt.checkpoint import (
     save_checkpoint,
 )
 from specopt.cli._console import CommandError, console
+from specopt.cli._files import refuse_nonfinite
 from specopt.cli.dcp import save_distributed_checkpoint
 from specopt.cli.launch import (
     NullWriter,
@@ -624,6 +625,7 @@ def train(
             ckpt = load_checkpoint(ckpt_path, require=TRAINING_KEYS)
         except (ValueError, FileNotFoundError) as exc:
             raise CommandError(str(exc)) from exc
+        refuse_nonfinite(ckpt["model"], ckpt_path, action="resume from it")
         saved = ckpt["config"]
         if not (isinstance(saved, dict) and all(isinstance(saved.get(k), dict)
                                                 for k in ("train", "model"))):
