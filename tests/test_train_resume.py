@@ -65,6 +65,30 @@ def test_resume_from_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, dat
     assert load_checkpoint(run / "checkpoints" / "step_0000007.pt")["step"] == 7
 
 
+def test_resume_from_another_folder_reads_the_runs_data_file(tmp_path, monkeypatch, capsys):
+    """`--data corpus.txt` is saved as an absolute path: a resume started in a folder that
+    has another corpus.txt trains on the run's file (before: silently on the other one),
+    and `--data ./corpus.txt` naming the same file is not a change."""
+    first, other = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    other.mkdir()
+    write_corpus(first, 40_000)
+    (other / "corpus.txt").write_bytes(b"other text " * 5000)
+    run = tmp_path / "run"
+    monkeypatch.chdir(first)
+    assert train(*TINY, "--steps", "2", "--monitor-every", "100", "--data", "corpus.txt",
+                 "--log-dir", run) == 0
+    saved = load_checkpoint(run / "checkpoints" / "step_0000002.pt")["config"]["train"]
+    assert saved["data"] == str(first / "corpus.txt")
+    monkeypatch.chdir(other)
+    capsys.readouterr()
+    assert train("--resume", run, "--steps", "3", "--no-progress") == 0
+    assert f"{first / 'corpus.txt'}: 1 file(s)" in capsys.readouterr().out
+    monkeypatch.chdir(first)
+    assert train("--resume", run, "--steps", "4", "--data", "./corpus.txt",
+                 "--no-progress") == 0
+
+
 def test_lr_is_continuous_when_resume_extends_the_steps(tmp_path, data_file):
     run = tmp_path / "run"
     assert train(*TINY, "--warmup", "2", "--lr", "0.01", "--monitor-every", "100",

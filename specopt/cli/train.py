@@ -318,6 +318,8 @@ def _resumed_config(
         raise CommandError(_as_flags(str(exc))) from exc
 
     def meaning(c: TrainConfig, k: str) -> Any:  # lr None is the optimizer's default, ...
+        if k == "data":  # the same file, however it is named
+            return os.path.realpath(c.data) if c.data is not None else None
         return c.peak_lr if k == "lr" else c.level if k == "pc_level" else getattr(c, k)
 
     differing = [f"{_flag(k)} (checkpoint: {meaning(old, k)!r}, given: {meaning(new, k)!r})"
@@ -645,6 +647,8 @@ def train(
                                ) from exc
     else:
         model_cfg = PRESETS[cfg.preset]
+        if cfg.data is not None:  # saved absolute: a resume from another folder reads it too
+            cfg = dataclasses.replace(cfg, data=os.path.abspath(os.path.expanduser(cfg.data)))
     if cfg.seq_len > model_cfg.max_seq_len:
         raise CommandError(f"--seq-len must be <= {model_cfg.max_seq_len}, the {cfg.preset} "
                            f"model's context (max_seq_len), got {cfg.seq_len}")
