@@ -153,6 +153,21 @@ def test_resume_accepts_flags_equal_to_the_checkpoint(finished_run, tmp_path, ca
                  str(data_file), "--no-progress", "--threads", "1"]) == 0
 
 
+def test_resume_into_a_folder_holding_another_run_is_refused(finished_run, tmp_path, capsys,
+                                                             data_file):
+    """Before: the other run's events after the checkpoint step were purged and the two
+    runs' checkpoints and events mixed in one folder."""
+    other = tmp_path / "other"
+    assert main(["train", *RUN, "--steps", "3", "--data", str(data_file),
+                 "--log-dir", str(other)]) == 0
+    before = {p: p.stat().st_mtime_ns for p in other.rglob("*")}
+    line = fails(capsys, "train", "--resume", finished_run, "--steps", "4", "--log-dir", other)
+    assert line == (f"specopt train: error: --log-dir {str(other)!r} already holds another run; "
+                    f"resume into the checkpoint's own run ({str(finished_run)!r}, the default) "
+                    "or an empty --log-dir")
+    assert {p: p.stat().st_mtime_ns for p in other.rglob("*")} == before
+
+
 def test_resume_validates_applied_flags(finished_run, capsys):
     line = fails(capsys, "train", "--resume", finished_run, "--steps", "3", "--lr", "inf")
     assert "--lr must be a positive finite number, got inf" in line

@@ -331,9 +331,8 @@ def _resumed_config(
             f"them to continue the run, or start a fresh run (another --log-dir). Flags that "
             f"may change: {', '.join(_flag(k) for k in RESUME_OVERRIDES)}"
         )
-    if "log_dir" not in given:  # the run the checkpoint belongs to
-        run = source.parent.parent if source.parent.name == CHECKPOINT_DIR else source.parent
-        new = dataclasses.replace(new, log_dir=str(run))
+    if "log_dir" not in given:
+        new = dataclasses.replace(new, log_dir=str(_run_of(source)))
     if new.peak_lr != old.peak_lr:
         console.print(f"[yellow]warning:[/] --lr {new.peak_lr:g} replaces the checkpoint's peak "
                       f"LR {old.peak_lr:g}: the schedule continues at the new scale from step "
@@ -401,6 +400,16 @@ def _unique(base: Path) -> Path:
 
 def _resolve_log_dir(cfg: TrainConfig) -> Path:
     return Path(cfg.log_dir) if cfg.log_dir is not None else _unique(Path("runs") / cfg.name)
+
+
+def _run_of(checkpoint: Path) -> Path:
+    """The run folder a checkpoint file belongs to (a loose file: its own folder)."""
+    return checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINT_DIR \
+        else checkpoint.parent
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _find_checkpoint(path: Path) -> Path:
@@ -676,6 +685,13 @@ def train(
             f"log dir {str(log_dir)!r} already holds a run; pass --resume {log_dir} to continue "
             "it, or another --log-dir"
         )
+    if broadcast_object(ckpt is not None and (has_events or has_checkpoints)
+                        and not _same_folder(log_dir, _run_of(ckpt_path))):
+        # Its purge and checkpoints would interleave two runs in one folder.
+        raise CommandError(
+            f"--log-dir {str(log_dir)!r} already holds another run; resume into the "
+            f"checkpoint's own run ({str(_run_of(ckpt_path))!r}, the default) or an empty "
+            "--log-dir")
     restart = ckpt is None and has_events  # stopped before its first checkpoint
     if cfg.threads == 0:  # resolved once and saved, so a resume uses the same count
         cfg = dataclasses.replace(cfg, threads=auto_threads())
