@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -205,6 +206,19 @@ CASES: list[tuple[str, Callable[[Path], list[object]], str]] = [
     ("compare-out-under-a-file", lambda t: [
         "compare", _event_run(t / "a"), "--out", _write(t / "f", b"x") / "c.png"],
      r"cannot write --out '.*f/c\.png'"),
+    # An empty string is refused, not read as "not given" (train --resume "" started a fresh
+    # run, --log-dir "" trained into the current folder, --out "" wrote the default path).
+    *[(f"empty-{name}", lambda t, argv=argv: argv, rf"{re.escape(flag)} is an empty string")
+      for name, argv, flag in [
+          ("train-resume", ["train", "--resume", ""], "--resume"),
+          ("train-log-dir", ["train", "--log-dir", "", "--steps", "1"], "--log-dir"),
+          ("train-data", ["train", "--data", "", "--steps", "1"], "--data"),
+          ("inspect-checkpoint", ["inspect", ""], "CHECKPOINT"),
+          ("inspect-out", ["inspect", "x.pt", "--out", ""], "--out"),
+          ("merge-out", ["merge", "x.pt", ""], "OUT"),
+          ("diagnose-json", ["diagnose", "run", "--json", ""], "--json"),
+          ("compare-run", ["compare", "run", ""], "RUN"),
+      ]],
     # bench
     ("bench-tools-dir-a-file", lambda t: ["bench", "--tools-dir", _write(t / "f", b"x")],
      r"--tools-dir '.*f' is a file, expected a folder"),
@@ -216,7 +230,6 @@ CASES: list[tuple[str, Callable[[Path], list[object]], str]] = [
 
 @pytest.mark.parametrize(("make_argv", "match"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, make_argv, match):
-    import re
 
     argv = make_argv(tmp_path)
     before = sorted(p.name for p in tmp_path.rglob("*"))

@@ -86,6 +86,23 @@ def _memory_message(command: str, exc: BaseException) -> str:
     return f"out of memory ({what})" + (f": {hint}" if hint else "")
 
 
+def _empty_argument(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
+    """The first option or positional given as an empty string, in CLI words, or None.
+
+    Why: every string argument here is a path (or pattern), and ``""`` means "not given"
+    to the commands (``--resume ""`` started a fresh run, ``--log-dir ""`` trained into the
+    current folder, ``--out ""`` wrote to the default path).
+    """
+    command_parser = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr]
+    for action in command_parser._actions:
+        value = getattr(args, action.dest, None)
+        values = value if isinstance(value, list) else [value]
+        if any(v == "" for v in values):
+            return action.option_strings[-1] if action.option_strings else \
+                (action.metavar or action.dest).upper()
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit status.
 
@@ -96,6 +113,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = bool(getattr(args, "debug", False))
+    empty = _empty_argument(parser, args)
+    if empty is not None:
+        err_console.print(f"[bold red]specopt {args.command}: error:[/] {escape(empty)} is an "
+                          "empty string; give a value, or leave the option out")
+        return EXIT_USAGE
     try:
         return int(args.func(args) or 0)
     except CommandError as exc:
