@@ -274,6 +274,18 @@ def test_disk_full_at_first_checkpoint(tmp_path, capsys, monkeypatch, data_file)
     assert read_run(run).series("train/loss")[0].tolist() == [1, 2]  # logs were closed
 
 
+def test_a_really_full_disk_is_one_line_exit_2(tmp_path, capsys, monkeypatch, data_file):
+    """The real torch.save on a filling disk (not a mocked OSError): before, "unexpected
+    RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos", exit 1."""
+    from train_utils import fill_the_disk
+
+    fill_the_disk(monkeypatch, room=1000)
+    line = fails(capsys, "train", *RUN, "--steps", "1", "--data", data_file,
+                 "--log-dir", tmp_path / "r")
+    assert "cannot write checkpoint" in line and "No space left on device" in line, line
+    assert not list(tmp_path.rglob("*.pt")) and not list(tmp_path.rglob("*.tmp"))
+
+
 def test_unwritable_checkpoint_folder(tmp_path, capsys, data_file):
     run = tmp_path / "r"
     run.mkdir()
