@@ -222,7 +222,14 @@ class TrainResult:
     val_bpb: float  # last validation bits per byte (nan if none ran)
     train_loss: float  # last training loss, nats/byte
     wall_s: float  # wall time of this invocation (data loading included)
-    diverged: bool
+    diverged: bool  # stopped on a non-finite loss or gradient
+    # Ran every step but ended in a loss spike it did not recover from (_loss_diverged).
+    loss_diverged: bool = False
+
+    @property
+    def failed(self) -> bool:
+        """Exit status 1: the run diverged either way."""
+        return self.diverged or self.loss_diverged
 
 
 def available_cpus() -> int:
@@ -886,8 +893,8 @@ def train(
                        tps=f"{tps:,.0f}", cond="-" if math.isnan(cond) else f"{cond:.3g}")
             t_last = time.perf_counter()  # eval/checkpoint time is not training throughput
     wall = time.perf_counter() - t_start
-    if not diverged and _loss_diverged(losses):
-        diverged = True
+    loss_diverged = not diverged and _loss_diverged(losses)
+    if loss_diverged:
         console.print(f"[bold red]the loss diverged: {losses[0][1]:.3g} at step {losses[0][0]}, "
                       f"{loss_val:.3g} at step {step}.[/] Run `specopt diagnose {log_dir}` to "
                       "see which layers went first.")
@@ -897,7 +904,8 @@ def train(
         )
     console.print(f"logs and checkpoints: [bold]{escape(str(log_dir))}[/]")
     console.print(f"view them:  tensorboard --logdir {escape(str(log_dir))}")
-    return TrainResult(log_dir, step, last_ckpt, val_bpb, loss_val, wall, diverged)
+    return TrainResult(log_dir, step, last_ckpt, val_bpb, loss_val, wall, diverged,
+                       loss_diverged)
 
 
 def _loss_diverged(losses: list[tuple[int, float]]) -> bool:
@@ -1026,7 +1034,7 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         result = train(resume=args.resume, overrides=_given_options(args),
                        progress=not args.no_progress)
-        return 1 if result.diverged else 0
+        return 1 if result.failed else 0
     cfg = _config_from_args(args)
     if not args.compare:
         try:
@@ -1037,7 +1045,7 @@ def run(args: argparse.Namespace) -> int:
 
                 if dist.is_initialized():
                     dist.destroy_process_group()
-        return 1 if result.diverged else 0
+        return 1 if result.failed else 0
     from specopt.cli.compare import compare_runs
 
     root = Path(cfg.log_dir) if cfg.log_dir else _unique(
@@ -1049,4 +1057,4 @@ def run(args: argparse.Namespace) -> int:
         console.rule(f"{'PC layer' if pc else 'baseline'} run")
         results.append(train(sub, progress=not args.no_progress))
     compare_runs([r.log_dir for r in results], out=root / "compare.png")
-    return 1 if any(r.diverged for r in results) else 0
+    return 1 if any(r.failed for r in results) else 0
