@@ -168,6 +168,55 @@ def test_resume_into_a_folder_holding_another_run_is_refused(finished_run, tmp_p
     assert {p: p.stat().st_mtime_ns for p in other.rglob("*")} == before
 
 
+def test_a_run_folder_in_use_by_another_training_is_refused(tmp_path, capsys, data_file):
+    """The same command started twice (or a --resume of a run still going) would delete
+    the other's checkpoint temp files and purge its events; the second one now stops."""
+    from specopt.cli.train import lock_run_folder
+
+    run = tmp_path / "r"
+    run.mkdir()
+    held = lock_run_folder(run)  # stands in for a training that is still running
+    if held is None:
+        pytest.skip("no flock on this OS")
+    (run / "checkpoints").mkdir()
+    in_flight = run / "checkpoints" / ".step_0000002.pt.abc123.tmp"
+    in_flight.write_bytes(b"being written")
+    line = fails(capsys, "train", *RUN, "--steps", "1", "--data", data_file, "--log-dir", run)
+    assert line == (f"specopt train: error: --log-dir {str(run)!r} is in use by another "
+                    f"specopt train (pid {os.getpid()}); wait for it to finish, or use another "
+                    "--log-dir")
+    assert in_flight.exists() and not list(run.glob("events.*"))
+    held.close()  # the other training ended (or died: the kernel drops its lock)
+    assert main(["train", *RUN, "--steps", "1", "--data", str(data_file),
+                 "--log-dir", str(run)]) == 0
+    assert not in_flight.exists()  # a stale leftover now, cleaned
+
+
+def test_resume_that_raced_a_running_training_is_refused(tmp_path, capsys, monkeypatch,
+                                                        data_file):
+    """A resume chose the newest checkpoint, then the training still running wrote a newer
+    one before releasing the folder: continuing would rewind the run by accident."""
+    import shutil
+
+    import specopt.cli.train as train_cmd
+
+    run = tmp_path / "r"
+    assert main(["train", *RUN, "--steps", "2", "--ckpt-every", "1", "--data", str(data_file),
+                 "--log-dir", str(run)]) == 0
+    real_lock = train_cmd.lock_run_folder
+
+    def lock_after_the_other_training_ended(log_dir):
+        folder = run / "checkpoints"
+        shutil.copy(folder / "step_0000002.pt", folder / "step_0000003.pt")
+        return real_lock(log_dir)
+
+    monkeypatch.setattr(train_cmd, "lock_run_folder", lock_after_the_other_training_ended)
+    capsys.readouterr()
+    line = fails(capsys, "train", "--resume", run, "--steps", "5", "--no-progress")
+    assert "got a newer checkpoint while this resume started" in line
+    assert (run / "checkpoints" / "step_0000003.pt").exists()  # nothing set aside or purged
+
+
 def test_resume_validates_applied_flags(finished_run, capsys):
     line = fails(capsys, "train", "--resume", finished_run, "--steps", "3", "--lr", "inf")
     assert "--lr must be a positive finite number, got inf" in line

@@ -92,12 +92,14 @@ from specopt.models.llama import PRESETS, Llama, LlamaConfig
 
 __all__ = [
     "DEFAULT_LR",
+    "LOCK_FILE",
     "RESUME_OVERRIDES",
     "TrainConfig",
     "TrainResult",
     "add_parser",
     "auto_threads",
     "build_model",
+    "lock_run_folder",
     "lr_factor",
     "run",
     "train",
@@ -407,6 +409,43 @@ def _unique(base: Path) -> Path:
 
 def _resolve_log_dir(cfg: TrainConfig) -> Path:
     return Path(cfg.log_dir) if cfg.log_dir is not None else _unique(Path("runs") / cfg.name)
+
+
+#: Lock file of a run folder, held (``flock``) while a ``specopt train`` writes there.
+LOCK_FILE = ".specopt-train.lock"
+
+
+def lock_run_folder(log_dir: Path) -> Any:
+    """Hold ``log_dir``'s lock for as long as the returned file stays open (None where the
+    OS has no ``flock``).
+
+    Why: two trainings in one folder (the same command started twice, a ``--resume`` of a
+    run still going) would delete each other's checkpoint temp files, purge each other's
+    events and interleave checkpoints. The kernel drops the lock when the process dies
+    (also on ``kill -9``), so no stale lock survives a crash.
+
+    Raises:
+        CommandError: another process holds the lock (its pid is named).
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return None
+    path = log_dir / LOCK_FILE
+    lock = open(path, "a+")  # held open for the run; the caller closes it
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        raise CommandError(f"--log-dir {str(log_dir)!r} is in use by another specopt train "
+                           f"(pid {holder}); wait for it to finish, or use another --log-dir"
+                           ) from None
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock
 
 
 def _run_of(checkpoint: Path) -> Path:
@@ -732,12 +771,20 @@ def train(
         _apply_schedule(scheduler, cfg, ckpt["config"]["train"], ckpt["step"])
         start_step = ckpt["step"]
 
+    run_lock = None
     if is_main_process():
         try:
             log_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise CommandError(f"cannot create --log-dir {str(log_dir)!r}: "
                                f"{exc.strerror or exc}") from exc
+        # Before anything that deletes or purges: another process may be writing here.
+        run_lock = lock_run_folder(log_dir)
+        if resume is not None and Path(resume).is_dir() and \
+                _find_checkpoint(Path(resume)) != ckpt_path:
+            raise CommandError(
+                f"run {str(resume)!r} got a newer checkpoint while this resume started (a "
+                f"training of it was still running and has ended); run the command again")
         for stale in remove_stale_temp_files(log_dir / CHECKPOINT_DIR, "step_*"):
             console.print(f"removed {escape(str(stale))} (an interrupted checkpoint write)")
         if ckpt is not None:
@@ -834,7 +881,7 @@ def train(
     # _closing: monitor and writer are closed (what was logged reaches the disk) also when
     # the loop ends in an error, e.g. a checkpoint that cannot be written.
     with _progress(progress and is_main_process()) as bar, _alarms_above_the_bar(), \
-            _closing(monitor, writer):
+            _closing(monitor, writer, *([run_lock] if run_lock is not None else [])):
         task = bar.add_task("train", total=cfg.steps, completed=start_step, loss="-", lr="-",
                             tps="-", cond="-")
         t_last = time.perf_counter()
