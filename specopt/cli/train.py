@@ -771,15 +771,20 @@ def train(
         _apply_schedule(scheduler, cfg, ckpt["config"]["train"], ckpt["step"])
         start_step = ckpt["step"]
 
-    run_lock = None
+    run_lock, refusal = None, None
     if is_main_process():
         try:
             log_dir.mkdir(parents=True, exist_ok=True)
+            # Before anything that deletes or purges: another process may be writing here.
+            run_lock = lock_run_folder(log_dir)
         except OSError as exc:
-            raise CommandError(f"cannot create --log-dir {str(log_dir)!r}: "
-                               f"{exc.strerror or exc}") from exc
-        # Before anything that deletes or purges: another process may be writing here.
-        run_lock = lock_run_folder(log_dir)
+            refusal = f"cannot create --log-dir {str(log_dir)!r}: {exc.strerror or exc}"
+        except CommandError as exc:
+            refusal = str(exc)
+    refusal = broadcast_object(refusal)  # every rank stops, not rank 0 alone (no hang)
+    if refusal is not None:
+        raise CommandError(refusal)
+    if is_main_process():
         if resume is not None and Path(resume).is_dir() and \
                 _find_checkpoint(Path(resume)) != ckpt_path:
             raise CommandError(
