@@ -63,6 +63,10 @@ def test_resume_from_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, dat
     assert train("--resume", run, "--steps", "7", "--no-progress") == 0
     assert steps_of(run, "train/loss") == list(range(1, 8))
     assert load_checkpoint(run / "checkpoints" / "step_0000007.pt")["step"] == 7
+    # The set-aside checkpoint still resumes into its run (a rewind to that continuation).
+    assert train("--resume", aside, "--steps", "7", "--no-progress") == 0
+    assert steps_of(run, "train/loss") == list(range(1, 8))
+    assert not list(aside.parent.glob("events.*"))  # not a run inside checkpoints/
 
 
 def test_resume_from_another_folder_reads_the_runs_data_file(tmp_path, monkeypatch, capsys):

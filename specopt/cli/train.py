@@ -411,6 +411,8 @@ def _resolve_log_dir(cfg: TrainConfig) -> Path:
     return Path(cfg.log_dir) if cfg.log_dir is not None else _unique(Path("runs") / cfg.name)
 
 
+#: Subfolder of ``checkpoints/`` where a rewind moves the newer checkpoints (+ step).
+SUPERSEDED_PREFIX = "superseded_at_step_"
 #: Lock file of a run folder, held (``flock``) while a ``specopt train`` writes there.
 LOCK_FILE = ".specopt-train.lock"
 
@@ -449,9 +451,12 @@ def lock_run_folder(log_dir: Path) -> Any:
 
 
 def _run_of(checkpoint: Path) -> Path:
-    """The run folder a checkpoint file belongs to (a loose file: its own folder)."""
-    return checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINT_DIR \
-        else checkpoint.parent
+    """The run folder a checkpoint file belongs to (also one set aside by a rewind, in
+    ``checkpoints/superseded_at_step_<n>/``; a loose file: its own folder)."""
+    folder = checkpoint.parent
+    if folder.name.startswith(SUPERSEDED_PREFIX) and folder.parent.name == CHECKPOINT_DIR:
+        folder = folder.parent
+    return folder.parent if folder.name == CHECKPOINT_DIR else folder
 
 
 def _same_folder(a: Path, b: Path) -> bool:
@@ -496,7 +501,7 @@ def _set_aside_newer_checkpoints(folder: Path, step: int) -> Path | None:
              if (n := p.stem.removeprefix("step_")).isdigit() and int(n) > step]
     if not newer:
         return None
-    aside = _unique(folder / f"superseded_at_step_{step:07d}")
+    aside = _unique(folder / f"{SUPERSEDED_PREFIX}{step:07d}")
     aside.mkdir(parents=True)
     for p in newer:
         os.replace(p, aside / p.name)
