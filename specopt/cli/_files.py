@@ -182,7 +182,6 @@ def _load_distributed(p: Path) -> dict[str, Any]:
 
     from specopt.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
     from specopt.cli.dcp import _EXTRA_FILE, load_distributed_checkpoint
-    from specopt.cli.train import build_model
 
     try:
         extra = torch.load(p / _EXTRA_FILE, weights_only=True)
@@ -193,11 +192,7 @@ def _load_distributed(p: Path) -> dict[str, Any]:
     if not isinstance(cfg, Mapping) or not isinstance(cfg.get("model"), Mapping):
         raise CommandError(f"distributed checkpoint {_q(p)} has no 'config' with the model "
                            "settings, so its model cannot be rebuilt")
-    try:
-        model, _ = build_model(dict(cfg["model"]), pc=bool(cfg.get("pc")),
-                               pc_level=cfg.get("pc_level") or 1)
-    except (TypeError, ValueError) as exc:
-        raise CommandError(f"{_q(p)} has an invalid model config: {_load_reason(exc)}") from exc
+    model = _config_model(cfg, p)
     load_distributed_checkpoint(p, model)
     return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
             "step": extra.get("step", 0), "model": model.state_dict(), "config": dict(cfg)}
@@ -311,10 +306,22 @@ def _state_mismatch(model: nn.Module, state: Mapping[str, Any]) -> str | None:
     return "; ".join(parts) or None
 
 
+def _config_model(cfg: Mapping[str, Any], path: str | os.PathLike[str]) -> nn.Module:
+    """The (PC) Llama a checkpoint's ``config`` describes, freshly initialised; an invalid
+    config is a one-line error naming ``path``."""
+    from specopt.cli.train import build_model
+
+    try:
+        model, _ = build_model(dict(cfg["model"]), pc=bool(cfg.get("pc")),
+                               pc_level=cfg.get("pc_level") or 1)
+    except (TypeError, ValueError) as exc:
+        raise CommandError(f"{_q(path)} has an invalid model config: {_load_reason(exc)}") from exc
+    return model
+
+
 def checkpoint_model(ckpt: Mapping[str, Any], path: str | os.PathLike[str]) -> nn.Module:
     """The model a specopt checkpoint describes (PC layers included), weights loaded,
     in eval mode; a missing/invalid config or mismatched tensors is a one-line error."""
-    from specopt.cli.train import build_model
 
     cfg = ckpt.get("config")
     if not isinstance(cfg, Mapping) or not isinstance(cfg.get("model"), Mapping):
@@ -322,11 +329,7 @@ def checkpoint_model(ckpt: Mapping[str, Any], path: str | os.PathLike[str]) -> n
             f"{_q(path)} has no 'config' with the model settings, so its model cannot be "
             "rebuilt (is it a checkpoint written by `specopt train`?)"
         )
-    try:
-        model, _ = build_model(dict(cfg["model"]), pc=bool(cfg.get("pc")),
-                               pc_level=cfg.get("pc_level") or 1)
-    except (TypeError, ValueError) as exc:
-        raise CommandError(f"{_q(path)} has an invalid model config: {_load_reason(exc)}") from exc
+    model = _config_model(cfg, path)
     problem = _state_mismatch(model, ckpt["model"])
     if problem is not None:
         raise CommandError(f"{_q(path)} does not match the model its config describes: {problem}")
