@@ -94,11 +94,35 @@ def _umask() -> int:
     return mask
 
 
+class _ErrorRecordingFile:
+    """A binary file that remembers the ``OSError`` its ``write`` raised.
+
+    Why: ``torch.save``'s zip writer turns a failed write (disk full) into a RuntimeError
+    ("[enforce fail at inline_container.cc] unexpected pos ..."), hiding the errno; with
+    the original error recorded, :func:`atomic_write` raises that instead.
+    """
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self._file = file
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._file.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def __getattr__(self, name: str) -> Any:  # flush, tell, fileno, ...: the file's own
+        return getattr(self._file, name)
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
     """Call ``write(file)`` on a temporary file, then atomically move it to ``path``.
 
     The parent directory is created if needed. On any exception the temporary file is
-    removed and ``path`` is untouched.
+    removed and ``path`` is untouched; a write that failed in the OS (disk full, I/O
+    error) raises that ``OSError`` even when ``write`` turned it into another exception.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -107,7 +131,15 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
         if hasattr(os, "fchmod"):  # mkstemp creates 0o600; outputs follow the umask
             os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            sink = _ErrorRecordingFile(f)
+            try:
+                write(sink)  # type: ignore[arg-type]  # a file by duck typing
+            except OSError:
+                raise
+            except Exception as exc:
+                if sink.error is not None:
+                    raise sink.error from exc
+                raise
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_name, target)

@@ -169,3 +169,21 @@ def test_remove_stale_temp_files(tmp_path):
     removed = remove_stale_temp_files(tmp_path, "step_*")
     assert sorted(p.name for p in removed) == [".step_0000003.pt.ab12.tmp", ".step_0000006.partial"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp", "step_0000002.pt"]
+
+
+def test_atomic_write_on_a_full_disk_raises_the_os_error(tmp_path, monkeypatch):
+    """torch.save's zip writer reports a failed write as "RuntimeError: [enforce fail at
+    inline_container.cc] unexpected pos"; atomic_write raises the ENOSPC underneath."""
+    import errno
+
+    from train_utils import fill_the_disk
+
+    target = tmp_path / "c.pt"
+    target.write_bytes(b"old")
+    fill_the_disk(monkeypatch)
+    with pytest.raises(OSError) as caught:
+        atomic_write(target, lambda f: torch.save({"w": torch.randn(512, 512)}, f))
+    assert caught.value.errno == errno.ENOSPC
+    assert isinstance(caught.value.__cause__, RuntimeError)  # what torch.save raised
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]  # no temp file left

@@ -19,7 +19,7 @@ import torch
 
 from specopt.checkpoint import load_checkpoint
 from specopt.cli._events import read_run
-from specopt.cli.diagnose import detect_spikes, diagnose
+from specopt.cli.diagnose import detect_spikes, diagnose, ended_diverged
 from specopt.cli.main import main
 from specopt.models import Llama, LlamaConfig
 
@@ -259,6 +259,26 @@ def test_diagnose_ranks_the_injected_precursors(tmp_path, capsys):
     assert json.loads((tmp_path / "d.json").read_text())["spikes"][0]["step"] == 80
 
 
+def test_ended_diverged_only_when_the_run_ends_in_a_spike_far_above_its_baseline():
+    steps = np.arange(1, 41)
+    healthy = np.full(40, 3.0)  # flat: the 10% relative floor decides what a spike is
+    blip = healthy.copy()
+    blip[20:23] = 20.0  # a spike the run recovered from
+    rising = healthy.copy()
+    rising[30:] = 12.0  # ends at 2x its baseline
+    slight = healthy.copy()
+    slight[-1] *= 1.3  # a last-step jump that is a spike but under (1 + jump) x baseline
+    nan_end = healthy.copy()
+    nan_end[-1] = math.nan
+    expected = {"healthy": False, "blip": False, "rising": True, "slight": False,
+                "nan_end": True}
+    for name, series in {"healthy": healthy, "blip": blip, "rising": rising,
+                         "slight": slight, "nan_end": nan_end}.items():
+        spikes = detect_spikes(steps, series)
+        assert ended_diverged(steps, series, spikes) is expected[name], name
+    assert detect_spikes(steps, slight)  # "slight" is a spike, yet not a divergence
+
+
 def test_detect_spikes_ignores_noise_and_flags_nonfinite():
     steps = np.arange(1, 201)
     rng = np.random.default_rng(1)
@@ -272,11 +292,12 @@ def test_detect_spikes_ignores_noise_and_flags_nonfinite():
 
 def test_diagnose_finds_absurd_lr_instability(tmp_path, capsys, data_file):
     log_dir = tmp_path / "absurd"
-    main(["train", *TINY, "--optimizer", "adamw", "--no-pc", "--lr", "10", "--warmup", "40",
-          "--steps", "16", "--batch-size", "8", "--seq-len", "64", "--monitor-every", "2",
-          "--eval-every", "0", "--ckpt-every", "0", "--data", str(data_file),
-          "--log-dir", str(log_dir)])
-    capsys.readouterr()
+    code = main(["train", *TINY, "--optimizer", "adamw", "--no-pc", "--lr", "10", "--warmup",
+                 "40", "--steps", "16", "--batch-size", "8", "--seq-len", "64",
+                 "--monitor-every", "2", "--eval-every", "0", "--ckpt-every", "0",
+                 "--data", str(data_file), "--log-dir", str(log_dir)])
+    # Every step ran, but the run failed: exit 1 (main's docstring), not 0.
+    assert code == 1 and "the loss diverged" in capsys.readouterr().out
     d = diagnose(log_dir)
     assert d.spikes, "the absurd learning rate must show up as a loss spike"
     first = d.spikes[0]
@@ -285,8 +306,9 @@ def test_diagnose_finds_absurd_lr_instability(tmp_path, capsys, data_file):
     for p in first.precursors:
         assert p.layer.removesuffix("/raw") in names and p.onset_step < first.step
         assert p.growth >= 1.25
+    assert d.diverged  # it ends inside the spike, far above the baseline
     code, out, _ = run_cli(capsys, "diagnose", log_dir)
-    assert code == 0 and first.precursors[0].layer in out
+    assert code == 1 and first.precursors[0].layer in out and "diverged" in out
 
 
 def test_bench_runs_scripts_and_reads_ratios(tmp_path, capsys):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -141,6 +142,15 @@ CASES: list[tuple[str, Callable[[Path], list[object]], str]] = [
      r"cannot write --out '.*f/s\.png': '.*f' is a file, not a folder"),
     ("inspect-out-is-a-directory", lambda t: ["inspect", _checkpoint(t / "c.pt"), "--out", t],
      r"--out '.*' is a directory, expected a file path"),
+    ("inspect-out-is-the-checkpoint", lambda t: [
+        "inspect", _checkpoint(t / "c.pt"), "--out", t / "c.pt"],
+     r"--out '.*c\.pt' is the input file"),
+    # A folder where no file can be created although its mode says writable (root, /proc):
+    # found by the up-front probe, before the table is printed.
+    *([("inspect-out-in-proc", lambda t: [
+        "inspect", _checkpoint(t / "c.pt"), "--out", "/proc/specopt-test.png"],
+        r"cannot write --out '/proc/specopt-test\.png': cannot create a file in folder '/proc'")]
+      if Path("/proc/self").is_dir() else []),
     # merge
     ("merge-missing", lambda t: ["merge", t / "nope.pt", t / "m.pt"],
      r"checkpoint '.*nope\.pt' does not exist"),
@@ -168,6 +178,11 @@ CASES: list[tuple[str, Callable[[Path], list[object]], str]] = [
      r"cannot write OUT '.*f/m\.pt': '.*f' is a file, not a folder"),
     ("merge-out-is-a-directory", lambda t: ["merge", _checkpoint(t / "c.pt"), t],
      r"OUT '.*' is a directory"),
+    # OUT naming the checkpoint itself would replace the run's checkpoint with plain weights.
+    ("merge-out-is-the-checkpoint", lambda t: ["merge", _checkpoint(t / "c.pt"), t / "c.pt"],
+     r"OUT '.*c\.pt' is the input file '.*c\.pt': writing it would replace the input"),
+    ("merge-out-is-the-checkpoint-by-another-name", lambda t: [
+        "merge", _checkpoint(t / "c.pt"), t / "." / "c.pt"], r"is the input file"),
     # diagnose / compare: run folders
     ("diagnose-missing", lambda t: ["diagnose", t / "nope"], r"log folder '.*nope' does not exist"),
     ("diagnose-a-file", lambda t: ["diagnose", _write(t / "f", b"x")],
@@ -191,6 +206,19 @@ CASES: list[tuple[str, Callable[[Path], list[object]], str]] = [
     ("compare-out-under-a-file", lambda t: [
         "compare", _event_run(t / "a"), "--out", _write(t / "f", b"x") / "c.png"],
      r"cannot write --out '.*f/c\.png'"),
+    # An empty string is refused, not read as "not given" (train --resume "" started a fresh
+    # run, --log-dir "" trained into the current folder, --out "" wrote the default path).
+    *[(f"empty-{name}", lambda t, argv=argv: argv, rf"{re.escape(flag)} is an empty string")
+      for name, argv, flag in [
+          ("train-resume", ["train", "--resume", ""], "--resume"),
+          ("train-log-dir", ["train", "--log-dir", "", "--steps", "1"], "--log-dir"),
+          ("train-data", ["train", "--data", "", "--steps", "1"], "--data"),
+          ("inspect-checkpoint", ["inspect", ""], "CHECKPOINT"),
+          ("inspect-out", ["inspect", "x.pt", "--out", ""], "--out"),
+          ("merge-out", ["merge", "x.pt", ""], "OUT"),
+          ("diagnose-json", ["diagnose", "run", "--json", ""], "--json"),
+          ("compare-run", ["compare", "run", ""], "RUN"),
+      ]],
     # bench
     ("bench-tools-dir-a-file", lambda t: ["bench", "--tools-dir", _write(t / "f", b"x")],
      r"--tools-dir '.*f' is a file, expected a folder"),
@@ -202,7 +230,6 @@ CASES: list[tuple[str, Callable[[Path], list[object]], str]] = [
 
 @pytest.mark.parametrize(("make_argv", "match"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, make_argv, match):
-    import re
 
     argv = make_argv(tmp_path)
     before = sorted(p.name for p in tmp_path.rglob("*"))

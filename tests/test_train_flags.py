@@ -73,6 +73,8 @@ BAD_FLAGS = [
     (["--fsdp"], "--fsdp: distributed training needs a launcher"),
     (["--ddp", "--resume", "x"], "--ddp/--fsdp cannot be combined with --resume"),
     (["--compare", "--resume", "x"], "--compare starts two fresh runs"),
+    (["--seed", str(2**64)], f"--seed must be < 2**63 ({2**63}), got {2**64}"),
+    (["--resume", "/dev/null"], "--resume path '/dev/null' is not a regular file or folder"),
 ]
 
 
@@ -86,6 +88,22 @@ def test_bad_flag_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, monkey
                  "--log-dir", tmp_path / "r")
     assert line.startswith("specopt train: error: ") and message in line, line
     assert not (tmp_path / "r").exists()
+
+
+def test_out_of_memory_is_one_line_exit_2_naming_the_flags(tmp_path, capsys, monkeypatch,
+                                                           data_file):
+    """An allocation that fails (here: torch's real CPU allocator error for 2**60 bytes, in
+    place of a huge --batch-size's forward) is the environment, not a bug."""
+    import specopt.cli.train as train_cmd
+
+    def huge(*args, **kwargs):
+        return torch.empty(2**60, dtype=torch.uint8)
+
+    monkeypatch.setattr(train_cmd, "train_loss", huge)
+    line = fails(capsys, "train", *RUN, "--steps", "1", "--data", data_file,
+                 "--log-dir", tmp_path / "r")
+    assert line == ("specopt train: error: out of memory (tried to allocate "
+                    f"{2**60} bytes): a smaller --batch-size, --seq-len or --preset needs less")
 
 
 def test_device_cuda_without_cuda_is_refused(tmp_path, capsys, data_file):
@@ -135,6 +153,70 @@ def test_resume_accepts_flags_equal_to_the_checkpoint(finished_run, tmp_path, ca
                  str(data_file), "--no-progress", "--threads", "1"]) == 0
 
 
+def test_resume_into_a_folder_holding_another_run_is_refused(finished_run, tmp_path, capsys,
+                                                             data_file):
+    """Before: the other run's events after the checkpoint step were purged and the two
+    runs' checkpoints and events mixed in one folder."""
+    other = tmp_path / "other"
+    assert main(["train", *RUN, "--steps", "3", "--data", str(data_file),
+                 "--log-dir", str(other)]) == 0
+    before = {p: p.stat().st_mtime_ns for p in other.rglob("*")}
+    line = fails(capsys, "train", "--resume", finished_run, "--steps", "4", "--log-dir", other)
+    assert line == (f"specopt train: error: --log-dir {str(other)!r} already holds another run; "
+                    f"resume into the checkpoint's own run ({str(finished_run)!r}, the default) "
+                    "or an empty --log-dir")
+    assert {p: p.stat().st_mtime_ns for p in other.rglob("*")} == before
+
+
+def test_a_run_folder_in_use_by_another_training_is_refused(tmp_path, capsys, data_file):
+    """The same command started twice (or a --resume of a run still going) would delete
+    the other's checkpoint temp files and purge its events; the second one now stops."""
+    from specopt.cli.train import lock_run_folder
+
+    run = tmp_path / "r"
+    run.mkdir()
+    held = lock_run_folder(run)  # stands in for a training that is still running
+    if held is None:
+        pytest.skip("no flock on this OS")
+    (run / "checkpoints").mkdir()
+    in_flight = run / "checkpoints" / ".step_0000002.pt.abc123.tmp"
+    in_flight.write_bytes(b"being written")
+    line = fails(capsys, "train", *RUN, "--steps", "1", "--data", data_file, "--log-dir", run)
+    assert line == (f"specopt train: error: --log-dir {str(run)!r} is in use by another "
+                    f"specopt train (pid {os.getpid()}); wait for it to finish, or use another "
+                    "--log-dir")
+    assert in_flight.exists() and not list(run.glob("events.*"))
+    held.close()  # the other training ended (or died: the kernel drops its lock)
+    assert main(["train", *RUN, "--steps", "1", "--data", str(data_file),
+                 "--log-dir", str(run)]) == 0
+    assert not in_flight.exists()  # a stale leftover now, cleaned
+
+
+def test_resume_that_raced_a_running_training_is_refused(tmp_path, capsys, monkeypatch,
+                                                        data_file):
+    """A resume chose the newest checkpoint, then the training still running wrote a newer
+    one before releasing the folder: continuing would rewind the run by accident."""
+    import shutil
+
+    import specopt.cli.train as train_cmd
+
+    run = tmp_path / "r"
+    assert main(["train", *RUN, "--steps", "2", "--ckpt-every", "1", "--data", str(data_file),
+                 "--log-dir", str(run)]) == 0
+    real_lock = train_cmd.lock_run_folder
+
+    def lock_after_the_other_training_ended(log_dir):
+        folder = run / "checkpoints"
+        shutil.copy(folder / "step_0000002.pt", folder / "step_0000003.pt")
+        return real_lock(log_dir)
+
+    monkeypatch.setattr(train_cmd, "lock_run_folder", lock_after_the_other_training_ended)
+    capsys.readouterr()
+    line = fails(capsys, "train", "--resume", run, "--steps", "5", "--no-progress")
+    assert "got a newer checkpoint while this resume started" in line
+    assert (run / "checkpoints" / "step_0000003.pt").exists()  # nothing set aside or purged
+
+
 def test_resume_validates_applied_flags(finished_run, capsys):
     line = fails(capsys, "train", "--resume", finished_run, "--steps", "3", "--lr", "inf")
     assert "--lr must be a positive finite number, got inf" in line
@@ -162,6 +244,12 @@ def _bad_optimizer_state(c):
             entry[key] = torch.zeros(7)
 
 
+def _nan_weight(c):
+    w = c["model"]["layers.0.attention.wq.weight"].clone()
+    w[0, 0] = float("nan")
+    c["model"]["layers.0.attention.wq.weight"] = w
+
+
 def _optimizer_groups(c):
     c["optimizer"]["param_groups"] = c["optimizer"]["param_groups"][:1]
 
@@ -181,6 +269,9 @@ BAD_CHECKPOINTS = [
     ("unexpected-tensor", _extra_tensor, "unexpected tensors: surprise.weight"),
     ("optimizer-state-shape", _bad_optimizer_state, "optimizer state does not fit"),
     ("optimizer-groups", _optimizer_groups, "parameter groups"),
+    # Resumed, it stopped at its first step with "loss nan" (exit 1), after writing events.
+    ("nan-weights", _nan_weight, "holds NaN/Inf in 1 tensor(s): layers.0.attention.wq.weight; "
+     "refusing to resume from it (the run diverged? use an earlier checkpoint)"),
 ]
 
 
@@ -230,6 +321,18 @@ def test_disk_full_at_first_checkpoint(tmp_path, capsys, monkeypatch, data_file)
     from specopt.cli._events import read_run
 
     assert read_run(run).series("train/loss")[0].tolist() == [1, 2]  # logs were closed
+
+
+def test_a_really_full_disk_is_one_line_exit_2(tmp_path, capsys, monkeypatch, data_file):
+    """The real torch.save on a filling disk (not a mocked OSError): before, "unexpected
+    RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos", exit 1."""
+    from train_utils import fill_the_disk
+
+    fill_the_disk(monkeypatch, room=1000)
+    line = fails(capsys, "train", *RUN, "--steps", "1", "--data", data_file,
+                 "--log-dir", tmp_path / "r")
+    assert "cannot write checkpoint" in line and "No space left on device" in line, line
+    assert not list(tmp_path.rglob("*.pt")) and not list(tmp_path.rglob("*.tmp"))
 
 
 def test_unwritable_checkpoint_folder(tmp_path, capsys, data_file):

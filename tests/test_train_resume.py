@@ -46,6 +46,53 @@ def test_resume_into_the_same_run_logs_every_step_once(tmp_path, data_file, resu
     assert steps_of(run, SPECTRAL_TAG) == [2, 4, 6, 8]
 
 
+def test_resume_from_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, data_file):
+    """Rewinding a run (resume from step 3 of 6, stopping at 5) abandons step 6: its
+    checkpoint is moved aside, so the next `--resume RUN` continues the rewound timeline
+    (before: it picked step 6 of the abandoned one, and step 6 was never logged again)."""
+    run = tmp_path / "run"
+    assert train(*TINY, "--steps", "6", "--ckpt-every", "3", "--monitor-every", "100",
+                 "--data", data_file, "--log-dir", run) == 0
+    abandoned = (run / "checkpoints" / "step_0000006.pt").read_bytes()
+    assert train("--resume", run / "checkpoints" / "step_0000003.pt", "--steps", "5",
+                 "--no-progress") == 0
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*.pt")) == [
+        "step_0000003.pt", "step_0000005.pt"]
+    aside = run / "checkpoints" / "superseded_at_step_0000003" / "step_0000006.pt"
+    assert aside.read_bytes() == abandoned  # moved, not lost
+    assert train("--resume", run, "--steps", "7", "--no-progress") == 0
+    assert steps_of(run, "train/loss") == list(range(1, 8))
+    assert load_checkpoint(run / "checkpoints" / "step_0000007.pt")["step"] == 7
+    # The set-aside checkpoint still resumes into its run (a rewind to that continuation).
+    assert train("--resume", aside, "--steps", "7", "--no-progress") == 0
+    assert steps_of(run, "train/loss") == list(range(1, 8))
+    assert not list(aside.parent.glob("events.*"))  # not a run inside checkpoints/
+
+
+def test_resume_from_another_folder_reads_the_runs_data_file(tmp_path, monkeypatch, capsys):
+    """`--data corpus.txt` is saved as an absolute path: a resume started in a folder that
+    has another corpus.txt trains on the run's file (before: silently on the other one),
+    and `--data ./corpus.txt` naming the same file is not a change."""
+    first, other = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    other.mkdir()
+    write_corpus(first, 40_000)
+    (other / "corpus.txt").write_bytes(b"other text " * 5000)
+    run = tmp_path / "run"
+    monkeypatch.chdir(first)
+    assert train(*TINY, "--steps", "2", "--monitor-every", "100", "--data", "corpus.txt",
+                 "--log-dir", run) == 0
+    saved = load_checkpoint(run / "checkpoints" / "step_0000002.pt")["config"]["train"]
+    assert saved["data"] == str(first / "corpus.txt")
+    monkeypatch.chdir(other)
+    capsys.readouterr()
+    assert train("--resume", run, "--steps", "3", "--no-progress") == 0
+    assert f"{first / 'corpus.txt'}: 1 file(s)" in capsys.readouterr().out
+    monkeypatch.chdir(first)
+    assert train("--resume", run, "--steps", "4", "--data", "./corpus.txt",
+                 "--no-progress") == 0
+
+
 def test_lr_is_continuous_when_resume_extends_the_steps(tmp_path, data_file):
     run = tmp_path / "run"
     assert train(*TINY, "--warmup", "2", "--lr", "0.01", "--monitor-every", "100",

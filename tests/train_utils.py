@@ -39,3 +39,46 @@ def logged(log_dir: Path, tag: str) -> list[tuple[int, float]]:
 
 def steps_of(log_dir: Path, tag: str) -> list[int]:
     return [s for s, _ in logged(log_dir, tag)]
+
+
+def fill_the_disk(monkeypatch, room: int = 100_000) -> None:
+    """Make :func:`specopt.checkpoint.atomic_write`'s temp file take ``room`` bytes, then
+    fail every write with ENOSPC, as a filling disk does (the writers, e.g. ``torch.save``,
+    react as they really do: its zip writer reports "unexpected pos", not the errno)."""
+    import errno
+    import io
+    import os
+
+    import specopt.checkpoint as checkpoint
+
+    class FillingFile(io.RawIOBase):
+        def __init__(self, fd: int) -> None:
+            self.fd, self.left = fd, room
+
+        def writable(self) -> bool:
+            return True
+
+        def write(self, data) -> int:
+            if self.left <= 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            n = os.write(self.fd, bytes(data[: self.left]))
+            self.left -= n
+            return n
+
+        def fileno(self) -> int:
+            return self.fd
+
+        def close(self) -> None:
+            if not self.closed:
+                os.close(self.fd)
+            super().close()
+
+    class FullDiskOs:  # os for specopt.checkpoint alone (data loading opens files too)
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        @staticmethod
+        def fdopen(fd, mode="r", *args, **kwargs):
+            return io.BufferedWriter(FillingFile(fd))
+
+    monkeypatch.setattr(checkpoint, "os", FullDiskOs())

@@ -14,8 +14,9 @@ from __future__ import annotations
 import os
 import pickle
 import stat
+import tempfile
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -27,6 +28,7 @@ __all__ = [
     "check_input_file",
     "check_output_path",
     "checkpoint_model",
+    "is_distributed_checkpoint",
     "load_specopt_checkpoint",
     "load_weight_file",
     "refuse_nonfinite",
@@ -78,24 +80,38 @@ def check_input_file(path: str | os.PathLike[str], *, what: str) -> Path:
     return p
 
 
-def check_output_path(path: str | os.PathLike[str], *, flag: str) -> Path:
-    """``path`` as a ``Path`` if a file can be written there; creates nothing.
+def check_output_path(
+    path: str | os.PathLike[str], *, flag: str, inputs: Iterable[str | os.PathLike[str]] = ()
+) -> Path:
+    """``path`` as a ``Path`` if a file can be written there; leaves nothing behind.
 
     The parent folders need not exist (``atomic_write`` creates them), but the nearest
-    existing one must be a writable folder. ``flag`` names the option in messages.
+    existing one must be a folder where a file can be created: checked by creating and
+    removing an empty temporary file (permission bits say nothing to root, nor about
+    read-only mounts or /proc). ``path`` must not be one of the ``inputs`` (writing the
+    output would replace the file being read). ``flag`` names the option in messages.
     """
     p = Path(path)
     if p.is_dir():
         raise CommandError(f"{flag} {_q(p)} is a directory, expected a file path")
     if p.exists() and not p.is_file():
         raise CommandError(f"{flag} {_q(p)} exists and is not a regular file")
+    for source in inputs:
+        if p.exists() and Path(source).exists() and os.path.samefile(p, source):
+            raise CommandError(f"{flag} {_q(p)} is the input file {_q(source)}: writing it "
+                               "would replace the input; choose another output path")
     ancestor = p.absolute().parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise CommandError(f"cannot write {flag} {_q(p)}: {_q(ancestor)} is a file, not a folder")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise CommandError(f"cannot write {flag} {_q(p)}: folder {_q(ancestor)} is not writable")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".specopt-probe.", suffix=".tmp", dir=ancestor)
+    except OSError as exc:
+        raise CommandError(f"cannot write {flag} {_q(p)}: cannot create a file in folder "
+                           f"{_q(ancestor)}: {exc.strerror or exc}") from exc
+    os.close(fd)
+    os.unlink(probe)
     return p
 
 
@@ -152,6 +168,57 @@ def _sniff(p: Path) -> str | None:
     return None
 
 
+def is_distributed_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a folder written by ``specopt.cli.dcp.save_distributed_checkpoint``
+    (``specopt train --ddp/--fsdp``'s ``checkpoints/step_<n>/``)."""
+    return Path(path).is_dir() and (Path(path) / ".metadata").is_file()
+
+
+def _load_distributed(p: Path) -> dict[str, Any]:
+    """A distributed checkpoint folder as a specopt checkpoint dict (``step``, ``model``,
+    ``config``; no optimizer state), loaded in this one process into the model its saved
+    config describes."""
+    import torch
+
+    from specopt.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
+    from specopt.cli.dcp import _EXTRA_FILE, load_distributed_checkpoint
+
+    try:
+        extra = torch.load(p / _EXTRA_FILE, weights_only=True)
+    except FileNotFoundError:
+        raise CommandError(f"distributed checkpoint {_q(p)} has no {_EXTRA_FILE} (its config): "
+                           "incomplete, or not written by `specopt train`") from None
+    cfg = extra.get("config") if isinstance(extra, Mapping) else None
+    if not isinstance(cfg, Mapping) or not isinstance(cfg.get("model"), Mapping):
+        raise CommandError(f"distributed checkpoint {_q(p)} has no 'config' with the model "
+                           "settings, so its model cannot be rebuilt")
+    model = _config_model(cfg, p)
+    load_distributed_checkpoint(p, model)
+    return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+            "step": extra.get("step", 0), "model": model.state_dict(), "config": dict(cfg)}
+
+
+def _load_distributed_checked(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """:func:`_load_distributed` with a reader failure (missing or damaged shard files) as
+    a one-line error."""
+    from torch.distributed.checkpoint import CheckpointException
+
+    try:
+        return _load_distributed(Path(path))
+    except CommandError:
+        raise
+    except CheckpointException as exc:  # a BaseException; its text ends in the rank's error
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise CommandError(f"cannot load distributed checkpoint {_q(path)}: a shard file is "
+                           f"missing, truncated or corrupt ({lines[-1] if lines else exc})"
+                           ) from exc
+    except Exception as exc:
+        if not isinstance(exc, _LOAD_ERRORS):
+            raise
+        raise CommandError(f"cannot load distributed checkpoint {_q(path)}: "
+                           f"{_load_reason(exc)}") from exc
+
+
 def _load(path: str | os.PathLike[str], load: Callable[[Path], Any], *, what: str) -> Any:
     """``load(path)`` after the input checks, with a loader failure as a one-line error."""
     p = check_input_file(path, what=what)
@@ -174,12 +241,16 @@ def _load(path: str | os.PathLike[str], load: Callable[[Path], Any], *, what: st
 def load_weight_file(
     path: str | os.PathLike[str],
 ) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
-    """:func:`specopt.checkpoint.load_weights` with every failure as a one-line error.
+    """:func:`specopt.checkpoint.load_weights` with every failure as a one-line error; also
+    reads a distributed checkpoint folder (``--ddp/--fsdp`` runs).
 
     Returns ``(state_dict, checkpoint or None)`` like ``load_weights``.
     """
     from specopt.checkpoint import load_weights
 
+    if is_distributed_checkpoint(path):
+        ckpt = _load_distributed_checked(path)
+        return ckpt["model"], ckpt
     state, ckpt = _load(path, load_weights, what="weight file")
     if ckpt is not None and not isinstance(ckpt.get("model"), Mapping):
         raise CommandError(f"{_q(path)} is a specopt checkpoint without its 'model' weights")
@@ -188,9 +259,12 @@ def load_weight_file(
 
 def load_specopt_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """:func:`specopt.checkpoint.load_checkpoint` with every failure as a one-line error
-    (also: its ``'model'`` entry must be a state_dict)."""
+    (also: its ``'model'`` entry must be a state_dict); also reads a distributed checkpoint
+    folder (``--ddp/--fsdp`` runs; model weights and config, no optimizer state)."""
     from specopt.checkpoint import load_checkpoint
 
+    if is_distributed_checkpoint(path):
+        return _load_distributed_checked(path)
     ckpt = _load(path, load_checkpoint, what="checkpoint")
     if not isinstance(ckpt.get("model"), Mapping):
         raise CommandError(f"{_q(path)} is a specopt checkpoint without its 'model' weights")
@@ -232,10 +306,22 @@ def _state_mismatch(model: nn.Module, state: Mapping[str, Any]) -> str | None:
     return "; ".join(parts) or None
 
 
+def _config_model(cfg: Mapping[str, Any], path: str | os.PathLike[str]) -> nn.Module:
+    """The (PC) Llama a checkpoint's ``config`` describes, freshly initialised; an invalid
+    config is a one-line error naming ``path``."""
+    from specopt.cli.train import build_model
+
+    try:
+        model, _ = build_model(dict(cfg["model"]), pc=bool(cfg.get("pc")),
+                               pc_level=cfg.get("pc_level") or 1)
+    except (TypeError, ValueError) as exc:
+        raise CommandError(f"{_q(path)} has an invalid model config: {_load_reason(exc)}") from exc
+    return model
+
+
 def checkpoint_model(ckpt: Mapping[str, Any], path: str | os.PathLike[str]) -> nn.Module:
     """The model a specopt checkpoint describes (PC layers included), weights loaded,
     in eval mode; a missing/invalid config or mismatched tensors is a one-line error."""
-    from specopt.cli.train import build_model
 
     cfg = ckpt.get("config")
     if not isinstance(cfg, Mapping) or not isinstance(cfg.get("model"), Mapping):
@@ -243,11 +329,7 @@ def checkpoint_model(ckpt: Mapping[str, Any], path: str | os.PathLike[str]) -> n
             f"{_q(path)} has no 'config' with the model settings, so its model cannot be "
             "rebuilt (is it a checkpoint written by `specopt train`?)"
         )
-    try:
-        model, _ = build_model(dict(cfg["model"]), pc=bool(cfg.get("pc")),
-                               pc_level=cfg.get("pc_level") or 1)
-    except (TypeError, ValueError) as exc:
-        raise CommandError(f"{_q(path)} has an invalid model config: {_load_reason(exc)}") from exc
+    model = _config_model(cfg, path)
     problem = _state_mismatch(model, ckpt["model"])
     if problem is not None:
         raise CommandError(f"{_q(path)} does not match the model its config describes: {problem}")

@@ -18,6 +18,10 @@ severity:
    baseline. Layers that rose are ranked by onset (earliest first), then by growth.
 3. **Alarms** the monitor fired (tag ``alarms``), with their steps; those inside a spike's
    look-back window are listed with it.
+
+The run *ended diverged* (:func:`ended_diverged`; exit status 1, like ``specopt train``
+on such a run) when its last logged loss is non-finite, or lies inside a spike and above
+``(1 + jump)`` times that spike's baseline: a spike it did not recover from.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ __all__ = [
     "add_parser",
     "detect_spikes",
     "diagnose",
+    "ended_diverged",
     "find_precursors",
     "run",
 ]
@@ -77,7 +82,7 @@ class Spike:
 class Diagnosis:
     run: str
     steps: int  # last logged training step
-    diverged: bool  # the last logged loss is non-finite
+    diverged: bool  # ended_diverged(): non-finite at the end, or ends in a spike
     spikes: list[Spike]  # ranked, most severe first
     alarms: list[tuple[int, str]]  # every alarm text, by step
     warnings: list[str] = field(default_factory=list)  # event files read only in part
@@ -121,6 +126,22 @@ def detect_spikes(
         else:
             spikes.append((s, s, peak, med))
     return spikes
+
+
+def ended_diverged(
+    steps: np.ndarray, losses: np.ndarray, spikes: list[tuple[int, int, float, float]], *,
+    jump: float = 0.5,
+) -> bool:
+    """Whether a loss series ends diverged: its last loss is non-finite, or the last step
+    is inside one of ``spikes`` (:func:`detect_spikes` of the series) with a loss above
+    ``(1 + jump)`` times the spike's baseline (not a blip the run recovered from)."""
+    if not steps.size:
+        return False
+    last_step, last = int(steps[-1]), float(losses[-1])
+    if not math.isfinite(last):
+        return True
+    return any(first <= last_step <= end and last > (1 + jump) * base
+               for first, end, _, base in spikes)
 
 
 def find_precursors(
@@ -182,14 +203,16 @@ def diagnose(
         raise CommandError(f"{str(logdir)!r} has no 'train/loss' scalars to diagnose")
     alarms = [(s, text) for s, tag, text in run.texts if tag == "alarms"]
     spikes = []
-    for first, last, peak, base in detect_spikes(steps, losses, window=window, k=k, jump=jump):
+    found = detect_spikes(steps, losses, window=window, k=k, jump=jump)
+    for first, last, peak, base in found:
         spike = Spike(first, last, peak, base, peak / base if base > 0 else math.inf)
         spike.precursors = find_precursors(run, first, lookback=lookback, rise=rise)[:top]
         spike.alarms = [(s, t) for s, t in alarms if first - lookback <= s <= last]
         spikes.append(spike)
     spikes.sort(key=lambda sp: (-sp.severity, sp.step))
     return Diagnosis(
-        run=str(logdir), steps=int(steps[-1]), diverged=not math.isfinite(float(losses[-1])),
+        run=str(logdir), steps=int(steps[-1]),
+        diverged=ended_diverged(steps, losses, found, jump=jump),
         spikes=spikes, alarms=alarms, warnings=run.warnings,
     )
 
@@ -202,7 +225,8 @@ def print_diagnosis(d: Diagnosis) -> None:
         err_console.print(f"[yellow]specopt diagnose: warning:[/] {escape(warning)}")
     head = f"[bold]diagnosis of {escape(d.run)}[/]: {d.steps} steps"
     if d.diverged:
-        head += ", [bold red]diverged (non-finite loss at the end)[/]"
+        head += (", [bold red]diverged (the loss at the end is non-finite or far above its "
+                 "baseline)[/]")
     console.print(head)
     if not d.spikes:
         console.print("no loss spikes found")
@@ -262,4 +286,4 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         blob = json.dumps(d.to_dict(), indent=2, default=str).encode()
         write_output(args.json, lambda f: f.write(blob), flag="--json")
-    return 0
+    return 1 if d.diverged else 0  # the command ran and found a failed run

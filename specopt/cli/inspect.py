@@ -26,6 +26,7 @@ from specopt.cli._files import (
     check_input_file,
     check_output_path,
     checkpoint_model,
+    is_distributed_checkpoint,
     load_weight_file,
     write_output,
 )
@@ -84,7 +85,7 @@ def inspect_file(
     from specopt.spectral.metrics import model_aggregates, singular_values, spectrum_metrics
 
     if png is not None:
-        check_output_path(png, flag="--out")
+        check_output_path(png, flag="--out", inputs=[path])
     if match is not None:
         try:
             pattern = re.compile(match)
@@ -213,7 +214,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    ckpt = check_input_file(args.checkpoint, what="weight file")  # before deriving --out
-    out = args.out or str(ckpt.with_name(ckpt.stem + "_spectra.png"))
+    if is_distributed_checkpoint(args.checkpoint):  # a --ddp/--fsdp run's step_<n>/ folder
+        ckpt = Path(args.checkpoint)
+        out = args.out or str(ckpt.with_name(ckpt.name + "_spectra.png"))
+    else:
+        ckpt = check_input_file(args.checkpoint, what="weight file")  # before deriving --out
+        out = args.out or str(ckpt.with_name(ckpt.stem + "_spectra.png"))
     inspect_file(args.checkpoint, match=args.match, png=out, float64=args.float64)
     return 0

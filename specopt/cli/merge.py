@@ -39,15 +39,15 @@ def merge_checkpoint(path: str | Path, out: str | Path) -> tuple[Path, float]:
     """Merge the PC layers of a specopt checkpoint; returns (OUT, max |logit diff|).
 
     Refused with a one-line :class:`CommandError` (before writing anything): OUT (or its
-    ``.json`` sidecar) not writable, ``.safetensors`` OUT without the package, a file
-    that is not a specopt checkpoint, a missing model config, tensors that do not match
-    it, or NaN/Inf weights (named).
+    ``.json`` sidecar) not writable or the checkpoint itself, ``.safetensors`` OUT
+    without the package, a file that is not a specopt checkpoint, a missing model config,
+    tensors that do not match it, or NaN/Inf weights (named).
     """
     from specopt.models.llama import Llama, LlamaConfig
 
-    out_path = check_output_path(out, flag="OUT")
+    out_path = check_output_path(out, flag="OUT", inputs=[path])
     sidecar = out_path.with_name(out_path.name + ".json")
-    check_output_path(sidecar, flag="OUT.json")
+    check_output_path(sidecar, flag="OUT.json", inputs=[path])
     if out_path.suffix == ".safetensors":
         require_safetensors(f"writing {str(out_path)!r}")
     ckpt = load_specopt_checkpoint(path)

@@ -16,12 +16,15 @@ batch is N times larger. Muon splits its Newton-Schulz work across ranks, the PC
 the monitor gather sharded weights where they need whole matrices, only rank 0 prints and
 writes logs, and checkpoints are ``torch.distributed.checkpoint`` directories
 (``checkpoints/step_<n>/``) that ``specopt.cli.dcp.load_distributed_checkpoint`` loads
-on any world size (``--resume`` of a distributed run is not supported yet).
+on any world size (``--resume`` of a distributed run is not supported yet; ``inspect``
+and ``merge`` read these folders).
 
 Resume restores model (incl. PC buffers), optimizer, scheduler, RNG and sampler state,
 so ``N`` straight steps and ``N/2 + resume + N/2`` give bit-identical parameters (also
 after a ``kill -9``). Into the same run folder every step stays logged once (the writer
-purges only steps after the checkpoint's). Flags on resume: :data:`RESUME_OVERRIDES` are
+purges only steps after the checkpoint's; resuming from an older checkpoint rewinds the
+run, and its newer checkpoints are moved to ``checkpoints/superseded_at_step_<n>/``).
+Flags on resume: :data:`RESUME_OVERRIDES` are
 applied (a new ``--steps`` continues the cosine from the LR reached at the checkpoint, a
 new ``--lr`` rescales it, with a warning); any other flag must equal the checkpoint's or
 the resume is refused with the list of differences. ``--device`` (cpu, cuda, auto) puts
@@ -64,6 +67,7 @@ from specopt.checkpoint import (
     save_checkpoint,
 )
 from specopt.cli._console import CommandError, console
+from specopt.cli._files import refuse_nonfinite
 from specopt.cli.dcp import save_distributed_checkpoint
 from specopt.cli.launch import (
     NullWriter,
@@ -88,12 +92,14 @@ from specopt.models.llama import PRESETS, Llama, LlamaConfig
 
 __all__ = [
     "DEFAULT_LR",
+    "LOCK_FILE",
     "RESUME_OVERRIDES",
     "TrainConfig",
     "TrainResult",
     "add_parser",
     "auto_threads",
     "build_model",
+    "lock_run_folder",
     "lr_factor",
     "run",
     "train",
@@ -107,6 +113,8 @@ DEFAULT_LR = {"muon": 0.02, "adamw": 3e-3}
 #: PC level per optimizer, as in the published configs (Muon already orthogonalizes).
 DEFAULT_PC_LEVEL = {"muon": 2, "adamw": 4}
 CHECKPOINT_DIR = "checkpoints"
+#: Seeds are below 2**63: torch generators take 64 bits, and rank r samples with seed + r.
+MAX_SEED = 2**63
 #: ``--device`` choices; "auto" is cuda when available, else cpu.
 DEVICES = ("auto", "cpu", "cuda")
 #: ``--dtype`` choices -> autocast dtype (None: no autocast, fp32 everywhere).
@@ -170,6 +178,8 @@ class TrainConfig:
             require(getattr(self, name) > 0, name, "positive")
         for name in ("warmup", "ckpt_every", "eval_every", "keep_checkpoints", "seed", "threads"):
             require(getattr(self, name) >= 0, name, ">= 0")
+        # torch generators take 64-bit seeds, and the sampler seeds each rank with seed + rank.
+        require(self.seed < MAX_SEED, "seed", f"< 2**63 ({MAX_SEED})")
         # Floats: `not (lo <= x)` is also true for NaN, so NaN never passes a range check.
         require(self.lr is None or (math.isfinite(self.lr) and self.lr > 0), "lr",
                 "a positive finite number")
@@ -214,7 +224,14 @@ class TrainResult:
     val_bpb: float  # last validation bits per byte (nan if none ran)
     train_loss: float  # last training loss, nats/byte
     wall_s: float  # wall time of this invocation (data loading included)
-    diverged: bool
+    diverged: bool  # stopped on a non-finite loss or gradient
+    # Ran every step but ended in a loss spike it did not recover from (_loss_diverged).
+    loss_diverged: bool = False
+
+    @property
+    def failed(self) -> bool:
+        """Exit status 1: the run diverged either way."""
+        return self.diverged or self.loss_diverged
 
 
 def available_cpus() -> int:
@@ -310,6 +327,8 @@ def _resumed_config(
         raise CommandError(_as_flags(str(exc))) from exc
 
     def meaning(c: TrainConfig, k: str) -> Any:  # lr None is the optimizer's default, ...
+        if k == "data":  # the same file, however it is named
+            return os.path.realpath(c.data) if c.data is not None else None
         return c.peak_lr if k == "lr" else c.level if k == "pc_level" else getattr(c, k)
 
     differing = [f"{_flag(k)} (checkpoint: {meaning(old, k)!r}, given: {meaning(new, k)!r})"
@@ -321,9 +340,8 @@ def _resumed_config(
             f"them to continue the run, or start a fresh run (another --log-dir). Flags that "
             f"may change: {', '.join(_flag(k) for k in RESUME_OVERRIDES)}"
         )
-    if "log_dir" not in given:  # the run the checkpoint belongs to
-        run = source.parent.parent if source.parent.name == CHECKPOINT_DIR else source.parent
-        new = dataclasses.replace(new, log_dir=str(run))
+    if "log_dir" not in given:
+        new = dataclasses.replace(new, log_dir=str(_run_of(source)))
     if new.peak_lr != old.peak_lr:
         console.print(f"[yellow]warning:[/] --lr {new.peak_lr:g} replaces the checkpoint's peak "
                       f"LR {old.peak_lr:g}: the schedule continues at the new scale from step "
@@ -393,6 +411,58 @@ def _resolve_log_dir(cfg: TrainConfig) -> Path:
     return Path(cfg.log_dir) if cfg.log_dir is not None else _unique(Path("runs") / cfg.name)
 
 
+#: Subfolder of ``checkpoints/`` where a rewind moves the newer checkpoints (+ step).
+SUPERSEDED_PREFIX = "superseded_at_step_"
+#: Lock file of a run folder, held (``flock``) while a ``specopt train`` writes there.
+LOCK_FILE = ".specopt-train.lock"
+
+
+def lock_run_folder(log_dir: Path) -> Any:
+    """Hold ``log_dir``'s lock for as long as the returned file stays open (None where the
+    OS has no ``flock``).
+
+    Why: two trainings in one folder (the same command started twice, a ``--resume`` of a
+    run still going) would delete each other's checkpoint temp files, purge each other's
+    events and interleave checkpoints. The kernel drops the lock when the process dies
+    (also on ``kill -9``), so no stale lock survives a crash.
+
+    Raises:
+        CommandError: another process holds the lock (its pid is named).
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return None
+    path = log_dir / LOCK_FILE
+    lock = open(path, "a+")  # held open for the run; the caller closes it
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        raise CommandError(f"--log-dir {str(log_dir)!r} is in use by another specopt train "
+                           f"(pid {holder}); wait for it to finish, or use another --log-dir"
+                           ) from None
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock
+
+
+def _run_of(checkpoint: Path) -> Path:
+    """The run folder a checkpoint file belongs to (also one set aside by a rewind, in
+    ``checkpoints/superseded_at_step_<n>/``; a loose file: its own folder)."""
+    folder = checkpoint.parent
+    if folder.name.startswith(SUPERSEDED_PREFIX) and folder.parent.name == CHECKPOINT_DIR:
+        folder = folder.parent
+    return folder.parent if folder.name == CHECKPOINT_DIR else folder
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
 def _find_checkpoint(path: Path) -> Path:
     """``path`` itself, or the newest checkpoint of a run folder."""
     if path.is_file():
@@ -402,13 +472,40 @@ def _find_checkpoint(path: Path) -> Path:
         found = sorted(folder.glob("step_*.pt"))
         if found:
             return found[-1]
+        if any(p.is_dir() and (p / ".metadata").is_file() for p in folder.glob("step_*")):
+            raise CommandError(
+                f"run {str(path)!r} holds only distributed checkpoints (step_*/ folders of a "
+                "--ddp/--fsdp run): --resume of a distributed run is not supported yet; "
+                "`specopt inspect` and `specopt merge` read them")
         if any(path.glob("events.out.tfevents.*")):
             raise CommandError(
                 f"run {str(path)!r} stopped before its first checkpoint: nothing to resume; "
                 f"run the same command without --resume and with --log-dir {path} to start "
                 "it over in place")
         raise CommandError(f"no checkpoints (step_*.pt) in {str(folder)!r}")
+    if path.exists():
+        raise CommandError(f"--resume path {str(path)!r} is not a regular file or folder "
+                           "(a device, FIFO or socket)")
     raise CommandError(f"--resume path {str(path)!r} does not exist")
+
+
+def _set_aside_newer_checkpoints(folder: Path, step: int) -> Path | None:
+    """Move the checkpoints of ``folder`` newer than ``step`` into a subfolder; returns it.
+
+    Why: a resume from an older checkpoint of the same run rewinds it (the writer purges
+    what was logged after ``step``), so newer checkpoints belong to the abandoned
+    continuation; left in place, the next ``--resume RUN`` would pick one of them and
+    mix two timelines. Moved, not deleted: nothing is lost.
+    """
+    newer = [p for p in sorted(folder.glob("step_*.pt"))
+             if (n := p.stem.removeprefix("step_")).isdigit() and int(n) > step]
+    if not newer:
+        return None
+    aside = _unique(folder / f"{SUPERSEDED_PREFIX}{step:07d}")
+    aside.mkdir(parents=True)
+    for p in newer:
+        os.replace(p, aside / p.name)
+    return aside
 
 
 def _restore(
@@ -590,6 +687,7 @@ def train(
             ckpt = load_checkpoint(ckpt_path, require=TRAINING_KEYS)
         except (ValueError, FileNotFoundError) as exc:
             raise CommandError(str(exc)) from exc
+        refuse_nonfinite(ckpt["model"], ckpt_path, action="resume from it")
         saved = ckpt["config"]
         if not (isinstance(saved, dict) and all(isinstance(saved.get(k), dict)
                                                 for k in ("train", "model"))):
@@ -609,6 +707,8 @@ def train(
                                ) from exc
     else:
         model_cfg = PRESETS[cfg.preset]
+        if cfg.data is not None:  # saved absolute: a resume from another folder reads it too
+            cfg = dataclasses.replace(cfg, data=os.path.abspath(os.path.expanduser(cfg.data)))
     if cfg.seq_len > model_cfg.max_seq_len:
         raise CommandError(f"--seq-len must be <= {model_cfg.max_seq_len}, the {cfg.preset} "
                            f"model's context (max_seq_len), got {cfg.seq_len}")
@@ -636,6 +736,13 @@ def train(
             f"log dir {str(log_dir)!r} already holds a run; pass --resume {log_dir} to continue "
             "it, or another --log-dir"
         )
+    if broadcast_object(ckpt is not None and (has_events or has_checkpoints)
+                        and not _same_folder(log_dir, _run_of(ckpt_path))):
+        # Its purge and checkpoints would interleave two runs in one folder.
+        raise CommandError(
+            f"--log-dir {str(log_dir)!r} already holds another run; resume into the "
+            f"checkpoint's own run ({str(_run_of(ckpt_path))!r}, the default) or an empty "
+            "--log-dir")
     restart = ckpt is None and has_events  # stopped before its first checkpoint
     if cfg.threads == 0:  # resolved once and saved, so a resume uses the same count
         cfg = dataclasses.replace(cfg, threads=auto_threads())
@@ -669,14 +776,32 @@ def train(
         _apply_schedule(scheduler, cfg, ckpt["config"]["train"], ckpt["step"])
         start_step = ckpt["step"]
 
+    run_lock, refusal = None, None
     if is_main_process():
         try:
             log_dir.mkdir(parents=True, exist_ok=True)
+            # Before anything that deletes or purges: another process may be writing here.
+            run_lock = lock_run_folder(log_dir)
         except OSError as exc:
-            raise CommandError(f"cannot create --log-dir {str(log_dir)!r}: "
-                               f"{exc.strerror or exc}") from exc
+            refusal = f"cannot create --log-dir {str(log_dir)!r}: {exc.strerror or exc}"
+        except CommandError as exc:
+            refusal = str(exc)
+    refusal = broadcast_object(refusal)  # every rank stops, not rank 0 alone (no hang)
+    if refusal is not None:
+        raise CommandError(refusal)
+    if is_main_process():
+        if resume is not None and Path(resume).is_dir() and \
+                _find_checkpoint(Path(resume)) != ckpt_path:
+            raise CommandError(
+                f"run {str(resume)!r} got a newer checkpoint while this resume started (a "
+                f"training of it was still running and has ended); run the command again")
         for stale in remove_stale_temp_files(log_dir / CHECKPOINT_DIR, "step_*"):
             console.print(f"removed {escape(str(stale))} (an interrupted checkpoint write)")
+        if ckpt is not None:
+            aside = _set_aside_newer_checkpoints(log_dir / CHECKPOINT_DIR, start_step)
+            if aside is not None:
+                console.print(f"resuming from step {start_step} rewinds the run: its newer "
+                              f"checkpoints were moved to {escape(str(aside))}")
     if restart:
         console.print(f"log dir {escape(str(log_dir))} holds a run that stopped before its "
                       "first checkpoint: starting it over in place")
@@ -760,13 +885,14 @@ def train(
 
     tokens_per_step = cfg.batch_size * cfg.seq_len
     loss_val, val_bpb, tps, cond, diverged = math.nan, math.nan, math.nan, math.nan, False
+    losses: list[tuple[int, float]] = []  # (step, train loss) of this invocation
     last_ckpt: Path | None = None
     step = start_step
     model.train()
     # _closing: monitor and writer are closed (what was logged reaches the disk) also when
     # the loop ends in an error, e.g. a checkpoint that cannot be written.
     with _progress(progress and is_main_process()) as bar, _alarms_above_the_bar(), \
-            _closing(monitor, writer):
+            _closing(monitor, writer, *([run_lock] if run_lock is not None else [])):
         task = bar.add_task("train", total=cfg.steps, completed=start_step, loss="-", lr="-",
                             tps="-", cond="-")
         t_last = time.perf_counter()
@@ -803,6 +929,7 @@ def train(
             tps = inst if math.isnan(tps) else 0.9 * tps + 0.1 * inst
             t_last = now
             writer.add_scalar("train/loss", loss_val, step)
+            losses.append((step, loss_val))
             writer.add_scalar("train/lr", lr_now, step)
             writer.add_scalar("train/grad_norm", grad_norm, step)
             writer.add_scalar("perf/tokens_per_s", inst, step)
@@ -824,13 +951,32 @@ def train(
                        tps=f"{tps:,.0f}", cond="-" if math.isnan(cond) else f"{cond:.3g}")
             t_last = time.perf_counter()  # eval/checkpoint time is not training throughput
     wall = time.perf_counter() - t_start
+    loss_diverged = not diverged and _loss_diverged(losses)
+    if loss_diverged:
+        console.print(f"[bold red]the loss diverged: {losses[0][1]:.3g} at step {losses[0][0]}, "
+                      f"{loss_val:.3g} at step {step}.[/] Run `specopt diagnose {log_dir}` to "
+                      "see which layers went first.")
     if not math.isnan(val_bpb):
         console.print(
             f"final validation: {val_bpb:.4f} bits/byte after {step} steps ({wall:.1f} s)"
         )
     console.print(f"logs and checkpoints: [bold]{escape(str(log_dir))}[/]")
     console.print(f"view them:  tensorboard --logdir {escape(str(log_dir))}")
-    return TrainResult(log_dir, step, last_ckpt, val_bpb, loss_val, wall, diverged)
+    return TrainResult(log_dir, step, last_ckpt, val_bpb, loss_val, wall, diverged,
+                       loss_diverged)
+
+
+def _loss_diverged(losses: list[tuple[int, float]]) -> bool:
+    """``specopt diagnose``'s rule (:func:`~specopt.cli.diagnose.ended_diverged`) on the
+    training losses of this invocation: the run ends in a loss spike it did not recover
+    from. Such a run exits 1, not 0, although every step ran."""
+    import numpy as np
+
+    from specopt.cli.diagnose import detect_spikes, ended_diverged
+
+    steps = np.array([s for s, _ in losses], dtype=np.int64)
+    values = np.array([v for _, v in losses], dtype=np.float64)
+    return ended_diverged(steps, values, detect_spikes(steps, values))
 
 
 def _mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
@@ -949,7 +1095,7 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         result = train(resume=args.resume, overrides=_given_options(args),
                        progress=not args.no_progress)
-        return 1 if result.diverged else 0
+        return 1 if result.failed else 0
     cfg = _config_from_args(args)
     if not args.compare:
         try:
@@ -960,7 +1106,7 @@ def run(args: argparse.Namespace) -> int:
 
                 if dist.is_initialized():
                     dist.destroy_process_group()
-        return 1 if result.diverged else 0
+        return 1 if result.failed else 0
     from specopt.cli.compare import compare_runs
 
     root = Path(cfg.log_dir) if cfg.log_dir else _unique(
@@ -972,4 +1118,4 @@ def run(args: argparse.Namespace) -> int:
         console.rule(f"{'PC layer' if pc else 'baseline'} run")
         results.append(train(sub, progress=not args.no_progress))
     compare_runs([r.log_dir for r in results], out=root / "compare.png")
-    return 1 if any(r.diverged for r in results) else 0
+    return 1 if any(r.failed for r in results) else 0
