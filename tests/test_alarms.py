@@ -97,11 +97,11 @@ def test_absurd_lr_raises_divergence_and_diagnose_reports_it(tmp_path, capsys) -
 
     run = tmp_path / "run"
     assert main(["train", "--lr", "10", "--steps", "20", "--eval-every", "0", "--ckpt-every",
-                 "0", "--threads", "1", "--no-progress", "--log-dir", str(run)]) == 0
+                 "0", "--threads", "1", "--no-progress", "--log-dir", str(run)]) == 1  # diverged
     capsys.readouterr()
     alarms = _alarm_texts(run)
     divergence = [s for s, text in alarms if "loss_divergence" in text]
     assert divergence and divergence[0] <= 4
-    assert main(["diagnose", str(run)]) == 0
+    assert main(["diagnose", str(run)]) == 1  # diagnose exits 1 on a diverged run
     out = capsys.readouterr().out
     assert "loss_divergence" in out and "no alarms fired" not in out
