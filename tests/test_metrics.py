@@ -197,3 +197,23 @@ def test_singular_values_chunks_by_bytes(monkeypatch) -> None:
     for w, s in zip(ws, got, strict=True):
         np.testing.assert_allclose(s.numpy(), np.linalg.svd(w.double().numpy(), compute_uv=False),
                                    rtol=1e-6)
+
+
+def test_snapshot_blas_follows_torch_threads() -> None:
+    """scipy's own OpenBLAS runs with torch's thread count during a decomposition (its
+    default, one thread per core, spun on barriers under load: 35x slower on small Gram
+    matrices), and gets its own setting back afterwards."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    import scipy.linalg  # noqa: F401  (its BLAS loaded, as during a snapshot)
+
+    from specopt.spectral.metrics import _blas_threads_like_torch
+
+    def scipy_blas_threads() -> list[int]:
+        return [i["num_threads"] for i in threadpoolctl.threadpool_info()
+                if i["internal_api"] == "openblas"]
+
+    before = scipy_blas_threads()
+    assert before, "no OpenBLAS loaded (scipy / numpy wheels ship one)"
+    with _blas_threads_like_torch():
+        assert scipy_blas_threads() == [torch.get_num_threads()] * len(before)
+    assert scipy_blas_threads() == before
