@@ -660,3 +660,80 @@ def test_huge_finite_grads_are_not_called_non_finite():
     model.norm.weight.grad[0] = -1e30
     opt.step()
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------- fp16 weights
+
+
+def _fp16_lm() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 32), nn.ReLU(),
+                         nn.Linear(32, 16), nn.Linear(16, 50)).half()
+
+
+def _step_on_few_tokens(model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    # Tokens 0..3 only: the other embedding rows get an exactly zero gradient.
+    model(torch.arange(4)).float().square().mean().backward()
+    opt.step()
+
+
+def test_fp16_plain_adamw_writes_nan_premise():
+    """The failure the guard prevents: torch's AdamW, fp16, eps=1e-8, zero-grad rows."""
+    model = _fp16_lm()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-8)
+    _step_on_few_tokens(model, opt)
+    assert not torch.isfinite(model[0].weight).all()
+
+
+@pytest.mark.parametrize("mode", ["muon", "adamw"])
+def test_fp16_adamw_params_refused_by_name(mode):
+    model = _fp16_lm()
+    with pytest.raises(ValueError, match=r"fp16 parameter.*eps=1e-08.*0\.weight \(50, 16\)"
+                                         r".*autocast.*adamw_eps"):
+        build_optimizer(model, mode)
+    assert all(p.dtype == torch.float16 for p in model.parameters())  # nothing changed
+
+
+@pytest.mark.parametrize("mode", ["muon", "adamw"])
+def test_fp16_with_large_eps_steps_without_nan(mode):
+    model = _fp16_lm()
+    opt = build_optimizer(model, mode, adamw_eps=1e-4)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for _ in range(3):
+        opt.zero_grad()
+        _step_on_few_tokens(model, opt)
+    for n, p in model.named_parameters():
+        assert torch.isfinite(p).all(), n
+        assert p.dtype == torch.float16
+    # Rows with a zero gradient only decay (weight decay), the used rows move.
+    emb, emb0 = model[0].weight.float(), before["0.weight"].float()
+    assert not torch.equal(emb[:4], emb0[:4])
+    torch.testing.assert_close(emb[4:], emb0[4:], rtol=2e-3, atol=0)
+
+
+def test_fp16_muon_side_zero_and_tiny_grads_stay_finite():
+    """Muon needs no eps opt-in for fp16: zero and tiny gradients give finite updates."""
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(32, 16).half())
+    z = nn.Parameter(torch.randn(32, 16).half())
+    opt = Muon([w, z], lr=1e-2, weight_decay=0.0)
+    w.grad = (torch.randn(32, 16) * 1e-6).half()
+    z.grad = torch.zeros(32, 16, dtype=torch.float16)
+    w0, z0 = w.detach().clone(), z.detach().clone()
+    opt.step()
+    assert torch.isfinite(w).all() and torch.isfinite(z).all()
+    assert not torch.equal(w, w0)
+    torch.testing.assert_close(z, z0, rtol=0, atol=0)  # a zero gradient moves nothing
+
+
+def test_fp16_guard_on_hand_built_hybrid_groups():
+    w = nn.Parameter(torch.randn(8, 8))
+    b = nn.Parameter(torch.zeros(8, dtype=torch.float16))
+    with pytest.raises(ValueError, match=r"fp16 parameter.*params\[0\] \(8,\)"):
+        HybridOptimizer([{"optimizer": "muon", "params": [w]},
+                         {"optimizer": "adamw", "params": [b]}])
+    opt = HybridOptimizer([{"optimizer": "muon", "params": [w]},
+                           {"optimizer": "adamw", "params": [nn.Parameter(torch.zeros(2))]}])
+    with pytest.raises(ValueError, match="fp16 parameter"):
+        opt.add_param_group({"optimizer": "adamw", "params": [b]})
+    opt.add_param_group({"optimizer": "adamw", "params": [b], "eps": 1e-4})  # opted in

@@ -57,6 +57,14 @@ changed; ``nonfinite="skip"`` hides that parameter's gradient for the step (no u
 moment/momentum update, no weight decay), counts it in the group's ``"nonfinite_skips"``
 list (saved in ``state_dict``) and warns.
 
+fp16 parameters: torch's AdamW keeps its moments in the parameter's dtype, and in fp16
+the default ``eps=1e-8`` rounds to 0, so a parameter whose gradient is zero (an
+embedding row not in the batch) gets ``0 / 0 = NaN``. AdamW groups with fp16 tensors
+are refused (``ValueError`` naming them) unless their ``eps`` is at least
+:data:`FP16_MIN_ADAMW_EPS` (fp16's smallest normal number; ``adamw_eps=1e-4`` is the
+usual fp16 choice). Better: fp32 master weights with ``torch.autocast``, or bf16
+weights. Muon's side is fp16-safe (its Newton-Schulz normalizes in fp16 first).
+
 Example::
 
     opt = specopt.build_optimizer(model, "muon", lr=3e-3)
@@ -104,6 +112,7 @@ from specopt.optim.nonfinite import (
 __all__ = [
     "DEFAULT_ADAMW_BETAS",
     "DEFAULT_HEAD_NAMES",
+    "FP16_MIN_ADAMW_EPS",
     "TOKEN_WORDS",
     "HybridOptimizer",
     "NonFiniteGradientError",
@@ -133,6 +142,11 @@ _MODULE_KINDS = ("linear", "transposed", "conv", "embedding")
 #: AdamW betas for LLM training (GPT-3 / Llama-2 / the PC-layer paper); torch's default
 #: beta2=0.999 reacts too slowly to loss spikes at LLM batch sizes.
 DEFAULT_ADAMW_BETAS: tuple[float, float] = (0.9, 0.95)
+
+#: Smallest AdamW ``eps`` accepted for fp16 tensors: fp16's smallest normal number
+#: (about 6.1e-5). A smaller eps rounds to a subnormal or to 0 (1e-8 does), and
+#: ``exp_avg / (sqrt(exp_avg_sq) + eps)`` becomes 0/0 = NaN for a zero gradient.
+FP16_MIN_ADAMW_EPS: float = torch.finfo(torch.float16).tiny
 
 _OPTIMIZERS = ("muon", "adamw")
 _NONFINITE_POLICIES = NONFINITE_POLICIES
@@ -806,6 +820,8 @@ class HybridOptimizer(Optimizer):
             )
 
     def _make_child(self, kind: str, groups: list[dict[str, Any]]) -> Optimizer:
+        if kind == "adamw":
+            _check_fp16_adamw(groups, self._child_kwargs["adamw"].get("eps", 1e-8))  # torch default
         cls = self._muon_cls if kind == "muon" else torch.optim.AdamW
         return cls(groups, **self._child_kwargs[kind])
 
@@ -841,6 +857,8 @@ class HybridOptimizer(Optimizer):
         if child is None:
             setattr(self, f"_{kind}", self._make_child(kind, [param_group]))
         else:
+            if kind == "adamw":
+                _check_fp16_adamw([param_group], child.defaults["eps"])
             child.add_param_group(param_group)
         super().add_param_group(param_group)
         self._rewire()
@@ -924,6 +942,33 @@ def _check_float(name: str, value: Any, *, low: float = 0.0, high: float | None 
     if not math.isfinite(value) or value < low or (high is not None and value >= high):
         bound = f"in [{low}, {high})" if high is not None else f">= {low}"
         raise ValueError(f"{name} must be finite and {bound}, got {value!r}")
+
+
+def _check_fp16_adamw(groups: Iterable[Mapping[str, Any]], default_eps: float) -> None:
+    """Refuse AdamW groups holding fp16 tensors whose ``eps`` underflows in fp16
+    (:data:`FP16_MIN_ADAMW_EPS`): torch's AdamW would write NaN into them."""
+    bad: list[str] = []
+    eps_seen = default_eps
+    for gi, g in enumerate(groups):
+        eps = g.get("eps", default_eps)
+        if eps >= FP16_MIN_ADAMW_EPS:
+            continue
+        params = g["params"]
+        params = [params] if isinstance(params, Tensor) else params
+        for i, p in enumerate(params):
+            name, t = p if isinstance(p, tuple) else (f"param_groups[{gi}].params[{i}]", p)
+            if t.dtype == torch.float16:
+                bad.append(f"{name} {tuple(t.shape)}")
+                eps_seen = eps
+    if bad:
+        shown = ", ".join(bad[:4]) + (f" (+{len(bad) - 4} more)" if len(bad) > 4 else "")
+        raise ValueError(
+            f"{len(bad)} fp16 parameter(s) go to AdamW with eps={eps_seen:g}, which rounds "
+            f"to {float(torch.tensor(eps_seen, dtype=torch.float16)):g} in fp16 and makes "
+            f"NaN where a gradient is zero: {shown}. Keep fp32 master weights and train "
+            "under torch.autocast(dtype=torch.float16), or use bf16 weights, or pass "
+            f"adamw_eps >= {FP16_MIN_ADAMW_EPS:.3g} (e.g. 1e-4) to accept fp16 AdamW"
+        )
 
 
 def _guard_plain(opt: Optimizer, nonfinite: str) -> None:
@@ -1021,7 +1066,9 @@ def build_optimizer(
         weight_decay: decoupled weight decay of decayed groups on both sides (default
             0.1); applied as ``p *= 1 - lr * weight_decay``.
         betas: AdamW betas (default (0.9, 0.95)).
-        adamw_eps: AdamW epsilon (default 1e-8).
+        adamw_eps: AdamW epsilon (default 1e-8). fp16 tensors on the AdamW side need
+            ``adamw_eps >= FP16_MIN_ADAMW_EPS`` (else ``ValueError``; see the module
+            docstring).
         momentum, nesterov, adjust_lr_fn: Muon settings (defaults 0.95, True,
             ``"match_rms_adamw"``); ignored with ``optimizer="adamw"``.
         include: patterns (:mod:`specopt.layers` vocabulary, matched against parameter
@@ -1096,6 +1143,7 @@ def build_optimizer(
     if optimizer == "adamw":
         for g in groups:
             del g["optimizer"]
+        _check_fp16_adamw(groups, adamw_eps)
         opt: Optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay, **adamw_defaults)
         _guard_plain(opt, nonfinite)
         opt.routing = report  # type: ignore[attr-defined]
