@@ -183,7 +183,6 @@ class Case:
     pc: list[str]
     adamw: list[str] = field(default_factory=list)
     hf: bool = True
-    monitor: bool = True
     lr: float = 1e-2
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -282,8 +281,7 @@ CASES: dict[str, Case] = {
     "frozen": Case(_frozen, _ids, ["attn.out_proj", "fc1", "fc2"], hf=False),
     "bf16": Case(lambda: _TorchLM().to(torch.bfloat16), _ids, ["attn.out_proj", "fc1", "fc2"],
                  hf=False),
-    # The monitor does not see weight_norm's original0/original1 (reported, spectral/).
-    "weight_norm": Case(_normed("weight_norm"), _ids, ["fc2"], hf=False, monitor=False),
+    "weight_norm": Case(_normed("weight_norm"), _ids, ["fc2"], hf=False),
     "spectral_norm": Case(_normed("spectral_norm"), _ids, ["fc2"], hf=False),
 }
 
@@ -413,8 +411,6 @@ def test_default_pc_train_merge_and_reload(case, tmp_path):
 
 def test_monitor_matches_float64_svd_of_the_effective_weights(case):
     name, c, model = case
-    if not c.monitor:
-        pytest.skip(f"{name}: the monitor skips weight_norm layers (reported)")
     if c.pc:
         apply_pc(model, level=2)
     snap = specopt.SpectralMonitor(model, budget=None, alarms=(), update_ratio=False,
