@@ -737,3 +737,58 @@ def test_fp16_guard_on_hand_built_hybrid_groups():
     with pytest.raises(ValueError, match="fp16 parameter"):
         opt.add_param_group({"optimizer": "adamw", "params": [b]})
     opt.add_param_group({"optimizer": "adamw", "params": [b], "eps": 1e-4})  # opted in
+
+
+# ------------------------------------------------------- vocab-sized head: when to warn
+
+
+class _Block(nn.Module):
+    def __init__(self, d: int, width: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, width), nn.Linear(width, d)
+
+
+class _LM(nn.Module):
+    """A causal LM whose FFN width equals its vocabulary and whose output projection has
+    no head name: only the vocab fallback can find it."""
+
+    def __init__(self, vocab: int = 48, d: int = 16, n_layers: int = 2, head: bool = True,
+                 second: bool = False) -> None:
+        super().__init__()
+        self.tok_emb = nn.Embedding(vocab, d)
+        self.pos_emb = nn.Embedding(d, d)  # as many positions as d: not a vocabulary
+        self.layers = nn.ModuleList(_Block(d, vocab) for _ in range(n_layers))
+        self.mix = nn.Linear(d, d)  # out_features == the position table's size
+        if head:
+            self.to_logits = nn.Linear(d, vocab, bias=False)
+        if second:
+            self.to_logits_2 = nn.Linear(d, vocab, bias=False)
+
+
+def _route_quietly(model: nn.Module):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        return describe_routing(model)
+
+
+def test_vocab_head_found_past_ffns_of_vocab_width():
+    report = _route_quietly(_LM())
+    head = report["to_logits.weight"]
+    assert head.optimizer == "adamw"
+    assert head.reason == "output head (out_features = vocab of tok_emb.weight)"
+    assert all(report[f"layers.{i}.fc1.weight"].optimizer == "muon" for i in range(2))
+    assert report["mix.weight"].optimizer == "muon"  # position tables are no vocabulary
+
+
+def test_no_warning_without_a_vocab_sized_output_projection():
+    """An encoder / CLIP-like tower: FFN widths equal the vocabulary, no head at all."""
+    report = _route_quietly(_LM(head=False))
+    assert not report.notes
+    assert all(r.optimizer == "muon" for r in report if r.name.endswith("fc1.weight"))
+
+
+def test_two_top_level_vocab_projections_still_warn():
+    with pytest.warns(UserWarning, match=r"could not identify the output head: 2 Linear.*"
+                                         r"to_logits\.weight.*to_logits_2\.weight"):
+        report = describe_routing(_LM(second=True))
+    assert report["to_logits.weight"].optimizer == "muon" and report.notes

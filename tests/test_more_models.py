@@ -632,3 +632,29 @@ def test_trainer_callback_on_qwen2_moe(tmp_path):
     assert not torch.equal(pc.parametrizations["model.layers.0.mlp.shared_expert.down_proj"].u,
                            u0)  # the PC refresh ran on the Trainer's optimizer
     assert parametrize.is_parametrized(model.model.layers[0].mlp.shared_expert.down_proj)
+
+
+@pytest.mark.parametrize("name", ["clip", "qwen2"])
+def test_no_head_warning_when_ffn_width_equals_the_vocabulary(name):
+    """CLIP has no output head; a causal LM's head is named. An FFN as wide as the
+    vocabulary (2 layers of it) must not make routing warn about an unidentified head."""
+    import transformers
+
+    text = dict(hidden_size=D, intermediate_size=2 * D, num_hidden_layers=2,
+                num_attention_heads=2, vocab_size=2 * D, max_position_embeddings=SEQ)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers' notes on tiny vocabularies
+        if name == "clip":
+            model = transformers.CLIPModel(transformers.CLIPConfig(
+                projection_dim=16, text_config=text, vision_config=_VIS))
+        else:
+            model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+                **text, num_key_value_heads=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        report = describe_routing(model)
+    assert not report.notes
+    ffn = [r for r in report if r.name.endswith(("mlp.fc1.weight", "mlp.up_proj.weight"))]
+    assert len(ffn) >= 2 and all(r.optimizer == "muon" for r in ffn)
+    if name == "qwen2":
+        assert report["lm_head.weight"].optimizer == "adamw"

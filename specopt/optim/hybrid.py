@@ -27,7 +27,9 @@ matrix is, its orientation and its block come from :mod:`specopt.layers`:
    ``classifier``, ``score``, ``cls``, ... -- as the first or last component of its path),
    a module named ``fc`` that is the model's last module with parameters (torchvision /
    timm ResNet), or, when none of these finds a head, the single ``nn.Linear`` / Conv1D
-   whose fan-out equals an embedding's ``num_embeddings``.
+   whose fan-out equals a token embedding's ``num_embeddings`` (position / type tables
+   do not count), preferring the one outside repeated blocks (``layers.N.*``) when
+   several match; a warning only when several such projections sit outside them.
 8. Bare parameters (not the weight of a Linear / Conv1D / conv / embedding module) named
    like tokens or embeddings (a ``_``-separated word of :data:`TOKEN_WORDS`:
    ``cls_token``, ``reg_token``, ``pos_embed``, ``position_embeddings``, ``latents``, ...)
@@ -609,14 +611,15 @@ def _route(
 
     tensors = _collect(model)
     emb_storage: dict[tuple[str, int], str] = {}
-    vocab: dict[int, str] = {}  # num_embeddings -> embedding name
+    vocab: dict[int, str] = {}  # num_embeddings -> token embedding name
     for t in tensors:
         for name, m in zip(t.names, t.layers, strict=True):
             if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and t.param.ndim == 2:
                 key = _storage_key(t.param)
                 if key is not None:
                     emb_storage.setdefault(key, name)
-                vocab.setdefault(m.num_embeddings, name)
+                if not _is_position_table(name):  # nothing predicts positions / types
+                    vocab.setdefault(m.num_embeddings, name)
     nwd = _no_weight_decay_names(model)
     last_module = _last_param_module(model)
 
@@ -649,31 +652,7 @@ def _route(
 
     notes: list[str] = []
     if vocab and not adamw_pats and not any("output head" in r for _, _, r, _ in decisions):
-        # No tied or named head (and no user routing to AdamW): fall back to the matrix
-        # module that produces vocab-sized logits.
-        def fan_out(t: _Tensor) -> int | None:
-            sp = t.spec
-            return sp.fan_out if sp.kind in ("linear", "transposed") else None
-
-        cands = [
-            i
-            for i, (t, opt, reason, _) in enumerate(decisions)
-            if opt == "muon" and not reason.startswith(inc_arg) and fan_out(t) in vocab
-        ]
-        if len(cands) == 1:
-            t = decisions[cands[0]][0]
-            emb = vocab[fan_out(t)]
-            decisions[cands[0]] = (t, "adamw", f"output head (out_features = vocab of {emb})",
-                                   {})
-        elif len(cands) > 1 and optimizer == "muon":  # with "adamw" they go to AdamW anyway
-            names = [decisions[i][0].names[0] for i in cands]
-            msg = (
-                f"could not identify the output head: {len(cands)} Linear layers have "
-                f"out_features equal to an embedding's num_embeddings ({names[:4]}...); "
-                "they go to Muon. Pass exclude=[<head name>] to route the head to AdamW."
-            )
-            notes.append(msg)
-            warnings.warn(msg, UserWarning, stacklevel=2)
+        _vocab_head_fallback(decisions, vocab, optimizer, inc_arg, notes)
 
     routes = []
     split_used: set[Pattern] = set()
@@ -719,6 +698,63 @@ def _route(
             if pat not in hit:
                 raise no_match_error(arg, pat, candidates, "parameter")
     return RoutingReport(mode=optimizer, routes=tuple(routes), notes=tuple(notes))
+
+
+#: ``_``-separated words of an embedding's name that mark a position / segment table,
+#: not a vocabulary (``position_embedding``, ``wpe``'s HF name ``pos_embed``,
+#: ``token_type_embeddings``): no output head predicts them.
+_POSITION_WORDS = frozenset({"pos", "position", "positions", "positional", "type", "types",
+                             "segment", "wpe"})
+
+
+def _is_position_table(name: str) -> bool:
+    return any(set(part.lower().split("_")) & _POSITION_WORDS for part in name.split("."))
+
+
+def _in_repeated_block(path: str) -> bool:
+    """True when ``path`` lies inside a numbered container item (``layers.3.mlp.fc1``):
+    a hidden layer, repeated per block, never the model's single output projection (a
+    ``Sequential``'s own item ``"4"`` is not inside one)."""
+    parts = path.split(".")
+    return any(p.isdigit() for p in parts[:-1])
+
+
+def _vocab_head_fallback(decisions: list[tuple[_Tensor, str, str, dict[str, Any]]],
+                         vocab: Mapping[int, str], optimizer: str, inc_arg: str,
+                         notes: list[str]) -> None:
+    """Routing rule 7's last resort, in place: with no tied or named head, the matrix
+    module that produces vocab-sized logits goes to AdamW.
+
+    Candidates: Muon-routed Linear / Conv1D weights (not forced by ``include``) whose
+    fan-out is a token embedding's ``num_embeddings``. One candidate is the head. Of
+    several, those outside repeated blocks are head-like (a per-block FFN whose width
+    happens to equal the vocabulary is not a head): one head-like candidate is the head;
+    several are ambiguous (warned, left to Muon); none means the model has no
+    vocabulary-sized output projection (CLIP, encoders): nothing to say.
+    """
+    def fan_out(t: _Tensor) -> int | None:
+        sp = t.spec
+        return sp.fan_out if sp.kind in ("linear", "transposed") else None
+
+    cands = [i for i, (t, opt, reason, _) in enumerate(decisions)
+             if opt == "muon" and not reason.startswith(inc_arg) and fan_out(t) in vocab]
+    if len(cands) > 1:
+        cands = [i for i in cands
+                 if not any(_in_repeated_block(p) for p in decisions[i][0].layer_paths)]
+    if len(cands) == 1:
+        t = decisions[cands[0]][0]
+        emb = vocab[fan_out(t)]  # type: ignore[index]
+        decisions[cands[0]] = (t, "adamw", f"output head (out_features = vocab of {emb})", {})
+    elif len(cands) > 1 and optimizer == "muon":  # with "adamw" they go to AdamW anyway
+        names = [decisions[i][0].names[0] for i in cands]
+        msg = (
+            f"could not identify the output head: {len(cands)} Linear layers outside the "
+            f"repeated blocks have out_features equal to an embedding's num_embeddings "
+            f"({names[:4]}...); they go to Muon. Pass exclude=[<head name>] to route the "
+            "head to AdamW."
+        )
+        notes.append(msg)
+        warnings.warn(msg, UserWarning, stacklevel=3)  # the caller of describe_routing
 
 
 # ---------------------------------------------------------------- non-finite screening
