@@ -792,3 +792,33 @@ def test_two_top_level_vocab_projections_still_warn():
                                          r"to_logits\.weight.*to_logits_2\.weight"):
         report = describe_routing(_LM(second=True))
     assert report["to_logits.weight"].optimizer == "muon" and report.notes
+
+
+def test_position_bias_tables_go_to_adamw_without_decay():
+    class Attn(nn.Module):  # Swin / SAM-style: bare tables next to the projections
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv = nn.Linear(16, 48)
+            self.relative_position_bias_table = nn.Parameter(torch.randn(49, 2))
+            self.rel_pos_h = nn.Parameter(torch.randn(13, 8))
+            self.rel_pos_w = nn.Parameter(torch.randn(13, 8))
+            self.hidden = nn.Parameter(torch.randn(16, 16))  # a bare matrix: Muon
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.absolute_pos_embed = nn.Parameter(torch.randn(1, 9, 16))
+            self.attn = Attn()
+
+    opt = build_optimizer(Net(), "muon", weight_decay=0.1)
+    report = opt.routing
+    for name in ("attn.relative_position_bias_table", "attn.rel_pos_h", "attn.rel_pos_w",
+                 "absolute_pos_embed"):
+        r = report[name]
+        assert (r.optimizer, r.weight_decay) == ("adamw", False), (name, r.reason)
+        assert "position bias" in r.reason
+    assert (report["attn.hidden"].optimizer, report["attn.hidden"].weight_decay) == ("muon", True)
+    assert report["attn.qkv.weight"].weight_decay
+    nodecay = {n for g in opt.param_groups if g["weight_decay"] == 0.0
+               for n in g["param_names"]}
+    assert {"attn.relative_position_bias_table", "absolute_pos_embed"} <= nodecay

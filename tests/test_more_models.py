@@ -349,6 +349,8 @@ def test_routing_and_training(case):
         want = _expected_optimizer(c, model, r.name, r.param)
         assert r.optimizer == want, (name, r.name, tuple(r.param.shape), r.reason)
         assert r.reason
+        if r.name.endswith("relative_position_bias_table"):  # timm's no_weight_decay list
+            assert not r.weight_decay, (name, r.name)
     opt = build_optimizer(model, "muon", lr=c.lr, weight_decay=0.0)
     trained = {id(p) for g in opt.param_groups for p in g["params"]}
     assert trained == {id(p) for p in model.parameters() if p.requires_grad}

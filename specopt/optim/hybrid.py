@@ -30,8 +30,11 @@ matrix is, its orientation and its block come from :mod:`specopt.layers`:
    whose fan-out equals a token embedding's ``num_embeddings`` (position / type tables
    do not count), preferring the one outside repeated blocks (``layers.N.*``) when
    several match; a warning only when several such projections sit outside them.
-8. Bare parameters (not the weight of a Linear / Conv1D / conv / embedding module) named
-   like tokens or embeddings (a ``_``-separated word of :data:`TOKEN_WORDS`:
+8. Bare parameters named like position biases (:data:`POSITION_BIAS_NAMES`: Swin's
+   ``relative_position_bias_table``, any ``*_bias_table``, SAM/ViTDet's ``rel_pos_h``,
+   Swin's ``absolute_pos_embed``; what timm's ``no_weight_decay()`` lists) -> AdamW,
+   no weight decay. Other bare parameters (not the weight of a Linear / Conv1D / conv /
+   embedding module) named like tokens or embeddings (a ``_``-separated word of :data:`TOKEN_WORDS`:
    ``cls_token``, ``reg_token``, ``pos_embed``, ``position_embeddings``, ``latents``, ...)
    -> AdamW.
 9. 2-D+ weights of modules with "embed" in their path (e.g. ``patch_embed.proj``) -> AdamW.
@@ -77,6 +80,7 @@ Example::
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -115,6 +119,7 @@ __all__ = [
     "DEFAULT_ADAMW_BETAS",
     "DEFAULT_HEAD_NAMES",
     "FP16_MIN_ADAMW_EPS",
+    "POSITION_BIAS_NAMES",
     "TOKEN_WORDS",
     "HybridOptimizer",
     "NonFiniteGradientError",
@@ -135,6 +140,13 @@ TOKEN_WORDS: frozenset[str] = frozenset({
     "embedding", "embeddings", "pos", "position", "positions", "positional", "latent",
     "latents", "prompt", "prompts",
 })
+
+#: Globs (matched against a bare parameter's attribute name) of position-bias tables and
+#: absolute position embeddings: AdamW without weight decay, as timm's
+#: ``no_weight_decay()`` lists them (Swin, SAM / ViTDet, MViT); HF's ports drop that list.
+POSITION_BIAS_NAMES: tuple[str, ...] = (
+    "*_bias_table", "relative_position_*", "rel_pos_*", "absolute_pos_embed",
+)
 
 #: Muon group options routing sets (the Muon side reads them; see specopt.Muon).
 _MUON_OPTION_KEYS = ("matrix_layout", "transposed", "split_sizes")
@@ -412,6 +424,12 @@ def _last_param_module(model: nn.Module) -> str | None:
     return last
 
 
+def _is_position_bias(t: _Tensor) -> bool:
+    """A bare parameter named like a position-bias table (:data:`POSITION_BIAS_NAMES`)."""
+    return t.spec.kind not in _MODULE_KINDS and any(
+        fnmatch.fnmatchcase(r.lower(), g) for r in t.roles for g in POSITION_BIAS_NAMES)
+
+
 def _is_token_name(t: _Tensor) -> bool:
     return any(set(r.lower().split("_")) & TOKEN_WORDS for r in t.roles)
 
@@ -471,6 +489,8 @@ def _auto_route(
         path == last_module and path_components(path)[-1:] == ["fc"] for path in t.layer_paths
     ):
         return "adamw", "output head (the model's last module, named 'fc')", {}
+    if _is_position_bias(t):
+        return "adamw", f"position bias / embedding (bare parameter {t.roles[0]!r}; no decay)", {}
     if spec.kind not in _MODULE_KINDS and _is_token_name(t):
         return "adamw", f"token / position embedding (bare parameter {t.roles[0]!r})", {}
     if any(is_embedding_path(path) for path in t.layer_paths):
@@ -659,7 +679,8 @@ def _route(
     for t, opt, reason, opts in decisions:
         hits_nd = matches(nodecay_pats, t.keys)
         used.update(hits_nd)
-        decay = t.param.ndim >= 2 and not hits_nd and not matches(nwd, t.keys)
+        decay = (t.param.ndim >= 2 and not hits_nd and not matches(nwd, t.keys)
+                 and not _is_position_bias(t))
         if optimizer == "adamw" and opt == "muon":
             opt, reason, opts = "adamw", f"{reason} (optimizer='adamw')", {}
         sizes = None
