@@ -680,3 +680,32 @@ def test_sharded_snapshot_path_labels_layers_like_the_local_one(tmp_path) -> Non
     assert by_key[1]["proj/raw"].raw
     for key, vals in local.metrics.items():
         assert sharded.metrics[key]["sigma_max"] == pytest.approx(vals["sigma_max"], rel=1e-6)
+
+
+def test_spectra_file_is_written_atomically_with_umask_permissions(tmp_path, monkeypatch) -> None:
+    """The one atomic writer (specopt.checkpoint.atomic_write): a failed write leaves no
+    file, not even a temporary one; a good one is readable by the group like any output."""
+    from specopt.spectral import sinks
+    from specopt.spectral.sinks import Snapshot, SpectraFileSink
+
+    sink = SpectraFileSink(tmp_path / "spectra")
+    snap = Snapshot(step=7, metrics={}, spectra={"fc": np.array([3.0, 1.0])}, update_ratio={},
+                    aggregates={}, nonfinite=[], time_ms=0.0)
+    real_savez = np.savez
+
+    def broken(f, **arrays):
+        f.write(b"half an npz")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(sinks.np, "savez", broken)
+    with pytest.raises(OSError, match="disk full"):
+        sink.write_snapshot(snap)
+    assert list((tmp_path / "spectra").iterdir()) == []
+    monkeypatch.setattr(sinks.np, "savez", real_savez)
+    sink.write_snapshot(snap)
+    path = tmp_path / "spectra" / "step_00000007.npz"
+    assert [p.name for p in (tmp_path / "spectra").iterdir()] == [path.name]
+    np.testing.assert_array_equal(np.load(path)["fc"], [3.0, 1.0])
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
