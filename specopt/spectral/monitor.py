@@ -50,8 +50,11 @@ matrix: ``nn.MultiheadAttention.in_proj_weight``, ``nn.LSTM.weight_hh_l0``) is
     alarms                                text, one entry per fired alarm (torch's
                                           add_text stores it as alarms/text_summary)
 
-plus a custom-scalar layout (TensorBoard's "Custom Scalars" tab) grouping condition
-numbers, GMCN, sigma_max and update ratios by block (attention, MLP, ...) and PC vs non-PC.
+plus a custom-scalar layout (TensorBoard's "Custom Scalars" tab): the ``loss_tags`` charts
+first, then condition numbers, GMCN, sigma_max and update ratios by block (attention, MLP,
+...) and PC vs non-PC. (The plain Scalars tab sorts groups by the tag's first component:
+``monitor/`` and ``spectral/`` come before a loop's ``train/``; the layout is the place
+that puts the loss first.)
 With ``save_spectra=True`` raw spectra go to ``<log_dir>/spectra/step_<step:08d>.npz``.
 
 Side effects: none on training. Weights are read under ``no_grad``; a parametrized weight
