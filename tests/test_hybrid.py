@@ -660,3 +660,165 @@ def test_huge_finite_grads_are_not_called_non_finite():
     model.norm.weight.grad[0] = -1e30
     opt.step()
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------- fp16 weights
+
+
+def _fp16_lm() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 32), nn.ReLU(),
+                         nn.Linear(32, 16), nn.Linear(16, 50)).half()
+
+
+def _step_on_few_tokens(model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    # Tokens 0..3 only: the other embedding rows get an exactly zero gradient.
+    model(torch.arange(4)).float().square().mean().backward()
+    opt.step()
+
+
+def test_fp16_plain_adamw_writes_nan_premise():
+    """The failure the guard prevents: torch's AdamW, fp16, eps=1e-8, zero-grad rows."""
+    model = _fp16_lm()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-8)
+    _step_on_few_tokens(model, opt)
+    assert not torch.isfinite(model[0].weight).all()
+
+
+@pytest.mark.parametrize("mode", ["muon", "adamw"])
+def test_fp16_adamw_params_refused_by_name(mode):
+    model = _fp16_lm()
+    with pytest.raises(ValueError, match=r"fp16 parameter.*eps=1e-08.*0\.weight \(50, 16\)"
+                                         r".*autocast.*adamw_eps"):
+        build_optimizer(model, mode)
+    assert all(p.dtype == torch.float16 for p in model.parameters())  # nothing changed
+
+
+@pytest.mark.parametrize("mode", ["muon", "adamw"])
+def test_fp16_with_large_eps_steps_without_nan(mode):
+    model = _fp16_lm()
+    opt = build_optimizer(model, mode, adamw_eps=1e-4)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for _ in range(3):
+        opt.zero_grad()
+        _step_on_few_tokens(model, opt)
+    for n, p in model.named_parameters():
+        assert torch.isfinite(p).all(), n
+        assert p.dtype == torch.float16
+    # Rows with a zero gradient only decay (weight decay), the used rows move.
+    emb, emb0 = model[0].weight.float(), before["0.weight"].float()
+    assert not torch.equal(emb[:4], emb0[:4])
+    torch.testing.assert_close(emb[4:], emb0[4:], rtol=2e-3, atol=0)
+
+
+def test_fp16_muon_side_zero_and_tiny_grads_stay_finite():
+    """Muon needs no eps opt-in for fp16: zero and tiny gradients give finite updates."""
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(32, 16).half())
+    z = nn.Parameter(torch.randn(32, 16).half())
+    opt = Muon([w, z], lr=1e-2, weight_decay=0.0)
+    w.grad = (torch.randn(32, 16) * 1e-6).half()
+    z.grad = torch.zeros(32, 16, dtype=torch.float16)
+    w0, z0 = w.detach().clone(), z.detach().clone()
+    opt.step()
+    assert torch.isfinite(w).all() and torch.isfinite(z).all()
+    assert not torch.equal(w, w0)
+    torch.testing.assert_close(z, z0, rtol=0, atol=0)  # a zero gradient moves nothing
+
+
+def test_fp16_guard_on_hand_built_hybrid_groups():
+    w = nn.Parameter(torch.randn(8, 8))
+    b = nn.Parameter(torch.zeros(8, dtype=torch.float16))
+    with pytest.raises(ValueError, match=r"fp16 parameter.*params\[0\] \(8,\)"):
+        HybridOptimizer([{"optimizer": "muon", "params": [w]},
+                         {"optimizer": "adamw", "params": [b]}])
+    opt = HybridOptimizer([{"optimizer": "muon", "params": [w]},
+                           {"optimizer": "adamw", "params": [nn.Parameter(torch.zeros(2))]}])
+    with pytest.raises(ValueError, match="fp16 parameter"):
+        opt.add_param_group({"optimizer": "adamw", "params": [b]})
+    opt.add_param_group({"optimizer": "adamw", "params": [b], "eps": 1e-4})  # opted in
+
+
+# ------------------------------------------------------- vocab-sized head: when to warn
+
+
+class _Block(nn.Module):
+    def __init__(self, d: int, width: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, width), nn.Linear(width, d)
+
+
+class _LM(nn.Module):
+    """A causal LM whose FFN width equals its vocabulary and whose output projection has
+    no head name: only the vocab fallback can find it."""
+
+    def __init__(self, vocab: int = 48, d: int = 16, n_layers: int = 2, head: bool = True,
+                 second: bool = False) -> None:
+        super().__init__()
+        self.tok_emb = nn.Embedding(vocab, d)
+        self.pos_emb = nn.Embedding(d, d)  # as many positions as d: not a vocabulary
+        self.layers = nn.ModuleList(_Block(d, vocab) for _ in range(n_layers))
+        self.mix = nn.Linear(d, d)  # out_features == the position table's size
+        if head:
+            self.to_logits = nn.Linear(d, vocab, bias=False)
+        if second:
+            self.to_logits_2 = nn.Linear(d, vocab, bias=False)
+
+
+def _route_quietly(model: nn.Module):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        return describe_routing(model)
+
+
+def test_vocab_head_found_past_ffns_of_vocab_width():
+    report = _route_quietly(_LM())
+    head = report["to_logits.weight"]
+    assert head.optimizer == "adamw"
+    assert head.reason == "output head (out_features = vocab of tok_emb.weight)"
+    assert all(report[f"layers.{i}.fc1.weight"].optimizer == "muon" for i in range(2))
+    assert report["mix.weight"].optimizer == "muon"  # position tables are no vocabulary
+
+
+def test_no_warning_without_a_vocab_sized_output_projection():
+    """An encoder / CLIP-like tower: FFN widths equal the vocabulary, no head at all."""
+    report = _route_quietly(_LM(head=False))
+    assert not report.notes
+    assert all(r.optimizer == "muon" for r in report if r.name.endswith("fc1.weight"))
+
+
+def test_two_top_level_vocab_projections_still_warn():
+    with pytest.warns(UserWarning, match=r"could not identify the output head: 2 Linear.*"
+                                         r"to_logits\.weight.*to_logits_2\.weight"):
+        report = describe_routing(_LM(second=True))
+    assert report["to_logits.weight"].optimizer == "muon" and report.notes
+
+
+def test_position_bias_tables_go_to_adamw_without_decay():
+    class Attn(nn.Module):  # Swin / SAM-style: bare tables next to the projections
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv = nn.Linear(16, 48)
+            self.relative_position_bias_table = nn.Parameter(torch.randn(49, 2))
+            self.rel_pos_h = nn.Parameter(torch.randn(13, 8))
+            self.rel_pos_w = nn.Parameter(torch.randn(13, 8))
+            self.hidden = nn.Parameter(torch.randn(16, 16))  # a bare matrix: Muon
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.absolute_pos_embed = nn.Parameter(torch.randn(1, 9, 16))
+            self.attn = Attn()
+
+    opt = build_optimizer(Net(), "muon", weight_decay=0.1)
+    report = opt.routing
+    for name in ("attn.relative_position_bias_table", "attn.rel_pos_h", "attn.rel_pos_w",
+                 "absolute_pos_embed"):
+        r = report[name]
+        assert (r.optimizer, r.weight_decay) == ("adamw", False), (name, r.reason)
+        assert "position bias" in r.reason
+    assert (report["attn.hidden"].optimizer, report["attn.hidden"].weight_decay) == ("muon", True)
+    assert report["attn.qkv.weight"].weight_decay
+    nodecay = {n for g in opt.param_groups if g["weight_decay"] == 0.0
+               for n in g["param_names"]}
+    assert {"attn.relative_position_bias_table", "absolute_pos_embed"} <= nodecay

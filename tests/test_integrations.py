@@ -4,6 +4,7 @@ with the real packages; spectral tags read back from the event files. Plus the e
 from __future__ import annotations
 
 import importlib
+import re
 import runpy
 import sys
 from pathlib import Path
@@ -29,6 +30,15 @@ def _events(log_dir: Path | str) -> event_accumulator.EventAccumulator:
 
 def _steps(acc: event_accumulator.EventAccumulator, tag: str) -> list[int]:
     return [e.step for e in acc.Scalars(tag)]
+
+
+def _first_chart(log_dir: Path | str) -> tuple[str, list[str]]:
+    """(category, tag regexes) of the first Custom Scalars chart the monitor wrote."""
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    proto = _events(log_dir).Tensors("custom_scalars__config__")[0].tensor_proto
+    category = layout_pb2.Layout.FromString(proto.string_val[0]).category[0]
+    return category.title, list(category.chart[0].multiline.tag)
 
 
 @pytest.fixture
@@ -85,6 +95,11 @@ def test_trainer_callback_logs_spectra_on_the_trainers_steps(tmp_path, count_ref
     assert _steps(acc, "spectral/sigma_max_pi/transformer.h.0.mlp.c_fc/raw") == [1, 2, 3, 4]
     assert _steps(acc, "spectral/condition_number/transformer.h.0.mlp.c_fc") == [2, 4]
     assert _steps(acc, "spectral/rms_to_rms/transformer.h.1.attn.c_attn") == [2, 4]
+    # The dashboard opens on the Trainer's own loss tags.
+    category, regexes = _first_chart(callback.log_dir)
+    assert category == "loss"
+    assert [t for t in ("train/loss", "eval/loss", "loss") if re.search(regexes[0], t)] == [
+        "train/loss", "eval/loss"]
     # The PC refresh ran after each optimizer step, on the optimizer under accelerate.
     assert len(count_refresh) == 4
     assert not torch.equal(pc.parametrizations["transformer.h.0.mlp.c_fc"].u, u0)
@@ -104,7 +119,7 @@ def test_trainer_callback_log_dir_and_bad_arguments(tmp_path, monkeypatch):
     assert cb._resolve_log_dir(args) == str(tmp_path / "logs")
     assert SpectralMonitorCallback(log_dir=tmp_path / "x")._resolve_log_dir(args) == str(
         tmp_path / "x")
-    with pytest.raises(ValueError, match="every must be an int >= 1, got 0"):
+    with pytest.raises(ValueError, match="every must be an int >= 1 or None, got 0"):
         SpectralMonitorCallback(every=0)
     with pytest.raises(TypeError, match=r"sets \['writer'\] itself"):
         SpectralMonitorCallback(writer=object())
@@ -169,6 +184,43 @@ def test_lightning_callback_writes_into_the_tensorboard_logger(tmp_path, count_r
     assert _steps(acc, "spectral/condition_number/net.2") == [2]
     assert "spectral/sigma_max/net.4" not in tags  # a (1, D) head: no spectrum to watch
     assert len(count_refresh) == 3  # once per optimizer step, not per micro-batch
+    # The dashboard opens on the loss the module logged (found at the first step).
+    category, regexes = _first_chart(callback.log_dir)
+    assert category == "loss" and re.search(regexes[0], "train_loss")
+    assert not re.search(regexes[0], "spectral/model/gmcn")
+
+
+@pytest.mark.parametrize("integration", ["huggingface", "lightning"])
+def test_callbacks_keep_the_budgeted_default_cadence(integration, monkeypatch):
+    """No every= given: the monitor's default cadence under its time budget (an explicit
+    every would switch the budget off); every= given: that cadence exactly."""
+    pytest.importorskip("transformers" if integration == "huggingface" else "lightning")
+    from specopt.integrations import _common
+    from specopt.spectral.cadence import DEFAULT_BUDGET, DEFAULT_EVERY
+
+    module = importlib.import_module(f"specopt.integrations.{integration}")
+    built: list = []
+
+    class Recording(_common.SpectralMonitor):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    cases = [({}, DEFAULT_EVERY, DEFAULT_BUDGET), ({"every": 3}, 3, None),
+             ({"every": 3, "budget": 0.1}, 3, 0.1)]
+    callbacks = [module.SpectralMonitorCallback(histograms=False, **kw) for kw, _, _ in cases]
+    monkeypatch.setattr(_common, "SpectralMonitor", Recording)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for cb, (kwargs, every, budget) in zip(callbacks, cases, strict=True):
+        session = _common.MonitorSession(model, [opt], start_step=0, log_dir=None, writer=None,
+                                         every=cb.every, refresh_pc=False,
+                                         monitor_kwargs=cb.monitor_kwargs)
+        mon = built[-1]
+        assert (mon.every, mon.budget) == (every, budget), kwargs
+        if integration == "huggingface":
+            assert mon.loss_tags == module.TRAINER_LOSS_TAGS
+        session.close()
 
 
 # -------------------------------------------------------------------------- examples

@@ -573,3 +573,139 @@ def test_fp16_gradient_of_1000_is_not_nonfinite() -> None:
     layer.weight.grad[3, 4] = math.inf
     mon.step(2)
     assert [(a.rule, a.layer) for a in fired] == [("nonfinite_grad", "0")]
+
+
+# ------------------------------------------------- which matrices, how they are labelled
+
+
+def _mixers() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.ModuleDict({"attn": nn.MultiheadAttention(16, 2), "rnn": nn.LSTM(16, 12),
+                          "gru": nn.GRU(12, 8), "emb": nn.Embedding(10, 16),
+                          "mlp": nn.Linear(16, 24)})
+
+
+def test_bare_matrices_muon_trains_are_monitored_with_svd_values() -> None:
+    from specopt import build_optimizer
+
+    model = _mixers()
+    mon = SpectralMonitor(model, every=1, budget=None, alarms=(), histograms=False)
+    assert mon.layers == [
+        "attn.in_proj_weight", "attn.out_proj", "rnn.weight_ih_l0", "rnn.weight_hh_l0",
+        "gru.weight_ih_l0", "gru.weight_hh_l0", "emb", "mlp"]
+    # Every tensor the router sends to Muon is monitored (module weights under the
+    # module path, bare matrices under <module>.<name>).
+    muon = [r.name for r in build_optimizer(model, "muon").routing.select("muon")]
+    assert muon and all(n.removesuffix(".weight") in mon.layers for n in muon), muon
+    snap = mon.snapshot(0)
+    module_weights = ("attn.out_proj", "emb", "mlp")
+    for key in mon.layers:
+        w = model.get_parameter(f"{key}.weight" if key in module_weights else key)
+        sigma = torch.linalg.svdvals(w.detach().double())
+        assert snap.metrics[key]["sigma_max"] == pytest.approx(float(sigma[0]), rel=1e-5)
+        assert snap.metrics[key]["sigma_min"] == pytest.approx(float(sigma[-1]), rel=1e-4)
+    blocks = {m.info.key: m.info.block for m in mon._matrices}
+    assert blocks["attn.in_proj_weight"] == "attention" == blocks["attn.out_proj"]
+    assert blocks["emb"] == "embedding" and blocks["rnn.weight_hh_l0"] == "other"
+    # include/exclude select bare matrices by key or by their module's path.
+    only = SpectralMonitor(model, include="rnn", exclude="*hh*", budget=None, alarms=())
+    assert only.layers == ["rnn.weight_ih_l0"]
+
+
+@pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm", "pc"])
+def test_parametrized_layers_monitor_their_effective_weight(kind) -> None:
+    from torch.nn.utils import parametrizations
+
+    from specopt.pc import apply_pc
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 8))
+    if kind == "pc":
+        apply_pc(model, include="0", level=2)
+    else:
+        getattr(parametrizations, kind)(model[0])
+        if kind == "weight_norm":  # a gain that differs from the direction's norms
+            with torch.no_grad():
+                model[0].parametrizations.weight.original0.mul_(torch.rand(24, 1) + 0.5)
+    mon = SpectralMonitor(model, every=1, budget=None, alarms=(), histograms=False)
+    assert mon.layers == ["0", "2", "0/raw"]
+    snap = mon.snapshot(0)
+    plist = model[0].parametrizations.weight
+    raw = plist.original1 if kind == "weight_norm" else plist.original
+    with torch.no_grad():
+        eff = torch.linalg.svdvals(model[0].weight.double())
+    got = snap.metrics["0"]
+    assert got["sigma_max"] == pytest.approx(float(eff[0]), rel=1e-5)
+    assert got["condition_number"] == pytest.approx(float(eff[0] / eff[-1]), rel=1e-4)
+    raw_sigma = torch.linalg.svdvals(raw.detach().double())
+    assert snap.metrics["0/raw"]["sigma_max"] == pytest.approx(float(raw_sigma[0]), rel=1e-5)
+    if kind != "spectral_norm":  # spectral_norm's u is not converged at init
+        assert not math.isclose(got["sigma_max"], float(raw_sigma[0]), rel_tol=1e-3)
+
+
+def test_sharded_snapshot_path_labels_layers_like_the_local_one(tmp_path) -> None:
+    """The distributed snapshot (one process, a gloo group of one) ships the owner's
+    LayerInfo: block (an nn.Embedding named "emb" is "embedding"), pc, raw as local."""
+    import torch.distributed as dist
+
+    from specopt.pc import apply_pc
+    from specopt.spectral.owners import OwnerPlan
+
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"emb": nn.Embedding(10, 16), "proj": nn.Linear(16, 16),
+                           "attn": nn.MultiheadAttention(16, 2)})
+    apply_pc(model, include="proj", level=2)
+    local_infos: list = []
+    mon = SpectralMonitor(model, every=1, budget=None, alarms=(), histograms=False)
+    original = mon._finish_snapshot
+
+    def spy(step, t0, infos, *rest):
+        local_infos.append(list(infos))
+        return original(step, t0, infos, *rest)
+
+    mon._finish_snapshot = spy
+    local = mon._snapshot(0)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        mon._plan = OwnerPlan([(m.info.key, m.trained) for m in mon._matrices]
+                              + [(m.raw_info.key, m.trained) for m in mon._matrices
+                                 if m.raw_info])
+        sharded = mon._snapshot_distributed(0)
+    finally:
+        dist.destroy_process_group()
+    by_key = [{i.key: i for i in infos} for infos in local_infos]
+    assert by_key[0] == by_key[1]
+    assert by_key[1]["emb"].block == "embedding" and by_key[1]["proj"].pc
+    assert by_key[1]["proj/raw"].raw
+    for key, vals in local.metrics.items():
+        assert sharded.metrics[key]["sigma_max"] == pytest.approx(vals["sigma_max"], rel=1e-6)
+
+
+def test_spectra_file_is_written_atomically_with_umask_permissions(tmp_path, monkeypatch) -> None:
+    """The one atomic writer (specopt.checkpoint.atomic_write): a failed write leaves no
+    file, not even a temporary one; a good one is readable by the group like any output."""
+    from specopt.spectral import sinks
+    from specopt.spectral.sinks import Snapshot, SpectraFileSink
+
+    sink = SpectraFileSink(tmp_path / "spectra")
+    snap = Snapshot(step=7, metrics={}, spectra={"fc": np.array([3.0, 1.0])}, update_ratio={},
+                    aggregates={}, nonfinite=[], time_ms=0.0)
+    real_savez = np.savez
+
+    def broken(f, **arrays):
+        f.write(b"half an npz")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(sinks.np, "savez", broken)
+    with pytest.raises(OSError, match="disk full"):
+        sink.write_snapshot(snap)
+    assert list((tmp_path / "spectra").iterdir()) == []
+    monkeypatch.setattr(sinks.np, "savez", real_savez)
+    sink.write_snapshot(snap)
+    path = tmp_path / "spectra" / "step_00000007.npz"
+    assert [p.name for p in (tmp_path / "spectra").iterdir()] == [path.name]
+    np.testing.assert_array_equal(np.load(path)["fc"], [3.0, 1.0])
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask

@@ -183,7 +183,6 @@ class Case:
     pc: list[str]
     adamw: list[str] = field(default_factory=list)
     hf: bool = True
-    monitor: bool = True
     lr: float = 1e-2
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -282,8 +281,7 @@ CASES: dict[str, Case] = {
     "frozen": Case(_frozen, _ids, ["attn.out_proj", "fc1", "fc2"], hf=False),
     "bf16": Case(lambda: _TorchLM().to(torch.bfloat16), _ids, ["attn.out_proj", "fc1", "fc2"],
                  hf=False),
-    # The monitor does not see weight_norm's original0/original1 (reported, spectral/).
-    "weight_norm": Case(_normed("weight_norm"), _ids, ["fc2"], hf=False, monitor=False),
+    "weight_norm": Case(_normed("weight_norm"), _ids, ["fc2"], hf=False),
     "spectral_norm": Case(_normed("spectral_norm"), _ids, ["fc2"], hf=False),
 }
 
@@ -351,6 +349,8 @@ def test_routing_and_training(case):
         want = _expected_optimizer(c, model, r.name, r.param)
         assert r.optimizer == want, (name, r.name, tuple(r.param.shape), r.reason)
         assert r.reason
+        if r.name.endswith("relative_position_bias_table"):  # timm's no_weight_decay list
+            assert not r.weight_decay, (name, r.name)
     opt = build_optimizer(model, "muon", lr=c.lr, weight_decay=0.0)
     trained = {id(p) for g in opt.param_groups for p in g["params"]}
     assert trained == {id(p) for p in model.parameters() if p.requires_grad}
@@ -413,8 +413,6 @@ def test_default_pc_train_merge_and_reload(case, tmp_path):
 
 def test_monitor_matches_float64_svd_of_the_effective_weights(case):
     name, c, model = case
-    if not c.monitor:
-        pytest.skip(f"{name}: the monitor skips weight_norm layers (reported)")
     if c.pc:
         apply_pc(model, level=2)
     snap = specopt.SpectralMonitor(model, budget=None, alarms=(), update_ratio=False,
@@ -636,3 +634,29 @@ def test_trainer_callback_on_qwen2_moe(tmp_path):
     assert not torch.equal(pc.parametrizations["model.layers.0.mlp.shared_expert.down_proj"].u,
                            u0)  # the PC refresh ran on the Trainer's optimizer
     assert parametrize.is_parametrized(model.model.layers[0].mlp.shared_expert.down_proj)
+
+
+@pytest.mark.parametrize("name", ["clip", "qwen2"])
+def test_no_head_warning_when_ffn_width_equals_the_vocabulary(name):
+    """CLIP has no output head; a causal LM's head is named. An FFN as wide as the
+    vocabulary (2 layers of it) must not make routing warn about an unidentified head."""
+    import transformers
+
+    text = dict(hidden_size=D, intermediate_size=2 * D, num_hidden_layers=2,
+                num_attention_heads=2, vocab_size=2 * D, max_position_embeddings=SEQ)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers' notes on tiny vocabularies
+        if name == "clip":
+            model = transformers.CLIPModel(transformers.CLIPConfig(
+                projection_dim=16, text_config=text, vision_config=_VIS))
+        else:
+            model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+                **text, num_key_value_heads=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        report = describe_routing(model)
+    assert not report.notes
+    ffn = [r for r in report if r.name.endswith(("mlp.fc1.weight", "mlp.up_proj.weight"))]
+    assert len(ffn) >= 2 and all(r.optimizer == "muon" for r in ffn)
+    if name == "qwen2":
+        assert report["lm_head.weight"].optimizer == "adamw"

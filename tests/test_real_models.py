@@ -545,7 +545,11 @@ def _expected_matrices(model: nn.Module) -> dict[str, tuple[torch.Tensor, tuple[
         if "parametrizations" in path.split("."):
             continue
         parametrized = torch.nn.utils.parametrize.is_parametrized(m, "weight")
-        raw = m.parametrizations.weight.original if parametrized else getattr(m, "weight", None)
+        plist = m.parametrizations.weight if parametrized else None
+        # weight_norm trains original0 (gain) and original1 (direction, the weight's shape)
+        raw = getattr(m, "weight", None)
+        if parametrized:
+            raw = plist.original if hasattr(plist, "original") else plist.original1
         if isinstance(raw, torch.Tensor) and raw.ndim >= 2 and id(raw) not in seen:
             seen.add(id(raw))
             w = m.weight.detach().double()
@@ -559,6 +563,9 @@ def _expected_matrices(model: nn.Module) -> dict[str, tuple[torch.Tensor, tuple[
                     r = raw.detach().double()
                     out[path + "/raw"] = (r.T if isinstance(m, CONV1D) else r, tuple(w.shape))
         for pname, p in m.named_parameters(recurse=False):
+            if pname != "weight" and p.ndim == 2 and min(p.shape) > 1 and id(p) not in seen:
+                seen.add(id(p))  # bare matrices: MHA in_proj_weight, LSTM weight_hh_l0
+                out[f"{path}.{pname}" if path else pname] = (p.detach().double(), tuple(p.shape))
             if pname != "weight" and p.ndim == 3 and p.shape[0] > 1 and min(p.shape[1:]) > 1:
                 for e in range(p.shape[0]):  # expert e of (E, out, in)
                     out[f"{path}.{pname}.{e}"] = (p.detach()[e].double(), tuple(p.shape[1:]))

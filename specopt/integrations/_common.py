@@ -27,14 +27,16 @@ def missing_extra(package: str, extra: str, module: str) -> ImportError:
     )
 
 
-def check_monitor_kwargs(every: int, log_dir: Any, monitor_kwargs: dict[str, Any]) -> None:
+def check_monitor_kwargs(every: int | None, log_dir: Any, monitor_kwargs: dict[str, Any]
+                         ) -> None:
     """Validate the callback's arguments at construction (before any training runs)."""
     clash = sorted(set(_MANAGED) & set(monitor_kwargs))
     if clash:
         raise TypeError(f"SpectralMonitorCallback sets {clash} itself; pass every= and "
                         "log_dir= to the callback instead")
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise ValueError(f"every must be an int >= 1, got {every!r}")
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int)
+                              or every < 1):
+        raise ValueError(f"every must be an int >= 1 or None, got {every!r}")
     if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
         raise TypeError(f"log_dir must be a path or None, got {type(log_dir).__name__}")
     import inspect
@@ -77,13 +79,14 @@ class MonitorSession:
         optimizers: the optimizers the trainer steps (wrappers are unwrapped).
         start_step: the trainer's global step when training starts (resume).
         log_dir, writer: where the monitor writes (one of them).
-        every: snapshot cadence in optimizer steps.
+        every: snapshot cadence in optimizer steps; None: the monitor's default cadence,
+            thinned to fit its time budget (an explicit ``every`` is kept exactly).
         refresh_pc: attach the PC u/v refresh when the model has PC layers.
         monitor_kwargs: further :class:`SpectralMonitor` options.
     """
 
     def __init__(self, model: nn.Module, optimizers: Iterable[Any], *, start_step: int,
-                 log_dir: str | os.PathLike[str] | None, writer: Any, every: int,
+                 log_dir: str | os.PathLike[str] | None, writer: Any, every: int | None,
                  refresh_pc: bool, monitor_kwargs: dict[str, Any]) -> None:
         self.pc: PCHandle | None = None
         self.pc_hooks: list[AttachHandle] = []

@@ -33,31 +33,39 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     raise missing_extra("transformers", "hf", "specopt.integrations.huggingface") from exc
 
-__all__ = ["SpectralMonitorCallback"]
+__all__ = ["TRAINER_LOSS_TAGS", "SpectralMonitorCallback"]
+
+#: The loss tags of transformers' ``TensorBoardCallback`` (it rewrites ``loss`` to
+#: ``train/loss`` and ``eval_loss`` to ``eval/loss``): charted first by the monitor.
+TRAINER_LOSS_TAGS: tuple[str, ...] = ("train/loss", "eval/loss")
 
 
 class SpectralMonitorCallback(TrainerCallback):
     """Spectral monitoring (and the PC refresh) for a ``transformers.Trainer`` run.
 
     Args:
-        every: snapshot cadence in optimizer steps (default 50).
+        every: snapshot cadence in optimizer steps. Default None: the monitor's default
+            (every 50 steps, thinned to fit its 2% time budget); an explicit ``every`` is
+            kept exactly unless ``budget=`` is passed too.
         log_dir: TensorBoard directory (default: the Trainer's, see the module docstring).
         refresh_pc: attach the PC layers' u/v refresh to the Trainer's optimizer when the
             model has PC layers (default True; pass False if you attach it yourself).
         **monitor_kwargs: further :class:`specopt.SpectralMonitor` options (``include``,
             ``exclude``, ``budget``, ``histograms``, ``alarms``, ``on_alarm``, ...).
+            ``loss_tags`` defaults to :data:`TRAINER_LOSS_TAGS`, the tags the Trainer's
+            TensorBoard logging writes, so the Custom Scalars dashboard opens on the loss.
 
     Attributes:
         monitor: the :class:`SpectralMonitor` of the current run (None outside training).
         log_dir: the directory it writes to (set at ``on_train_begin``).
     """
 
-    def __init__(self, *, every: int = 50, log_dir: str | os.PathLike[str] | None = None,
+    def __init__(self, *, every: int | None = None, log_dir: str | os.PathLike[str] | None = None,
                  refresh_pc: bool = True, **monitor_kwargs: Any) -> None:
         check_monitor_kwargs(every, log_dir, monitor_kwargs)
         self.every = every
         self.refresh_pc = bool(refresh_pc)
-        self.monitor_kwargs = monitor_kwargs
+        self.monitor_kwargs = {"loss_tags": TRAINER_LOSS_TAGS, **monitor_kwargs}
         self._log_dir = None if log_dir is None else os.fspath(log_dir)
         self.log_dir: str | None = self._log_dir
         self._session: MonitorSession | None = None

@@ -46,23 +46,38 @@ def _loss_of(outputs: Any) -> Any:
     return outputs if hasattr(outputs, "detach") else None
 
 
+def _logged_loss_tags(trainer: Any) -> tuple[str, ...]:
+    """Names of the loss metrics logged so far (``self.log``), train ones first."""
+    names: list[str] = []
+    for metrics in (getattr(trainer, "logged_metrics", {}), getattr(trainer, "callback_metrics",
+                                                                      {})):
+        names.extend(k for k in metrics if isinstance(k, str) and "loss" in k.lower())
+    unique = list(dict.fromkeys(names))
+    return tuple(sorted(unique, key=lambda k: ("train" not in k.lower(), unique.index(k))))
+
+
 class SpectralMonitorCallback(Callback):
     """Spectral monitoring (and the PC refresh) for a Lightning ``Trainer.fit``.
 
     Args:
-        every: snapshot cadence in optimizer steps (default 50).
+        every: snapshot cadence in optimizer steps. Default None: the monitor's default
+            (every 50 steps, thinned to fit its 2% time budget); an explicit ``every`` is
+            kept exactly unless ``budget=`` is passed too.
         log_dir: TensorBoard directory (default: the TensorBoardLogger's, see the module
             docstring).
         refresh_pc: attach the PC layers' u/v refresh to the Trainer's optimizers when the
             module has PC layers (default True; pass False if you attach it yourself).
-        **monitor_kwargs: further :class:`specopt.SpectralMonitor` options.
+        **monitor_kwargs: further :class:`specopt.SpectralMonitor` options. Without
+            ``loss_tags`` the callback charts first (Custom Scalars) the metrics with
+            ``loss`` in their name that the module has logged by the first optimizer step
+            (``self.log("train_loss", ...)``), as the TensorBoardLogger names them.
 
     Attributes:
         monitor: the :class:`SpectralMonitor` of the current fit (None outside it).
         log_dir: the directory it writes to (set at ``on_fit_start``).
     """
 
-    def __init__(self, *, every: int = 50, log_dir: str | os.PathLike[str] | None = None,
+    def __init__(self, *, every: int | None = None, log_dir: str | os.PathLike[str] | None = None,
                  refresh_pc: bool = True, **monitor_kwargs: Any) -> None:
         check_monitor_kwargs(every, log_dir, monitor_kwargs)
         self.every = every
@@ -71,6 +86,7 @@ class SpectralMonitorCallback(Callback):
         self._log_dir = None if log_dir is None else os.fspath(log_dir)
         self.log_dir: str | None = self._log_dir
         self._session: MonitorSession | None = None
+        self._find_loss_tags = False
 
     @property
     def monitor(self) -> Any:
@@ -91,6 +107,7 @@ class SpectralMonitorCallback(Callback):
             else:
                 log_dir = os.path.join(trainer.default_root_dir, "spectral")
         self.log_dir = log_dir
+        self._find_loss_tags = "loss_tags" not in self.monitor_kwargs
         self._session = MonitorSession(
             pl_module, trainer.optimizers, start_step=int(trainer.global_step),
             log_dir=None if writer is not None else log_dir, writer=writer, every=self.every,
@@ -100,8 +117,16 @@ class SpectralMonitorCallback(Callback):
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         # global_step counts optimizer steps: it moves only on accumulation boundaries.
-        if self._session is not None:
-            self._session.step(int(trainer.global_step), loss=_loss_of(outputs))
+        session = self._session
+        if session is None:
+            return
+        step = int(trainer.global_step)
+        if self._find_loss_tags and step > session.last_step:
+            # Before the monitor's first step, which writes the dashboard layout: the
+            # loss names are known only once the module has logged them.
+            session.monitor.loss_tags = _logged_loss_tags(trainer)
+            self._find_loss_tags = False
+        session.step(step, loss=_loss_of(outputs))
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         if self._session is not None:

@@ -27,9 +27,14 @@ matrix is, its orientation and its block come from :mod:`specopt.layers`:
    ``classifier``, ``score``, ``cls``, ... -- as the first or last component of its path),
    a module named ``fc`` that is the model's last module with parameters (torchvision /
    timm ResNet), or, when none of these finds a head, the single ``nn.Linear`` / Conv1D
-   whose fan-out equals an embedding's ``num_embeddings``.
-8. Bare parameters (not the weight of a Linear / Conv1D / conv / embedding module) named
-   like tokens or embeddings (a ``_``-separated word of :data:`TOKEN_WORDS`:
+   whose fan-out equals a token embedding's ``num_embeddings`` (position / type tables
+   do not count), preferring the one outside repeated blocks (``layers.N.*``) when
+   several match; a warning only when several such projections sit outside them.
+8. Bare parameters named like position biases (:data:`POSITION_BIAS_NAMES`: Swin's
+   ``relative_position_bias_table``, any ``*_bias_table``, SAM/ViTDet's ``rel_pos_h``,
+   Swin's ``absolute_pos_embed``; what timm's ``no_weight_decay()`` lists) -> AdamW,
+   no weight decay. Other bare parameters (not the weight of a Linear / Conv1D / conv /
+   embedding module) named like tokens or embeddings (a ``_``-separated word of :data:`TOKEN_WORDS`:
    ``cls_token``, ``reg_token``, ``pos_embed``, ``position_embeddings``, ``latents``, ...)
    -> AdamW.
 9. 2-D+ weights of modules with "embed" in their path (e.g. ``patch_embed.proj``) -> AdamW.
@@ -57,6 +62,14 @@ changed; ``nonfinite="skip"`` hides that parameter's gradient for the step (no u
 moment/momentum update, no weight decay), counts it in the group's ``"nonfinite_skips"``
 list (saved in ``state_dict``) and warns.
 
+fp16 parameters: torch's AdamW keeps its moments in the parameter's dtype, and in fp16
+the default ``eps=1e-8`` rounds to 0, so a parameter whose gradient is zero (an
+embedding row not in the batch) gets ``0 / 0 = NaN``. AdamW groups with fp16 tensors
+are refused (``ValueError`` naming them) unless their ``eps`` is at least
+:data:`FP16_MIN_ADAMW_EPS` (fp16's smallest normal number; ``adamw_eps=1e-4`` is the
+usual fp16 choice). Better: fp32 master weights with ``torch.autocast``, or bf16
+weights. Muon's side is fp16-safe (its Newton-Schulz normalizes in fp16 first).
+
 Example::
 
     opt = specopt.build_optimizer(model, "muon", lr=3e-3)
@@ -67,6 +80,7 @@ Example::
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -104,6 +118,8 @@ from specopt.optim.nonfinite import (
 __all__ = [
     "DEFAULT_ADAMW_BETAS",
     "DEFAULT_HEAD_NAMES",
+    "FP16_MIN_ADAMW_EPS",
+    "POSITION_BIAS_NAMES",
     "TOKEN_WORDS",
     "HybridOptimizer",
     "NonFiniteGradientError",
@@ -125,6 +141,13 @@ TOKEN_WORDS: frozenset[str] = frozenset({
     "latents", "prompt", "prompts",
 })
 
+#: Globs (matched against a bare parameter's attribute name) of position-bias tables and
+#: absolute position embeddings: AdamW without weight decay, as timm's
+#: ``no_weight_decay()`` lists them (Swin, SAM / ViTDet, MViT); HF's ports drop that list.
+POSITION_BIAS_NAMES: tuple[str, ...] = (
+    "*_bias_table", "relative_position_*", "rel_pos_*", "absolute_pos_embed",
+)
+
 #: Muon group options routing sets (the Muon side reads them; see specopt.Muon).
 _MUON_OPTION_KEYS = ("matrix_layout", "transposed", "split_sizes")
 #: Module kinds whose ``weight`` is a layer's own matrix (not a bare parameter).
@@ -133,6 +156,11 @@ _MODULE_KINDS = ("linear", "transposed", "conv", "embedding")
 #: AdamW betas for LLM training (GPT-3 / Llama-2 / the PC-layer paper); torch's default
 #: beta2=0.999 reacts too slowly to loss spikes at LLM batch sizes.
 DEFAULT_ADAMW_BETAS: tuple[float, float] = (0.9, 0.95)
+
+#: Smallest AdamW ``eps`` accepted for fp16 tensors: fp16's smallest normal number
+#: (about 6.1e-5). A smaller eps rounds to a subnormal or to 0 (1e-8 does), and
+#: ``exp_avg / (sqrt(exp_avg_sq) + eps)`` becomes 0/0 = NaN for a zero gradient.
+FP16_MIN_ADAMW_EPS: float = torch.finfo(torch.float16).tiny
 
 _OPTIMIZERS = ("muon", "adamw")
 _NONFINITE_POLICIES = NONFINITE_POLICIES
@@ -396,6 +424,12 @@ def _last_param_module(model: nn.Module) -> str | None:
     return last
 
 
+def _is_position_bias(t: _Tensor) -> bool:
+    """A bare parameter named like a position-bias table (:data:`POSITION_BIAS_NAMES`)."""
+    return t.spec.kind not in _MODULE_KINDS and any(
+        fnmatch.fnmatchcase(r.lower(), g) for r in t.roles for g in POSITION_BIAS_NAMES)
+
+
 def _is_token_name(t: _Tensor) -> bool:
     return any(set(r.lower().split("_")) & TOKEN_WORDS for r in t.roles)
 
@@ -455,6 +489,8 @@ def _auto_route(
         path == last_module and path_components(path)[-1:] == ["fc"] for path in t.layer_paths
     ):
         return "adamw", "output head (the model's last module, named 'fc')", {}
+    if _is_position_bias(t):
+        return "adamw", f"position bias / embedding (bare parameter {t.roles[0]!r}; no decay)", {}
     if spec.kind not in _MODULE_KINDS and _is_token_name(t):
         return "adamw", f"token / position embedding (bare parameter {t.roles[0]!r})", {}
     if any(is_embedding_path(path) for path in t.layer_paths):
@@ -595,14 +631,15 @@ def _route(
 
     tensors = _collect(model)
     emb_storage: dict[tuple[str, int], str] = {}
-    vocab: dict[int, str] = {}  # num_embeddings -> embedding name
+    vocab: dict[int, str] = {}  # num_embeddings -> token embedding name
     for t in tensors:
         for name, m in zip(t.names, t.layers, strict=True):
             if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and t.param.ndim == 2:
                 key = _storage_key(t.param)
                 if key is not None:
                     emb_storage.setdefault(key, name)
-                vocab.setdefault(m.num_embeddings, name)
+                if not _is_position_table(name):  # nothing predicts positions / types
+                    vocab.setdefault(m.num_embeddings, name)
     nwd = _no_weight_decay_names(model)
     last_module = _last_param_module(model)
 
@@ -635,38 +672,15 @@ def _route(
 
     notes: list[str] = []
     if vocab and not adamw_pats and not any("output head" in r for _, _, r, _ in decisions):
-        # No tied or named head (and no user routing to AdamW): fall back to the matrix
-        # module that produces vocab-sized logits.
-        def fan_out(t: _Tensor) -> int | None:
-            sp = t.spec
-            return sp.fan_out if sp.kind in ("linear", "transposed") else None
-
-        cands = [
-            i
-            for i, (t, opt, reason, _) in enumerate(decisions)
-            if opt == "muon" and not reason.startswith(inc_arg) and fan_out(t) in vocab
-        ]
-        if len(cands) == 1:
-            t = decisions[cands[0]][0]
-            emb = vocab[fan_out(t)]
-            decisions[cands[0]] = (t, "adamw", f"output head (out_features = vocab of {emb})",
-                                   {})
-        elif len(cands) > 1 and optimizer == "muon":  # with "adamw" they go to AdamW anyway
-            names = [decisions[i][0].names[0] for i in cands]
-            msg = (
-                f"could not identify the output head: {len(cands)} Linear layers have "
-                f"out_features equal to an embedding's num_embeddings ({names[:4]}...); "
-                "they go to Muon. Pass exclude=[<head name>] to route the head to AdamW."
-            )
-            notes.append(msg)
-            warnings.warn(msg, UserWarning, stacklevel=2)
+        _vocab_head_fallback(decisions, vocab, optimizer, inc_arg, notes)
 
     routes = []
     split_used: set[Pattern] = set()
     for t, opt, reason, opts in decisions:
         hits_nd = matches(nodecay_pats, t.keys)
         used.update(hits_nd)
-        decay = t.param.ndim >= 2 and not hits_nd and not matches(nwd, t.keys)
+        decay = (t.param.ndim >= 2 and not hits_nd and not matches(nwd, t.keys)
+                 and not _is_position_bias(t))
         if optimizer == "adamw" and opt == "muon":
             opt, reason, opts = "adamw", f"{reason} (optimizer='adamw')", {}
         sizes = None
@@ -705,6 +719,63 @@ def _route(
             if pat not in hit:
                 raise no_match_error(arg, pat, candidates, "parameter")
     return RoutingReport(mode=optimizer, routes=tuple(routes), notes=tuple(notes))
+
+
+#: ``_``-separated words of an embedding's name that mark a position / segment table,
+#: not a vocabulary (``position_embedding``, ``wpe``'s HF name ``pos_embed``,
+#: ``token_type_embeddings``): no output head predicts them.
+_POSITION_WORDS = frozenset({"pos", "position", "positions", "positional", "type", "types",
+                             "segment", "wpe"})
+
+
+def _is_position_table(name: str) -> bool:
+    return any(set(part.lower().split("_")) & _POSITION_WORDS for part in name.split("."))
+
+
+def _in_repeated_block(path: str) -> bool:
+    """True when ``path`` lies inside a numbered container item (``layers.3.mlp.fc1``):
+    a hidden layer, repeated per block, never the model's single output projection (a
+    ``Sequential``'s own item ``"4"`` is not inside one)."""
+    parts = path.split(".")
+    return any(p.isdigit() for p in parts[:-1])
+
+
+def _vocab_head_fallback(decisions: list[tuple[_Tensor, str, str, dict[str, Any]]],
+                         vocab: Mapping[int, str], optimizer: str, inc_arg: str,
+                         notes: list[str]) -> None:
+    """Routing rule 7's last resort, in place: with no tied or named head, the matrix
+    module that produces vocab-sized logits goes to AdamW.
+
+    Candidates: Muon-routed Linear / Conv1D weights (not forced by ``include``) whose
+    fan-out is a token embedding's ``num_embeddings``. One candidate is the head. Of
+    several, those outside repeated blocks are head-like (a per-block FFN whose width
+    happens to equal the vocabulary is not a head): one head-like candidate is the head;
+    several are ambiguous (warned, left to Muon); none means the model has no
+    vocabulary-sized output projection (CLIP, encoders): nothing to say.
+    """
+    def fan_out(t: _Tensor) -> int | None:
+        sp = t.spec
+        return sp.fan_out if sp.kind in ("linear", "transposed") else None
+
+    cands = [i for i, (t, opt, reason, _) in enumerate(decisions)
+             if opt == "muon" and not reason.startswith(inc_arg) and fan_out(t) in vocab]
+    if len(cands) > 1:
+        cands = [i for i in cands
+                 if not any(_in_repeated_block(p) for p in decisions[i][0].layer_paths)]
+    if len(cands) == 1:
+        t = decisions[cands[0]][0]
+        emb = vocab[fan_out(t)]  # type: ignore[index]
+        decisions[cands[0]] = (t, "adamw", f"output head (out_features = vocab of {emb})", {})
+    elif len(cands) > 1 and optimizer == "muon":  # with "adamw" they go to AdamW anyway
+        names = [decisions[i][0].names[0] for i in cands]
+        msg = (
+            f"could not identify the output head: {len(cands)} Linear layers outside the "
+            f"repeated blocks have out_features equal to an embedding's num_embeddings "
+            f"({names[:4]}...); they go to Muon. Pass exclude=[<head name>] to route the "
+            "head to AdamW."
+        )
+        notes.append(msg)
+        warnings.warn(msg, UserWarning, stacklevel=3)  # the caller of describe_routing
 
 
 # ---------------------------------------------------------------- non-finite screening
@@ -806,6 +877,8 @@ class HybridOptimizer(Optimizer):
             )
 
     def _make_child(self, kind: str, groups: list[dict[str, Any]]) -> Optimizer:
+        if kind == "adamw":
+            _check_fp16_adamw(groups, self._child_kwargs["adamw"].get("eps", 1e-8))  # torch default
         cls = self._muon_cls if kind == "muon" else torch.optim.AdamW
         return cls(groups, **self._child_kwargs[kind])
 
@@ -841,6 +914,8 @@ class HybridOptimizer(Optimizer):
         if child is None:
             setattr(self, f"_{kind}", self._make_child(kind, [param_group]))
         else:
+            if kind == "adamw":
+                _check_fp16_adamw([param_group], child.defaults["eps"])
             child.add_param_group(param_group)
         super().add_param_group(param_group)
         self._rewire()
@@ -924,6 +999,33 @@ def _check_float(name: str, value: Any, *, low: float = 0.0, high: float | None 
     if not math.isfinite(value) or value < low or (high is not None and value >= high):
         bound = f"in [{low}, {high})" if high is not None else f">= {low}"
         raise ValueError(f"{name} must be finite and {bound}, got {value!r}")
+
+
+def _check_fp16_adamw(groups: Iterable[Mapping[str, Any]], default_eps: float) -> None:
+    """Refuse AdamW groups holding fp16 tensors whose ``eps`` underflows in fp16
+    (:data:`FP16_MIN_ADAMW_EPS`): torch's AdamW would write NaN into them."""
+    bad: list[str] = []
+    eps_seen = default_eps
+    for gi, g in enumerate(groups):
+        eps = g.get("eps", default_eps)
+        if eps >= FP16_MIN_ADAMW_EPS:
+            continue
+        params = g["params"]
+        params = [params] if isinstance(params, Tensor) else params
+        for i, p in enumerate(params):
+            name, t = p if isinstance(p, tuple) else (f"param_groups[{gi}].params[{i}]", p)
+            if t.dtype == torch.float16:
+                bad.append(f"{name} {tuple(t.shape)}")
+                eps_seen = eps
+    if bad:
+        shown = ", ".join(bad[:4]) + (f" (+{len(bad) - 4} more)" if len(bad) > 4 else "")
+        raise ValueError(
+            f"{len(bad)} fp16 parameter(s) go to AdamW with eps={eps_seen:g}, which rounds "
+            f"to {float(torch.tensor(eps_seen, dtype=torch.float16)):g} in fp16 and makes "
+            f"NaN where a gradient is zero: {shown}. Keep fp32 master weights and train "
+            "under torch.autocast(dtype=torch.float16), or use bf16 weights, or pass "
+            f"adamw_eps >= {FP16_MIN_ADAMW_EPS:.3g} (e.g. 1e-4) to accept fp16 AdamW"
+        )
 
 
 def _guard_plain(opt: Optimizer, nonfinite: str) -> None:
@@ -1021,7 +1123,9 @@ def build_optimizer(
         weight_decay: decoupled weight decay of decayed groups on both sides (default
             0.1); applied as ``p *= 1 - lr * weight_decay``.
         betas: AdamW betas (default (0.9, 0.95)).
-        adamw_eps: AdamW epsilon (default 1e-8).
+        adamw_eps: AdamW epsilon (default 1e-8). fp16 tensors on the AdamW side need
+            ``adamw_eps >= FP16_MIN_ADAMW_EPS`` (else ``ValueError``; see the module
+            docstring).
         momentum, nesterov, adjust_lr_fn: Muon settings (defaults 0.95, True,
             ``"match_rms_adamw"``); ignored with ``optimizer="adamw"``.
         include: patterns (:mod:`specopt.layers` vocabulary, matched against parameter
@@ -1096,6 +1200,7 @@ def build_optimizer(
     if optimizer == "adamw":
         for g in groups:
             del g["optimizer"]
+        _check_fp16_adamw(groups, adamw_eps)
         opt: Optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay, **adamw_defaults)
         _guard_plain(opt, nonfinite)
         opt.routing = report  # type: ignore[attr-defined]

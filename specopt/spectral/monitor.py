@@ -21,7 +21,10 @@ Tag scheme (stable; ``specopt diagnose`` parses it with :func:`specopt.spectral.
 ``<layer>`` is the module path from ``model.named_modules()`` (e.g.
 ``layers.0.feed_forward.w1``); for a parametrized weight (PC layer, torch ``spectral_norm``)
 ``<layer>`` is the *effective* weight ``module.weight`` and ``<layer>/raw`` the trained
-tensor ``module.parametrizations.weight.original``. Module paths never contain ``/``::
+tensor ``module.parametrizations.weight.original`` (``original1``, the direction, for
+``weight_norm``). A matrix that is not a module's ``weight`` (what routing calls a bare
+matrix: ``nn.MultiheadAttention.in_proj_weight``, ``nn.LSTM.weight_hh_l0``) is
+``<module path>.<name>``. Module paths never contain ``/``::
 
     spectral/<metric>/<layer>             scalar, each snapshot; <metric> in METRIC_NAMES:
                                           sigma_max sigma_min condition_number gmcn
@@ -47,8 +50,11 @@ tensor ``module.parametrizations.weight.original``. Module paths never contain `
     alarms                                text, one entry per fired alarm (torch's
                                           add_text stores it as alarms/text_summary)
 
-plus a custom-scalar layout (TensorBoard's "Custom Scalars" tab) grouping condition
-numbers, GMCN, sigma_max and update ratios by block (attention, MLP, ...) and PC vs non-PC.
+plus a custom-scalar layout (TensorBoard's "Custom Scalars" tab): the ``loss_tags`` charts
+first, then condition numbers, GMCN, sigma_max and update ratios by block (attention, MLP,
+...) and PC vs non-PC. (The plain Scalars tab sorts groups by the tag's first component:
+``monitor/`` and ``spectral/`` come before a loop's ``train/``; the layout is the place
+that puts the loss first.)
 With ``save_spectra=True`` raw spectra go to ``<log_dir>/spectra/step_<step:08d>.npz``.
 
 Side effects: none on training. Weights are read under ``no_grad``; a parametrized weight
@@ -130,9 +136,23 @@ logger = logging.getLogger("specopt.spectral.alarms")
 _WARMUP_ITERS = 30
 
 
-def _block_of(key: str) -> str:
-    """Block label of a monitored key (rule: :func:`specopt.layers.block_of`)."""
-    return block_of(key.removesuffix(RAW_SUFFIX))
+def _info_of(m: _Matrix, raw: bool) -> LayerInfo:
+    """The LayerInfo of a monitored matrix's effective (or ``raw``) entry."""
+    info = m.raw_info if raw else m.info
+    assert info is not None, m.path
+    return info
+
+
+def _trained_original(plist: Any) -> Tensor | None:
+    """The tensor the optimizer trains under a ``ParametrizationList``: ``original``, or
+    for several originals (``weight_norm``: gain ``original0``, direction ``original1``)
+    the largest one (the direction, shaped like the weight)."""
+    original = getattr(plist, "original", None)
+    if isinstance(original, Tensor):
+        return original
+    originals = [t for name, t in plist.named_parameters(recurse=False)
+                 if name.startswith("original")]
+    return max(originals, key=lambda t: t.numel(), default=None)
 
 
 def _is_dtensor(t: Any) -> bool:
@@ -189,6 +209,7 @@ class _Matrix:
     info: LayerInfo  # effective weight (== trained for plain modules)
     raw_info: LayerInfo | None  # raw weight of a parametrized module
     index: int | None = None  # matrix of a batched tensor (trained.reshape(-1, m, n)[index])
+    role: str = "weight"  # the tensor's name on ``module`` ("in_proj_weight", ...)
 
     @property
     def trained_key(self) -> str:
@@ -216,7 +237,9 @@ class _Matrix:
         trained tensor to apply the parametrizations to (FSDP2 owners)."""
         if not self.parametrized:
             return self.matrix(raw)
-        plist = self.module.parametrizations["weight"]
+        plist = self.module.parametrizations[self.role]
+        if raw is not None and not hasattr(plist, "original"):
+            raw = None  # several originals (weight_norm): never sharded apart; use local
         if raw is not None:
             modes = [(m, m.training) for m in plist.modules()]
             try:
@@ -428,42 +451,48 @@ class SpectralMonitor:
             raise ValueError(f"log_dir {path!r} is not a writable directory: {exc}") from exc
         return path
 
-    def _candidates(self) -> list[tuple[str, nn.Module, Tensor, bool, Any, int | None, str]]:
+    def _candidates(self) -> list[tuple[str, nn.Module, Tensor, str, Any, int | None, str]]:
         """Every matrix of the model, tied tensors once: ``(key, module, trained tensor,
-        parametrized, MatrixSpec, batch index, module path)``. Module weights with >= 2
-        dims (the raw tensor of a parametrized weight) but no size-1 side, and one entry
-        per matrix of other parameters with ndim >= 3 holding several matrices (MoE expert
-        stacks; key ``<module>.<param>.<e>``)."""
+        role, MatrixSpec, batch index, module path)``.
+
+        What a matrix is comes from :func:`specopt.layers.matrix_spec`, as in routing:
+        every parameter (or parametrized tensor) with >= 2 dims and no size-1 side of
+        every module. A module's ``weight`` has key ``<module>``; any other 2-D tensor
+        (``nn.MultiheadAttention.in_proj_weight``, ``nn.LSTM.weight_hh_l0``) key
+        ``<module>.<name>``; a tensor with ndim >= 3 holding several matrices (MoE expert
+        stacks) one entry per matrix, key ``<module>.<name>.<e>``. A parametrized tensor
+        (``role`` in ``module.parametrizations``: PC, ``spectral_norm``,
+        ``weight_norm``) is monitored as its effective value ``module.<role>``; its trained
+        tensor is the original (``original``; for ``weight_norm``'s
+        ``original0``/``original1`` pair the one with the weight's shape, the direction).
+        """
         out = []
         seen: set[int] = set()
         for path, module in self.model.named_modules():
             if "parametrizations" in path.split("."):
                 continue
-            if parametrize.is_parametrized(module, "weight"):
-                plist = module.parametrizations["weight"]
-                trained = getattr(plist, "original", None)
-                parametrized = True
-            else:
-                trained = getattr(module, "weight", None)
-                parametrized = False
-            if (isinstance(trained, Tensor) and trained.ndim >= 2 and trained.numel()
-                    and id(trained) not in seen):
-                seen.add(id(trained))  # tied weights (e.g. output = tok_embeddings): once
-                spec = matrix_spec(module, "weight", trained)
-                # A (1, n) / (m, 1) weight (a scalar regression head) has one singular
-                # value, its norm: no spectrum to watch, and rank alarms would misfire.
-                if not spec.has_unit_dim:
-                    out.append((path, module, trained, parametrized, spec, None, path))
-            for name, p in module.named_parameters(recurse=False):
-                if name == "weight" or p.ndim < 3 or not p.numel() or id(p) in seen:
+            plists = getattr(module, "parametrizations", {}) if parametrize.is_parametrized(
+                module) else {}
+            tensors: list[tuple[str, Tensor]] = [
+                (role, _trained_original(plist)) for role, plist in plists.items()]
+            tensors += [(name, p) for name, p in module.named_parameters(recurse=False)]
+            for role, trained in tensors:
+                if (not isinstance(trained, Tensor) or trained.ndim < 2 or not trained.numel()
+                        or id(trained) in seen):
                     continue
-                spec = matrix_spec(module, name, p)
-                if spec.kind != "experts" or spec.count < 2 or spec.has_unit_dim:
-                    continue  # (1, N, D) position embeddings and the like: not operators
-                seen.add(id(p))
-                base = f"{path}.{name}" if path else name
-                for e in range(spec.count):
-                    out.append((f"{base}.{e}", module, p, False, spec, e, path))
+                spec = matrix_spec(module, role, trained)
+                # A (1, n) / (m, 1) tensor (a scalar regression head, a weight_norm gain)
+                # has one singular value, its norm: no spectrum to watch, and rank alarms
+                # would misfire. (1, N, D) position embeddings are not operators.
+                if spec.has_unit_dim or (spec.kind == "experts" and spec.count < 2):
+                    continue
+                seen.add(id(trained))  # tied weights (e.g. output = tok_embeddings): once
+                base = path if role == "weight" else (f"{path}.{role}" if path else role)
+                if spec.kind == "experts":
+                    out.extend((f"{base}.{e}", module, trained, role, spec, e, path)
+                               for e in range(spec.count))
+                else:
+                    out.append((base, module, trained, role, spec, None, path))
         return out
 
     def _discover(self, include: Sequence[Pattern], exclude: Sequence[Pattern]
@@ -480,7 +509,7 @@ class SpectralMonitor:
                 if not any(matches([pat], (c[0], c[6])) for c in cands):
                     raise no_match_error(f"SpectralMonitor: {arg}", pat, names, "weight matrix")
         found: list[_Matrix] = []
-        for key, module, trained, parametrized, spec, index, path in cands:
+        for key, module, trained, role, spec, index, path in cands:
             if include and not matches(include, (key, path)):
                 continue
             if exclude and matches(exclude, (key, path)):
@@ -488,11 +517,14 @@ class SpectralMonitor:
             # (out, in) of the operator: rms_to_rms and fan-based metrics need the true
             # orientation (transformers' Conv1D stores (in, out)); conv kernels flattened.
             shape = spec.matrix_shape
-            block, pc = block_of(path, spec.kind), _get_pc(module) is not None
+            # The one labelling call (the sharded snapshot path ships these LayerInfos).
+            block = block_of(path if role == "weight" else key, spec.kind)
+            pc = role == "weight" and _get_pc(module) is not None
+            parametrized = parametrize.is_parametrized(module, role)
             info = LayerInfo(key=key, path=path, shape=shape, block=block, pc=pc)
             raw = (LayerInfo(key=key + RAW_SUFFIX, path=path, shape=shape, block=block, pc=pc,
                              raw=True) if parametrized else None)
-            found.append(_Matrix(path, module, trained, parametrized, info, raw, index))
+            found.append(_Matrix(path, module, trained, parametrized, info, raw, index, role))
         if not found:
             raise ValueError(
                 f"include/exclude patterns selected no weight matrix; available: "
@@ -862,7 +894,9 @@ class SpectralMonitor:
                 owned[key] = m.matrix(owned[key])  # one expert of a gathered batch
         keys = list(owned)
         sig = singular_values([owned[k] for k in keys], dtype=self.dtype) if keys else []
-        payload = {k: (by_key[k][0].info.shape, by_key[k][1], s.double().cpu())
+        # Each owner ships its own LayerInfo (block, pc, raw): labels are made once, in
+        # _discover, whichever rank writes.
+        payload = {k: (_info_of(*by_key[k]), s.double().cpu())
                    for k, s in zip(keys, sig, strict=True)}
         previous = self._previous if self._previous_step == step - 1 else None
         self._previous, self._previous_step = None, None
@@ -877,15 +911,13 @@ class SpectralMonitor:
         if gathered is None:
             return None
         spectra: dict[str, Tensor] = {}
-        meta: dict[str, tuple[tuple[int, int], bool]] = {}
+        meta: dict[str, LayerInfo] = {}
         delta_norms: dict[str, float] = {}
         for part, dpart in gathered:
-            for k, (shape, raw, s) in part.items():
-                spectra[k], meta[k] = s, (tuple(shape), raw)
+            for k, (info, s) in part.items():
+                spectra[k], meta[k] = s, info
             delta_norms.update(dpart)
-        order = [k for k in plan.keys if k in spectra]
-        infos = [LayerInfo(key=k, path=k.removesuffix(RAW_SUFFIX), shape=meta[k][0],
-                           block=_block_of(k), raw=meta[k][1]) for k in order]
+        infos = [meta[k] for k in plan.keys if k in spectra]
         return self._finish_snapshot(step, t0, infos, spectra, delta_norms)
 
     def _dispatch(self, alarm: Alarm) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
 import threading
 import warnings
 from collections.abc import Mapping, Sequence
@@ -25,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from specopt.checkpoint import atomic_write
 from specopt.spectral.alarms import Alarm
 
 __all__ = [
@@ -367,7 +367,8 @@ class TensorBoardSink(Sink):
 class SpectraFileSink(Sink):
     """Saves each snapshot's raw spectra to ``<directory>/step_<step:08d>.npz``
     (one array per layer key, descending singular values, float64) for exact post-hoc
-    analysis. Written to a temporary file and renamed, so no half-written file remains.
+    analysis. Written with :func:`specopt.checkpoint.atomic_write` (temporary file,
+    fsync, rename), so no half-written file remains.
     """
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
@@ -378,15 +379,7 @@ class SpectraFileSink(Sink):
         return os.path.join(self.directory, f"step_{step:08d}.npz")
 
     def write_snapshot(self, snapshot: Snapshot) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".npz.tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **snapshot.spectra)
-            os.replace(tmp, self.path_for(snapshot.step))
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        atomic_write(self.path_for(snapshot.step), lambda f: np.savez(f, **snapshot.spectra))
 
 
 def _fmt(x: float) -> str:
