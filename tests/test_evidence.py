@@ -317,6 +317,7 @@ def test_compare_pairs_by_seed_and_tables_state_completeness():
     text = lm.tables(data)
     assert "Main runs present: 7 of 8 planned." in text
     assert "| adamw+pc4 - adamw | 3 | -0.2000 [-0.2000, -0.2000] | <0.001 |" in text
+    assert "| adamw - adamw | 4 | +0.0000 [+0.0000, +0.0000] | 1.000 | 1.000x |" in text
 
 
 def test_unknown_arm_and_bad_recipe_rejected():

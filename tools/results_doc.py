@@ -87,6 +87,13 @@ def _claims(data: dict[str, Any]) -> list[str]:
             continue
         e = c["efficiency"]
         n = len(c["seeds"])
+        if name == ref:
+            out.append(f"`{name}` against itself: token efficiency {_fmt(e['eff'], '.3f')}x "
+                       f"by construction; its {e['floor_reached']} seeds that reached the "
+                       f"target against their mean curve span [{_fmt(e['floor_min'], '.3f')}"
+                       f", {_fmt(e['floor_max'], '.3f')}]: the noise floor of every "
+                       f"efficiency against `{name}`.")
+            continue
         if n < 2:
             out.append(f"`{name}` vs `{ref}`: {n} paired seed, no interval yet "
                        f"(difference {c['mean']:+.4f} bits/byte).")
