@@ -365,9 +365,10 @@ def start_data(sc: StudyConfig, resume: dict[str, Any] | None, kind: str) -> dic
     data.update(config=asdict(sc), recipe=sc.recipe(), torch=torch.__version__,
                 default_lr={o: default_lr(o) for o in ("adamw", "muon")})
     data.setdefault("machines", [])
-    desc = machine.describe(sc.device)
-    if desc not in data["machines"]:
-        data["machines"].append(desc)
+    desc = machine.describe(sc.device)  # this session's machine: the list's last entry
+    if desc in data["machines"]:
+        data["machines"].remove(desc)
+    data["machines"].append(desc)
     return data
 
 
@@ -406,6 +407,7 @@ def run_study(sc: StudyConfig, parts: set[str], *, json_path: Path | None = None
               resume: dict[str, Any] | None = None, log: Any = print) -> dict[str, Any]:
     """Run (or continue) the study; the JSON holds the plan, so its completeness is known."""
     data = start_data(sc, resume, "lm_study")
+    log(data["machines"][-1])
     plan = plan_study(sc, parts)
     data["planned"] = [list(p) for p in plan]
     _save(data, json_path)
@@ -520,11 +522,13 @@ def _f(x: float | None, spec: str) -> str:
     return "-" if x is None or not math.isfinite(x) else format(x, spec)
 
 
-def _p(p: float) -> str:
+def format_p(p: float) -> str:
+    """A p-value for a table: 3 decimals, ``<0.001`` below that, ``-`` if undefined."""
     return "-" if not math.isfinite(p) else (f"{p:.3f}" if p >= 0.001 else "<0.001")
 
 
-def _present(data: dict[str, Any], part: str) -> tuple[int, int]:
+def completeness(data: dict[str, Any], part: str) -> tuple[int, int]:
+    """(runs present, runs planned) of ``part`` ("main" or "lrcheck")."""
     planned = [p for p in data.get("planned", []) if p[0] == part]
     keys = {(r["part"], r["arm"], r["seed"], r["lr"]) for r in data["runs"]}
     return sum(tuple(p) in keys for p in planned), len(planned)
@@ -534,7 +538,7 @@ def tables(data: dict[str, Any]) -> str:
     """Markdown: per-arm results, paired comparisons, LR check (each with its count)."""
     c = data["config"]
     arms = [n for n in c["arms"] if _runs(data, "main", n)]
-    have, planned = _present(data, "main")
+    have, planned = completeness(data, "main")
     lines = [f"Main runs present: {have} of {planned} planned.", "",
              "| arm | seeds | final val bits/byte: mean ± sd | GMCN PC-target blocks "
              "(raw W) | GMCN q/k/v | wall s/run |", "|---|---|---|---|---|---|"]
@@ -554,11 +558,11 @@ def tables(data: dict[str, Any]) -> str:
         e = r["efficiency"]
         lines.append(
             f"| {name} - {ref} | {len(r['seeds'])} | {_f(r['mean'], '+.4f')} "
-            f"[{_f(r['lo'], '+.4f')}, {_f(r['hi'], '+.4f')}] | {_p(r['p'])} | "
+            f"[{_f(r['lo'], '+.4f')}, {_f(r['hi'], '+.4f')}] | {format_p(r['p'])} | "
             f"{_f(e['eff'], '.3f')}x | [{_f(e['floor_min'], '.3f')}, "
             f"{_f(e['floor_max'], '.3f')}] ({e['floor_reached']}/{len(r['seeds'])}) |")
     if any(r["part"] == "lrcheck" for r in data["runs"]):
-        have, planned = _present(data, "lrcheck")
+        have, planned = completeness(data, "lrcheck")
         mults = sorted(set(c["lr_check_multipliers"]) | {1.0})
         lines += ["", f"LR check runs present: {have} of {planned} planned (seeds "
                   f"{c['lr_check_seeds']}; x1 = the main runs of the same seeds).", "",
@@ -622,7 +626,6 @@ def main(argv: list[str] | None = None) -> int:
     if sc.threads:
         torch.set_num_threads(sc.threads)
     try:
-        print(machine.describe(sc.device), flush=True)
         data = run_study(sc, parts, json_path=args.json, resume=resume,
                          log=functools.partial(print, flush=True))
     finally:

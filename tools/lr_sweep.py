@@ -35,7 +35,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lm_study as lm
-import machine
 
 __all__ = ["MULTIPLIERS", "edge_and_optimum", "main", "run_sweep", "sweep_table"]
 
@@ -52,6 +51,7 @@ def run_sweep(sc: lm.StudyConfig, multipliers: list[float], *, json_path: Path |
               resume: dict[str, Any] | None = None, log: Any = print) -> dict[str, Any]:
     """Run (or continue) the sweep of ``sc.arms`` x ``multipliers`` x ``sc.seeds``."""
     data = lm.start_data(sc, resume, "lr_sweep")
+    log(data["machines"][-1])
     data["multipliers"] = multipliers
     plan = [("sweep", n, s, lm.default_lr(lm.arm(n).optimizer) * m)
             for s in sc.seeds for n in sc.arms for m in multipliers]
@@ -157,7 +157,6 @@ def main(argv: list[str] | None = None) -> int:
     if sc.threads:
         torch.set_num_threads(sc.threads)
     try:
-        print(machine.describe(sc.device), flush=True)
         data = run_sweep(sc, mults, json_path=args.json, resume=resume,
                          log=functools.partial(print, flush=True))
     finally:

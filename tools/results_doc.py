@@ -108,7 +108,7 @@ def _claims(data: dict[str, Any]) -> list[str]:
                    and not e["floor_min"] <= e["eff"] <= e["floor_max"])
         out.append(
             f"`{name}` vs `{ref}`: final loss {c['mean']:+.4f} bits/byte (95% CI "
-            f"[{c['lo']:+.4f}, {c['hi']:+.4f}], paired t p = {lm._p(c['p'])}, {n} seeds); "
+            f"[{c['lo']:+.4f}, {c['hi']:+.4f}], paired t p = {lm.format_p(c['p'])}, {n} seeds); "
             f"{verdict}. Token efficiency {_fmt(e['eff'], '.3f')}x against a noise floor "
             f"of {floor} ({'outside' if outside else 'inside or at'} the floor).")
     return out
@@ -118,8 +118,8 @@ def lm_section(data: dict[str, Any] | None) -> list[str]:
     if data is None:
         return ["No data yet (docs/data/lm_study_v2.json missing)."]
     c = data["config"]
-    have, planned = lm._present(data, "main")
-    lc_have, lc_planned = lm._present(data, "lrcheck")
+    have, planned = lm.completeness(data, "main")
+    lc_have, lc_planned = lm.completeness(data, "lrcheck")
     n_params = _n_params(c["preset"])
     tokens = c["steps"] * c["batch_size"] * c["seq_len"]
     cut = ("" if have + lc_have == planned + lc_planned else
