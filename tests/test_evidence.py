@@ -470,3 +470,8 @@ def test_lr_sweep_quick_end_to_end(tmp_path, capsys):
 def test_results_doc_regenerates_from_the_committed_json():
     """Every number in docs/results.md comes from docs/data/*.json through the scripts."""
     assert results_doc.DOC.read_text() == results_doc.render()
+
+
+def test_lm_plot_from_partial_data(tmp_path):
+    data = {"runs": _noisy_baseline(), "config": {"arms": ["adamw", "adamw+pc4"]}}
+    _png_ok(results_doc.plot_lm(data, tmp_path / "img" / "lm.png"))

@@ -26,11 +26,12 @@ import deep_linear as dl
 import lm_study as lm
 import lr_sweep as sw
 
-__all__ = ["main", "render"]
+__all__ = ["main", "plot_lm", "render"]
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "docs" / "data"
 DOC = ROOT / "docs" / "results.md"
+LM_PLOT = "img/lm_v2_val_loss.png"  # relative to docs/
 RESUME = {
     "lm": "nice -n 15 python tools/lm_study.py --threads 1 --resume "
           "--json docs/data/lm_study_v2.json",
@@ -131,8 +132,8 @@ def lm_section(data: dict[str, Any] | None) -> list[str]:
         "",
         f"Config: preset `{c['preset']}` ({n_params:,} parameters), {c['steps']} steps x "
         f"{c['batch_size']} x {c['seq_len']} = {tokens:,} training tokens per run "
-        f"({tokens / n_params:.0f} tokens per parameter, drawn as random windows from "
-        f"{lm._corpus().train.numel():,} training bytes, so windows can overlap), "
+        f"({tokens / n_params:.0f} tokens per parameter, random windows of the embedded "
+        "corpus's 3.6 MB training split, so windows can overlap), "
         f"warmup {c['warmup']}, weight decay {c['weight_decay']}, validation on "
         f"{c['eval_batches']} fixed batches ({val_bytes:,} bytes) every {c['eval_every']} "
         f"steps; seeds {c['seeds']}; arms {c['arms']}; LR check "
@@ -147,6 +148,8 @@ def lm_section(data: dict[str, Any] | None) -> list[str]:
         *[f"- {d}" for d in _deviations(data)],
         "",
         lm.tables(data),
+        "",
+        f"![validation loss vs tokens, seed mean and range]({LM_PLOT})",
         "",
         "Claims (only with effect size, interval and p-value; differences are arm minus "
         "reference, negative = arm better):",
@@ -234,6 +237,40 @@ def dl_section(data: dict[str, Any] | None) -> list[str]:
     ]
 
 
+def plot_lm(data: dict[str, Any], path: Path) -> Path:
+    """PNG of the seed-mean validation curves (bits/byte vs training tokens) of the main
+    runs, one line per arm, the seed range shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.0, 3.6))
+    for i, name in enumerate(data["config"]["arms"]):
+        rs = [r for r in lm._runs(data, "main", name).values()
+              if math.isfinite(r["final_val_bpb"])]
+        if not rs:
+            continue
+        steps, mean = lm._mean_curve(rs)
+        n = len(steps)
+        xs = [s * rs[0]["tokens_per_step"] for s in steps][1:]  # step 0: ~8 bits, off-scale
+        lo = [min(r["val_bpb"][k] for r in rs) for k in range(1, n)]
+        hi = [max(r["val_bpb"][k] for r in rs) for k in range(1, n)]
+        color = plt.get_cmap("tab10")(i)
+        ax.plot(xs, mean[1:], color=color, lw=1.3, label=f"{name} ({len(rs)} seeds)")
+        ax.fill_between(xs, lo, hi, color=color, alpha=0.15, lw=0)
+    ax.set_xlabel("training tokens", fontsize=8)
+    ax.set_ylabel("validation bits/byte", fontsize=8)
+    ax.set_ylim(top=3.2)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dl._atomic_savefig(fig, path)
+    plt.close(fig)
+    return path
+
+
 def render(data_dir: Path = DATA) -> str:
     """The whole of docs/results.md from the JSON present in ``data_dir``."""
     lm_data, sweep_data, dl_data = (_load(data_dir, n) for n in (
@@ -311,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if same else 1
     dl._atomic_write_text(args.out, text)
     print(f"wrote {args.out}")
+    lm_data = _load(args.data, "lm_study_v2.json")
+    if lm_data is not None:
+        print(f"wrote {plot_lm(lm_data, args.out.parent / LM_PLOT)}")
     return 0
 
 
