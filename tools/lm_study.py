@@ -14,8 +14,9 @@ coefficients (3.4445, -4.7750, 2.0315), 5 steps, Frobenius normalization).
 
 Recipe options (one value per study, recorded in the JSON and checked on ``--resume``):
 
-- ``ns_dtype``: NS compute dtype of every Muon arm. Default ``fp32``, pinned so a study
-  reproduces on every CPU kind (bf16 NS differs between AVX512-BF16 and emulated bf16);
+- ``ns_dtype``: NS compute dtype of every Muon arm. Default ``fp32``, pinned so the NS
+  precision is the same on every CPU kind (bf16 NS is native on AVX512-BF16, emulated with
+  other rounding on AVX2; fp32 kernels may still differ in summation order);
   ``bf16`` is the published setting; ``native`` = bf16 where matmul has a bf16 path.
 - ``wd_all``: weight decay on every parameter (gains, norms, embeddings too), as the
   published runs do; default off (specopt's routing: no decay on 1-D tensors).

@@ -59,7 +59,10 @@ def _fmt(x: float, spec: str) -> str:
 
 def _deviations(data: dict[str, Any]) -> list[str]:
     r = data["recipe"]
-    ns = {"fp32": "fp32 (pinned, so the study reproduces on every CPU kind)",
+    ns = {"fp32": "fp32, pinned so the NS precision is the same on every CPU kind (bf16 is "
+                  "native on AVX512-BF16 and emulated, with other rounding, on AVX2; fp32 "
+                  "kernels may still sum in another order there, so bit equality across "
+                  "CPU kinds is not claimed)",
           "bf16": "bf16 (as published)",
           "native": "bf16 where matmul has a bf16 path, else fp32"}[r["ns_dtype"]]
     return [
