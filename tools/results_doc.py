@@ -236,6 +236,15 @@ def dl_section(data: dict[str, Any] | None) -> list[str]:
         "",
         *[f"- {s}" for s in facts],
         "",
+        "How to read the PL column: the bound of step t uses that iterate's own smallest "
+        "singular value a_t. Outside any box bounded away from 0 (a_t ~ 1e-6 on `ill` "
+        "starts) it is vacuous (1 - 2 lr mu ~ 1): met, yet no linear rate follows, which is "
+        "what the plain-GD rows from `ill` starts show. The PC arm starts from the same raw "
+        "W, so its network W_eff = gamma s f(W / s) is not the near-target network (f "
+        "reshapes the spectrum): from `near_target` it starts elsewhere and trains its "
+        "gains with the same step size, which is why its rows there are not comparable "
+        "with GD's.",
+        "",
         dl.doc_section(data),
     ]
 
