@@ -96,7 +96,9 @@ def _claims(data: dict[str, Any]) -> list[str]:
                        f"by construction; its {e['floor_reached']} seeds that reached the "
                        f"target against their mean curve span [{_fmt(e['floor_min'], '.3f')}"
                        f", {_fmt(e['floor_max'], '.3f')}]: the noise floor of every "
-                       f"efficiency against `{name}`.")
+                       f"efficiency against `{name}`. Seeds that end above the mean never "
+                       "reach its final loss (their efficiency is below 1 and not "
+                       "measurable within the budget), so the floor lists the others only.")
             continue
         if n < 2:
             out.append(f"`{name}` vs `{ref}`: {n} paired seed, no interval yet "
