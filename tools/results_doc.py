@@ -115,8 +115,12 @@ def _claims(data: dict[str, Any]) -> list[str]:
         out.append(
             f"`{name}` vs `{ref}`: final loss {c['mean']:+.4f} bits/byte (95% CI "
             f"[{c['lo']:+.4f}, {c['hi']:+.4f}], paired t p = {lm.format_p(c['p'])}, {n} seeds); "
-            f"{verdict}. Token efficiency {_fmt(e['eff'], '.3f')}x against a noise floor "
-            f"of {floor} ({'outside' if outside else 'inside or at'} the floor).")
+            f"{verdict}. " + (
+                f"Token efficiency {e['eff']:.3f}x against a noise floor of {floor} "
+                f"({'outside' if outside else 'inside or at'} the floor)."
+                if math.isfinite(e["eff"]) else
+                "Token efficiency: its mean curve never reaches the reference's final loss "
+                f"within the budget (below 1x; noise floor {floor})."))
     return out
 
 
