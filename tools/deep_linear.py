@@ -1,4 +1,4 @@
-"""Deep linear networks: does holding every layer's singular values in [a, b] give linear
+"""Deep linear networks v2: does holding every layer's singular values in [a, b] give linear
 convergence of gradient descent? (PC-layer paper, arXiv 2606.06470, theory claim.)
 
 Setting (see /work/shared/reference/pc-layer.md, "The theory claim"):
@@ -9,50 +9,56 @@ with X of shape (dim, samples) whitened (X X^T = I, so sigma_min(X) = 1), a targ
 singular values are log-spaced in ``target_range``, and layers of shape
 (width, dim), (width, width), ..., (dim, width) (square when width == dim).
 
-Three arms, same start, same learning rate, full-batch gradient descent:
+What the theorem assumes (the PL argument): (i) whitened data; (ii) layers square or
+widening then narrowing, so every partial product has rank ``dim``; (iii) along the whole
+path every layer's singular values lie in [a, b] with a > 0: then
+``||grad||^2 >= 2 mu loss`` with ``mu = L a^(2(L-1))`` at every iterate (tested exactly);
+(iv) plain gradient steps small against the loss's smoothness on the box, so that one
+step contracts the loss by ``1 - 2 lr mu`` to first order in lr. It then gives
+``loss_t <= (1 - 2 lr mu)^t loss_0`` (a straight line on a log plot).
 
-- ``gd``:     plain GD on the raw weights from an ill-conditioned start (each layer's
-              singular values log-spaced in [1/init_cond, 1], random singular vectors).
-- ``clip``:   GD, then after every step each layer's singular values are projected onto
-              [a, b] with an SVD (the set the theory assumes the path stays in).
-- ``pcK``:    GD on the raw weights and a per-layer gain gamma (init 1) of the PC
-              parametrization at level K: the network uses W_eff = gamma * s * f_K(W / s)
-              with s = u^T W v from the shared power iteration (``specopt.pc.pc_weight``;
-              u, v refreshed after every step with 10 warm-started iterations, as in the
-              published code). Without the learned gamma the top singular value of W_eff
-              gets no gradient (f(1) = 1, the multiplying s is detached) and stays put.
+Arms, full-batch, float64, one learning rate per run:
 
-Why the bound: with every layer's singular values in [a, b] and square (or widening then
-narrowing) layers, ||grad_i||_F >= a^(L-1) ||E||_F for each layer, so
-||grad||^2 >= 2 mu loss with mu = L a^(2(L-1)) (Polyak-Lojasiewicz). GD with a small step
-then contracts the loss by at least ``1 - 2 lr mu`` per step. The script measures the
-smallest and largest singular value of any effective layer along the whole path (a_path,
-b_path), evaluates that bound with a_path, and fits the measured rate, so the table says
-whether the assumption held and whether the rate respects it.
+- ``gd``: plain GD on the raw weights. From a ``near_target`` start (a balanced
+  factorization of the target, each layer perturbed by ``near_delta`` relative noise, see
+  :func:`_near_target_start`) its own path can stay in the box: whether it did is
+  measured, not imposed. From an ``ill`` start
+  (singular values in [1/init_cond, 1]) it starts outside the box.
+- ``projected a=..``: GD, then each layer's singular values are projected onto [a, 1/a]
+  with an SVD after every step (projected GD). (iii) holds by construction, but a step is
+  no longer a plain gradient step (iv fails): the projection can undo part of the descent.
+- ``pcK``: GD on the raw weights and a per-layer gain gamma (init 1) of the PC
+  parametrization at level K: the network uses W_eff = gamma * s * f_K(W / s) with
+  s = u^T W v from the shared power iteration (``specopt.pc.pc_weight``; u, v refreshed
+  after every step with 10 warm-started iterations, as in the published code). The steps
+  are gradient steps on (W, gamma), not on W_eff, so the theorem does not cover it
+  directly; its W_eff path is measured against the box like the others.
 
-Rates reported per run (``loss_t`` relative to ``loss_0``):
-
-- ``tail rate``: exp(slope) of a least-squares line through log(loss_t) over the steps
-  after the loss first fell below 1e-2 loss_0 (up to the tolerance), with its R^2
-  (straight line on a log plot = linear convergence);
-- ``global rate``: (loss_T / loss_0)^(1/T) at the last step T (plateaus count);
-- ``worst step``: max_t loss_{t+1} / loss_t (1.0 or more = no uniform contraction);
-- ``steps to tol``: first step with loss <= tol * loss_0 (default tol 1e-10).
+Per run, measured along the path: a_path / b_path, the smallest / largest singular value
+of any effective layer; ``in box``: a_path >= a and b_path <= 1/a for the study's declared
+box (``box_a``); ``PL steps met``: the fraction of steps with
+``loss_{t+1} / loss_t <= 1 - 2 lr L a_t^(2(L-1))``, a_t the smallest singular value at
+iterate t (the bound the theorem gives for that step). Rates (``loss_t`` relative to
+``loss_0``): ``tail rate``: exp(slope) of a least-squares line through log(loss_t) after
+the loss first fell below 1e-2 (with its R^2); ``global rate``: (loss_T / loss_0)^(1/T);
+``worst step``: max_t loss_{t+1} / loss_t; ``steps to tol``: first step with
+loss <= tol * loss_0 (default 1e-10).
 
 Usage::
 
     python tools/deep_linear.py --quick                      # seconds, prints the table
-    python tools/deep_linear.py --json docs/data/deep_linear.json --plot docs/img
-    python tools/deep_linear.py --plot-only --json docs/data/deep_linear.json \\
-        --plot docs/img --write-doc docs/results.md          # regenerate plots and tables
+    python tools/deep_linear.py --json docs/data/deep_linear.json
+    python tools/deep_linear.py --plot-only --json docs/data/deep_linear.json --plot docs/img
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -63,26 +69,32 @@ from typing import Any
 import torch
 from torch import Tensor
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/machine.py
+
 __all__ = [
+    "START_KINDS",
     "DeepLinearConfig",
     "Problem",
     "fit_rates",
     "make_problem",
+    "markdown_table",
     "pl_rate_bound",
+    "pl_steps_met",
     "project_spectrum",
     "run_arm",
     "run_study",
 ]
 
-DOC_BEGIN = "<!-- deep_linear:begin (generated by tools/deep_linear.py --write-doc) -->"
-DOC_END = "<!-- deep_linear:end -->"
 DIVERGED_FACTOR = 1e6  # loss above this multiple of loss_0 (or non-finite) = diverged
 PC_POWER_ITERS = 10  # per refresh, as in all published PC-layer configs
 
 
+START_KINDS = ("ill", "near_target")
+
+
 @dataclass
 class DeepLinearConfig:
-    """One study: every (depth, width) network trained by every arm."""
+    """One study: every (depth, width) x start kind x seed x lr, trained by every arm."""
 
     dim: int = 16  # input/output dimension d
     samples: int = 64  # columns of X (>= dim so X X^T = I is possible)
@@ -90,14 +102,17 @@ class DeepLinearConfig:
     networks: list[tuple[int, int]] = field(
         default_factory=lambda: [(2, 16), (4, 16), (8, 16), (4, 32)]
     )
-    a_values: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7])  # clip: b = 1 / a
+    starts: list[str] = field(default_factory=lambda: list(START_KINDS))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # one start per seed
+    lrs: list[float] = field(default_factory=lambda: [0.01, 0.03])
+    a_values: list[float] = field(default_factory=lambda: [0.5])  # projected: [a, 1/a]
+    box_a: float = 0.5  # declared box [a, 1/a] of the theorem check
     pc_levels: list[int] = field(default_factory=lambda: [2, 4])
-    init_cond: float = 100.0  # each layer starts with singular values in [1/init_cond, 1]
+    init_cond: float = 100.0  # "ill": singular values in [1/init_cond, 1]
+    near_delta: float = 0.15  # "near_target": relative perturbation of a factorization of A
     target_range: tuple[float, float] = (0.5, 2.0)  # singular values of the target A
     steps: int = 2000
-    lr: float = 0.02
     tol: float = 1e-10  # relative loss at which a run stops (converged)
-    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.samples < self.dim:
@@ -108,14 +123,23 @@ class DeepLinearConfig:
                     f"networks need depth >= 1 and width >= dim ({self.dim}), got "
                     f"(depth={depth}, width={width})"
                 )
-        for a in self.a_values:
+        for a in [*self.a_values, self.box_a]:
             if not 0.0 < a < 1.0:
-                raise ValueError(f"a_values must lie in (0, 1) (b = 1/a), got {a}")
-        if self.lr <= 0 or self.steps < 1 or self.init_cond < 1:
+                raise ValueError(f"a_values and box_a must lie in (0, 1) (b = 1/a), got {a}")
+        bad = sorted(set(self.starts) - set(START_KINDS))
+        if bad:
+            raise ValueError(f"starts must be among {START_KINDS}, got {bad}")
+        if (not self.lrs or min(self.lrs) <= 0 or self.steps < 1 or self.init_cond < 1
+                or self.near_delta < 0):
             raise ValueError(
-                f"need lr > 0, steps >= 1, init_cond >= 1; got lr={self.lr}, "
-                f"steps={self.steps}, init_cond={self.init_cond}"
+                f"need lrs > 0, steps >= 1, init_cond >= 1, near_delta >= 0; got lrs="
+                f"{self.lrs}, steps={self.steps}, init_cond={self.init_cond}, near_delta="
+                f"{self.near_delta}"
             )
+
+    def init_range(self, start: str) -> tuple[float, float] | None:
+        """Singular-value range of every layer at an ``ill`` start (None: near_target)."""
+        return (1.0 / self.init_cond, 1.0) if start == "ill" else None
 
 
 @dataclass
@@ -143,9 +167,16 @@ def _logspace(lo: float, hi: float, n: int) -> Tensor:
 def make_problem(
     *, dim: int, width: int, depth: int, samples: int, init_cond: float,
     target_range: tuple[float, float], seed: int,
+    init_range: tuple[float, float] | None = None, near_target: float | None = None,
 ) -> Problem:
     """Build whitened data, a target with spectrum in ``target_range`` and a start whose
-    every layer has singular values log-spaced in [1/init_cond, 1] (condition init_cond)."""
+    every layer has singular values log-spaced in ``init_range`` (default
+    [1/init_cond, 1], condition init_cond).
+
+    ``near_target``: instead, a start near a balanced factorization of the target (see
+    :func:`_near_target_start`) with relative perturbation ``near_target``.
+    """
+    lo, hi = init_range if init_range is not None else (1.0 / init_cond, 1.0)
     gen = torch.Generator().manual_seed(seed)
     Q, _ = torch.linalg.qr(torch.randn(samples, dim, generator=gen, dtype=torch.float64))
     X = Q.T.contiguous()  # rows orthonormal: X X^T = I
@@ -154,9 +185,40 @@ def make_problem(
     if depth == 1:
         shapes = [(dim, dim)]
     init = [
-        _random_matrix(m, n, _logspace(1.0 / init_cond, 1.0, min(m, n)), gen) for m, n in shapes
+        _random_matrix(m, n, _logspace(lo, hi, min(m, n)), gen) for m, n in shapes
     ]
+    if near_target is not None:
+        init = _near_target_start(A, shapes, near_target, gen)
     return Problem(X=X, Y=A @ X, target=A, init=init)
+
+
+def _near_target_start(A: Tensor, shapes: list[tuple[int, int]], delta: float,
+                       gen: torch.Generator) -> list[Tensor]:
+    """Layers whose product is exactly ``A`` (each with singular values ``s_A^(1/L)``, padded
+    with ones in wide hidden layers; random orthogonal factors in between), each then
+    perturbed by ``delta * ||W||_2 * G / sqrt(max(shape))``, G standard normal.
+
+    Why not a random near-orthogonal start: from most of them every path to the target
+    passes through a (near-)singular product (a determinant sign to flip, or a rotation by
+    ~pi), so plain GD leaves any box [a, b] with a > 0 whatever its step size."""
+    U, S, Vh = torch.linalg.svd(A)
+    depth = len(shapes)
+    root = S ** (1.0 / depth)
+    if depth == 1:
+        layers = [A.clone()]
+    else:
+        h = shapes[0][0]
+        Qs = [torch.linalg.qr(torch.randn(h, h, generator=gen, dtype=torch.float64))[0]
+              for _ in range(depth - 1)]
+        pad = torch.cat([root, torch.ones(h - root.numel(), dtype=torch.float64)])
+        layers = [Qs[0][:, : root.numel()] * root @ Vh]
+        layers += [Qs[i] * pad @ Qs[i - 1].T for i in range(1, depth - 1)]
+        layers.append(U * root @ Qs[-1][:, : root.numel()].T)
+    out = []
+    for W in layers:
+        G = torch.randn(W.shape, generator=gen, dtype=torch.float64)
+        out.append(W + delta * torch.linalg.matrix_norm(W, 2) * G / max(W.shape) ** 0.5)
+    return out
 
 
 @torch.no_grad()
@@ -201,7 +263,8 @@ def run_arm(
     problem: Problem, *, arm: str, steps: int, lr: float, tol: float,
     a: float | None = None, level: int | None = None,
 ) -> dict[str, Any]:
-    """Train one arm (``"gd"``, ``"clip"`` with ``a`` (b = 1/a), ``"pc"`` with ``level``).
+    """Train one arm (``"gd"``, ``"projected"`` with ``a`` (b = 1/a), ``"pc"`` with
+    ``level``).
 
     Returns ``loss`` (relative to loss_0, one entry per step, index 0 = start),
     ``sigma_min`` / ``sigma_max`` (extremes over all effective layers at each step),
@@ -210,7 +273,7 @@ def run_arm(
     raws = [W.clone().requires_grad_(True) for W in problem.init]
     pc_state: list[tuple[Tensor, Tensor]] = []
     gammas: list[Tensor] = []
-    if arm == "clip":
+    if arm == "projected":
         assert a is not None
         b = 1.0 / a
         with torch.no_grad():
@@ -230,7 +293,7 @@ def run_arm(
             # receives no gradient and stays at its initial value.
             gammas.append(torch.ones((), dtype=torch.float64, requires_grad=True))
     elif arm != "gd":
-        raise ValueError(f"arm must be 'gd', 'clip' or 'pc', got {arm!r}")
+        raise ValueError(f"arm must be 'gd', 'projected' or 'pc', got {arm!r}")
 
     def effective() -> list[Tensor]:
         if arm != "pc":
@@ -273,7 +336,7 @@ def run_arm(
         with torch.no_grad():
             for P, g in zip(params, grads, strict=True):
                 P.sub_(lr * g)
-            if arm == "clip":
+            if arm == "projected":
                 for idx in _by_shape(raws).values():
                     projected = project_spectrum(torch.stack([raws[i] for i in idx]), a, 1.0 / a)
                     for j, i in enumerate(idx):
@@ -330,90 +393,136 @@ def _subsample(xs: list[float], every: int) -> list[float]:
     return [float(f"{x:.4g}") for x in keep]
 
 
-def run_study(cfg: DeepLinearConfig, *, log=print) -> dict[str, Any]:
-    """Every arm on every (depth, width); returns a JSON-ready dict (curves subsampled)."""
+def pl_steps_met(loss: list[float], sigma_min: list[float], depth: int, lr: float
+                 ) -> tuple[int, int]:
+    """(steps meeting the per-step PL bound, steps checked): step t meets it when
+    ``loss[t+1] / loss[t] <= pl_rate_bound(depth, sigma_min[t], lr)``."""
+    met = checked = 0
+    for t in range(len(loss) - 1):
+        if loss[t] > 0 and math.isfinite(loss[t + 1]):
+            checked += 1
+            met += loss[t + 1] / loss[t] <= pl_rate_bound(depth, sigma_min[t], lr)
+    return met, checked
+
+
+def _arms(cfg: DeepLinearConfig, log: Any) -> list[tuple[str, dict[str, Any]]]:
     try:
         _pc_tools(cfg.pc_levels[0]) if cfg.pc_levels else None
         levels = list(cfg.pc_levels)
     except ImportError as err:  # the PC layer is a separate package part; say so, don't die
         log(f"warning: PC arm skipped ({err})")
         levels = []
-    arms: list[tuple[str, dict[str, Any]]] = [("gd", {})]
-    arms += [(f"clip a={a:g}", {"arm": "clip", "a": a}) for a in cfg.a_values]
+    arms: list[tuple[str, dict[str, Any]]] = [("gd", {"arm": "gd"})]
+    arms += [(f"projected a={a:g}", {"arm": "projected", "a": a}) for a in cfg.a_values]
     arms += [(f"pc{k}", {"arm": "pc", "level": k}) for k in levels]
-    record_every = max(1, cfg.steps // 300)
+    return arms
+
+
+def run_study(cfg: DeepLinearConfig, *, log: Any = print) -> dict[str, Any]:
+    """Every arm on every (network, start, seed, lr); returns a JSON-ready dict (curves
+    subsampled; the per-step checks use the full curves)."""
+    arms = _arms(cfg, log)
+    record_every = max(1, cfg.steps // 200)
     runs = []
+    box_lo, box_hi = cfg.box_a, 1.0 / cfg.box_a
     for depth, width in cfg.networks:
-        problem = make_problem(
-            dim=cfg.dim, width=width, depth=depth, samples=cfg.samples,
-            init_cond=cfg.init_cond, target_range=cfg.target_range, seed=cfg.seed + depth,
-        )
-        for name, kw in arms:
-            kw = {"arm": "gd", **kw}
-            res = run_arm(problem, steps=cfg.steps, lr=cfg.lr, tol=cfg.tol, **kw)
-            a_path, b_path = min(res["sigma_min"]), max(res["sigma_max"])
-            rates = fit_rates(res["loss"], cfg.tol)
-            row = {
-                "depth": depth, "width": width, "arm": name, "a": kw.get("a"),
-                "level": kw.get("level"), "status": res["status"],
-                "steps_run": len(res["loss"]) - 1, "seconds": res["seconds"],
-                "a_path": a_path, "b_path": b_path,
-                "in_ab": (None if kw.get("a") is None else bool(
-                    a_path >= kw["a"] * (1 - 1e-9) and b_path <= (1 / kw["a"]) * (1 + 1e-9))),
-                "pl_bound": pl_rate_bound(depth, a_path, cfg.lr),
-                **rates,
-                "curve_every": record_every,
-                "loss_curve": _subsample(res["loss"], record_every),
-                "sigma_min_curve": _subsample(res["sigma_min"], record_every),
-                "sigma_max_curve": _subsample(res["sigma_max"], record_every),
-            }
-            runs.append(row)
-            log(_format_row(row))
-    return {
-        "config": asdict(cfg),
-        "machine": _machine(),
-        "torch": torch.__version__,
-        "runs": runs,
-    }
+        for start in cfg.starts:
+            for seed in cfg.seeds:
+                problem = make_problem(
+                    dim=cfg.dim, width=width, depth=depth, samples=cfg.samples,
+                    init_cond=cfg.init_cond, target_range=cfg.target_range,
+                    seed=1000 * seed + depth, init_range=cfg.init_range(start),
+                    near_target=cfg.near_delta if start == "near_target" else None,
+                )
+                for lr in cfg.lrs:
+                    for name, kw in arms:
+                        res = run_arm(problem, steps=cfg.steps, lr=lr, tol=cfg.tol, **kw)
+                        a_path, b_path = min(res["sigma_min"]), max(res["sigma_max"])
+                        met, checked = pl_steps_met(res["loss"], res["sigma_min"], depth, lr)
+                        row = {
+                            "depth": depth, "width": width, "start": start, "seed": seed,
+                            "lr": lr, "arm": name, "a": kw.get("a"), "level": kw.get("level"),
+                            "status": res["status"], "steps_run": len(res["loss"]) - 1,
+                            "seconds": res["seconds"], "a_path": a_path, "b_path": b_path,
+                            "in_box": bool(a_path >= box_lo * (1 - 1e-9)
+                                           and b_path <= box_hi * (1 + 1e-9)),
+                            "pl_met": met, "pl_checked": checked,
+                            "pl_bound_path": pl_rate_bound(depth, a_path, lr),
+                            **fit_rates(res["loss"], cfg.tol),
+                            "curve_every": record_every,
+                            "loss_curve": _subsample(res["loss"], record_every),
+                            "sigma_min_curve": _subsample(res["sigma_min"], record_every),
+                        }
+                        runs.append(row)
+                        log(_format_row(row))
+    return {"config": asdict(cfg), "machine": _machine(), "torch": torch.__version__,
+            "runs": runs}
 
 
 def _machine() -> str:
-    import platform
+    import machine  # tools/machine.py: the one description of the CPU
 
-    return f"{platform.machine()} {os.cpu_count()} cpu, {platform.system()} {platform.release()}"
+    return f"{machine.cpu_kind()}, {os.cpu_count()} cpu, 1 thread"
 
 
 def _fmt(x: Any, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
+    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(
+        x, spec)
 
 
-TABLE_HEADER = (
-    "| depth | width | arm | status | steps to 1e-10 | tail rate (R^2) | global rate | "
-    "worst step | PL bound | a_path | b_path | in [a,b] |"
+def _format_row(r: dict[str, Any]) -> str:
+    return (f"L={r['depth']} h={r['width']} {r['start']:15s} seed {r['seed']} lr {r['lr']:<5g} "
+            f"{r['arm']:14s} {r['status']:9s} steps {r['steps_run']:5d} "
+            f"PL met {r['pl_met']}/{r['pl_checked']} a_path {r['a_path']:.3g} "
+            f"b_path {r['b_path']:.3g} in box {'yes' if r['in_box'] else 'no'}")
+
+
+SUMMARY_HEADER = (
+    "| start | depth x width | arm | runs | converged to 1e-10 | median steps (converged) "
+    "| path in box [a, 1/a] | steps meeting the PL bound | median tail rate (not diverged) "
+    "| min a_path |"
 )
 
 
-def _format_row(r: dict[str, Any], markdown: bool = False) -> str:
-    cells = [
-        str(r["depth"]), str(r["width"]), r["arm"], r["status"], _fmt(r["steps_to_tol"], "d"),
-        (f"{_fmt(r['tail_rate'], '.5f')} ({_fmt(r['tail_r2'], '.3f')})"),
-        _fmt(r["global_rate"], ".5f"), _fmt(r["worst_step"], ".4f"),
-        _fmt(r["pl_bound"], ".5f"), _fmt(r["a_path"], ".2e"), _fmt(r["b_path"], ".3f"),
-        "-" if r["in_ab"] is None else ("yes" if r["in_ab"] else "no"),
-    ]
-    if markdown:
-        return "| " + " | ".join(cells) + " |"
-    return "  ".join(cells)
+def summary_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Runs pooled over seeds and learning rates, per (start, network, arm)."""
+    groups: dict[tuple[str, int, int, str], list[dict[str, Any]]] = {}
+    for r in data["runs"]:
+        groups.setdefault((r["start"], r["depth"], r["width"], r["arm"]), []).append(r)
+    rows = []
+    for (start, depth, width, arm), rs in groups.items():
+        conv = [r["steps_run"] for r in rs if r["status"] == "converged"]
+        tails = [r["tail_rate"] for r in rs
+                 if r["tail_rate"] is not None and r["status"] != "diverged"]
+        rows.append({
+            "start": start, "depth": depth, "width": width, "arm": arm, "runs": len(rs),
+            "converged": len(conv), "median_steps": statistics.median(conv) if conv else None,
+            "in_box": sum(r["in_box"] for r in rs),
+            "pl_met": sum(r["pl_met"] for r in rs), "pl_checked": sum(r["pl_checked"] for r in rs),
+            "median_tail": statistics.median(tails) if tails else None,
+            "min_a_path": min(r["a_path"] for r in rs),
+        })
+    return rows
 
 
 def markdown_table(data: dict[str, Any]) -> str:
-    """The results table, one row per run, in markdown."""
-    sep = "|" + "---|" * TABLE_HEADER.count(" | ") + "---|"
-    return "\n".join([TABLE_HEADER, sep] + [_format_row(r, True) for r in data["runs"]])
+    """The summary table (one row per start, network and arm), in markdown."""
+    a = data["config"]["box_a"]
+    lines = [SUMMARY_HEADER.replace("[a, 1/a]", f"[{a:g}, {1 / a:g}]"),
+             "|" + "---|" * (SUMMARY_HEADER.count(" | ") + 1)]
+    for s in summary_rows(data):
+        frac = s["pl_met"] / s["pl_checked"] if s["pl_checked"] else math.nan
+        lines.append(
+            f"| {s['start']} | {s['depth']}x{s['width']} | {s['arm']} | {s['runs']} | "
+            f"{s['converged']}/{s['runs']} | {_fmt(s['median_steps'], 'g')} | "
+            f"{s['in_box']}/{s['runs']} | {_fmt(frac, '.3f')} ({s['pl_met']}/"
+            f"{s['pl_checked']}) | {_fmt(s['median_tail'], '.5f')} | "
+            f"{s['min_a_path']:.2e} |")
+    return "\n".join(lines)
 
 
 def plot(data: dict[str, Any], out_dir: Path) -> list[Path]:
-    """Two small PNGs: relative loss vs step, and the smallest singular value along the path."""
+    """One PNG per start kind: relative loss vs step (seed 0, smallest lr) per network."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -421,31 +530,27 @@ def plot(data: dict[str, Any], out_dir: Path) -> list[Path]:
 
     nets = sorted({(r["width"], r["depth"]) for r in data["runs"]})
     arms = list(dict.fromkeys(r["arm"] for r in data["runs"]))
-    cmap = plt.get_cmap("tab10")
-    colors = {arm: cmap(i % 10) for i, arm in enumerate(arms)}
+    colors = {arm: plt.get_cmap("tab10")(i % 10) for i, arm in enumerate(arms)}
+    seed, lr = min(r["seed"] for r in data["runs"]), min(r["lr"] for r in data["runs"])
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for key, ylabel, fname in (
-        ("loss_curve", "loss / loss_0", "deep_linear_loss.png"),
-        ("sigma_min_curve", "min singular value, any layer", "deep_linear_sigma_min.png"),
-    ):
+    for start in dict.fromkeys(r["start"] for r in data["runs"]):
         fig, axes = plt.subplots(1, len(nets), figsize=(3.3 * len(nets), 3.0), squeeze=False)
         for ax, (width, depth) in zip(axes[0], nets, strict=True):
             for r in data["runs"]:
-                if (r["width"], r["depth"]) != (width, depth):
+                if (r["width"], r["depth"], r["start"], r["seed"], r["lr"]) != (
+                        width, depth, start, seed, lr):
                     continue
-                ys = r[key]
+                ys = r["loss_curve"]
                 xs = [min(i * r["curve_every"], r["steps_run"]) for i in range(len(ys))]
                 ax.semilogy(xs, ys, color=colors[r["arm"]], lw=1.2, label=r["arm"])
-                if key == "sigma_min_curve" and r["a"] is not None:
-                    ax.axhline(r["a"], color=colors[r["arm"]], lw=0.6, ls=":")
-            ax.set_title(f"L={depth}, d={data['config']['dim']}, h={width}", fontsize=9)
+            ax.set_title(f"{start}: L={depth}, h={width}, lr={lr:g}", fontsize=8)
             ax.set_xlabel("GD step", fontsize=8)
             ax.tick_params(labelsize=7)
-        axes[0][0].set_ylabel(ylabel, fontsize=8)
+        axes[0][0].set_ylabel("loss / loss_0", fontsize=8)
         axes[0][-1].legend(fontsize=6, loc="best")
         fig.tight_layout()
-        path = out_dir / fname
+        path = out_dir / f"deep_linear_{start}.png"
         _atomic_savefig(fig, path)
         plt.close(fig)
         paths.append(path)
@@ -491,24 +596,24 @@ def replace_doc_block(doc: Path, begin: str, end: str, body: str) -> None:
 
 
 def doc_section(data: dict[str, Any], img_rel: str = "img") -> str:
-    """Markdown for docs/results.md: the config line, the table, the plots."""
+    """Markdown for docs/results.md: the config line, the summary table, the plots."""
     c = data["config"]
+    starts = [s for s in c["starts"] if any(r["start"] == s for r in data["runs"])]
     lines = [
         f"Config: d={c['dim']}, samples={c['samples']}, networks (depth, width)="
-        f"{[tuple(n) for n in c['networks']]}, init condition number {c['init_cond']:g} "
-        f"per layer, target singular values in [{c['target_range'][0]:g}, "
-        f"{c['target_range'][1]:g}], lr={c['lr']:g}, "
-        f"steps<={c['steps']}, stop at loss <= {c['tol']:g} loss_0, seed={c['seed']} "
-        f"(network seed = seed + depth), float64. Machine: {data['machine']}, torch "
-        f"{data['torch']}.",
+        f"{[tuple(n) for n in c['networks']]}; starts: `ill` (every layer's singular values "
+        f"in [{1 / c['init_cond']:g}, 1]) and `near_target` (a balanced factorization of the "
+        f"target, every layer perturbed by {c['near_delta']:g} x its norm), seeds {c['seeds']} "
+        f"(one start and target per seed); target singular values in "
+        f"[{c['target_range'][0]:g}, {c['target_range'][1]:g}]; lr {c['lrs']}; "
+        f"steps <= {c['steps']}, stop at loss <= {c['tol']:g} loss_0; declared box "
+        f"[{c['box_a']:g}, {1 / c['box_a']:g}]; float64; {len(data['runs'])} runs. "
+        f"Machine: {data['machine']}, torch {data['torch']}.",
         "",
         markdown_table(data),
         "",
-        f"![relative loss vs step]({img_rel}/deep_linear_loss.png)",
-        "",
-        f"![smallest singular value of any layer along the path]"
-        f"({img_rel}/deep_linear_sigma_min.png)",
     ]
+    lines += [f"![{s}: relative loss vs step]({img_rel}/deep_linear_{s}.png)" for s in starts]
     return "\n".join(lines)
 
 
@@ -518,14 +623,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="write (or with --plot-only, read) results here")
     p.add_argument("--plot", type=Path, help="directory for the PNGs")
     p.add_argument("--plot-only", action="store_true", help="no training: re-plot from --json")
-    p.add_argument("--write-doc", type=Path, help="replace the generated block of this markdown")
     p.add_argument("--nets", nargs="+", metavar="LxH", help="networks, e.g. 2x16 4x32")
     p.add_argument("--a", type=float, nargs="+", dest="a_values")
     p.add_argument("--pc-levels", type=int, nargs="*")
     p.add_argument("--steps", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--init-cond", type=float)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--lrs", type=float, nargs="+")
+    p.add_argument("--seeds", type=int, nargs="+")
+    p.add_argument("--starts", nargs="+", choices=START_KINDS)
     args = p.parse_args(argv)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # 16x16 matrices: threads only add contention on a shared box
@@ -536,7 +640,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-
     if args.plot_only:
         if args.json is None:
             p.error("--plot-only needs --json PATH to read")
@@ -544,18 +647,15 @@ def _main(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     else:
         cfg = DeepLinearConfig()
         if args.quick:
-            cfg = DeepLinearConfig(dim=8, samples=16, networks=[(2, 8), (3, 12)],
-                                   a_values=[0.5], steps=200, lr=0.05)
+            cfg = DeepLinearConfig(dim=8, samples=16, networks=[(2, 8), (3, 12)], seeds=[0],
+                                   lrs=[0.05], steps=200)
         if args.nets is not None:
             cfg.networks = [tuple(int(x) for x in n.lower().split("x")) for n in args.nets]
-        for name in ("a_values", "pc_levels", "steps", "lr", "seed"):
+        for name in ("a_values", "pc_levels", "steps", "lrs", "seeds", "starts"):
             if getattr(args, name) is not None:
                 setattr(cfg, name, getattr(args, name))
-        if args.init_cond is not None:
-            cfg.init_cond = args.init_cond
         cfg.__post_init__()
-        print(TABLE_HEADER.replace(" | ", "  ").strip("| "))
-        data = run_study(cfg)
+        data = run_study(cfg, log=functools.partial(print, flush=True))
         if args.json is not None:
             _atomic_write_text(args.json, json.dumps(data, indent=None, separators=(",", ":")))
             print(f"wrote {args.json}")
@@ -564,9 +664,6 @@ def _main(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.plot is not None:
         for path in plot(data, args.plot):
             print(f"wrote {path}")
-    if args.write_doc is not None:
-        replace_doc_block(args.write_doc, DOC_BEGIN, DOC_END, doc_section(data))
-        print(f"updated {args.write_doc}")
     return 0
 
 

@@ -1,39 +1,57 @@
-"""Language-model study: does the PC layer train faster / better conditioned with AdamW and
-Muon? (PC-layer paper, arXiv 2606.06470, at toy scale on the embedded corpus.)
+"""Language-model study v2: does the PC layer make AdamW / Muon reach a loss with fewer
+tokens? (PC-layer paper, arXiv 2606.06470, at toy scale on the embedded corpus.)
 
-Every run is one ``specopt train`` run, executed in this process through
-``specopt.cli.train.train`` (the function the command calls) so the model, data, optimizer
-routing, schedule (linear warmup, cosine to 0.1x), grad clip 1.0, PC layer and spectral
-monitor are exactly the CLI's. Each run's equivalent command is saved with its results.
+Each run trains ``specopt``'s Llama with the pieces ``specopt train`` uses (``build_model``,
+``build_optimizer``, ``lr_factor``: linear warmup then cosine to 0.1x, grad clip 1.0, the
+same seeded ``BatchSampler`` and fixed ``eval_windows``), in a loop of its own so that the
+published-recipe options the CLI does not expose can be switched on. With those options
+off, a run reproduces ``specopt train`` bit for bit (tests/test_evidence.py checks it).
+
+Arms (``ARMS``): ``adamw``, ``adamw+pc4`` (published level), ``muon`` (specopt's default
+Newton-Schulz: 4-step ``pe4`` schedule, tight normalization), ``muon+pc2`` (published
+level), ``muon-kj`` and ``muon-kj+pc2`` (the published NS recipe: Keller Jordan's constant
+coefficients (3.4445, -4.7750, 2.0315), 5 steps, Frobenius normalization).
+
+Recipe options (one value per study, recorded in the JSON and checked on ``--resume``):
+
+- ``ns_dtype``: NS compute dtype of every Muon arm. Default ``fp32``, pinned so the NS
+  precision is the same on every CPU kind (bf16 NS is native on AVX512-BF16, emulated with
+  other rounding on AVX2; fp32 kernels may still differ in summation order);
+  ``bf16`` is the published setting; ``native`` = bf16 where matmul has a bf16 path.
+- ``wd_all``: weight decay on every parameter (gains, norms, embeddings too), as the
+  published runs do; default off (specopt's routing: no decay on 1-D tensors).
+- ``pc_bf16``: compute the PC effective weight in bf16, as the published code does under
+  autocast; default off (specopt computes it in the weight's dtype).
 
 Parts:
 
-1. Main comparison: arms ``adamw``, ``adamw+pc4`` (published), ``adamw+pc2``, ``muon``,
-   ``muon+pc2`` (published), ``muon+pc4`` at the CLI's default peak LR per optimizer,
-   ``seeds`` seeds each, identical token budget. Reported: final validation loss in
-   bits/byte (mean, sample std, min-max over seeds); tokens each PC arm needs to reach
-   its baseline's final loss (mean over seeds of the no-PC arm with the same optimizer;
-   linear interpolation between evaluations), as a token-efficiency ratio
-   ``baseline tokens / tokens needed``; GMCN (sigma_1 / mean of the smallest 10%, read
-   from the monitor's ``spectral/gmcn/<layer>`` scalars, geometric mean over layers) of the
-   PC-target blocks (FFN w1/w2/w3 + attention wo, effective weights) and of the non-PC
-   blocks (wq/wk/wv), for PC and non-PC runs alike.
-2. Wall-time overhead: training-step time with and without PC per optimizer, measured in
-   one process with the variants interleaved (A, B, A, B, ...), medians over repeats.
-3. LR sweep (seed 0): peak LR = default x multipliers for the published arms; a run
-   "diverged" when its loss went non-finite (the trainer stops) or its final validation
-   loss is above 8 bits/byte (a uniform guess over bytes); the "usable" edge is the largest
-   LR whose final loss is within 10% of the arm's best swept loss.
+1. ``main``: every arm at the default peak LR (``specopt.cli.train.DEFAULT_LR``), each
+   seed; validation on ``eval_batches`` fixed batches every ``eval_every`` steps and at
+   step 0.
+2. ``lrcheck``: every arm at ``lr_check_multipliers`` x its default LR, full length.
+
+Statistics (``compare``): each comparison ``arm - reference`` is paired by seed (same init
+and batches): mean difference of final validation bits/byte with a 95% t-interval and the
+two-sided paired t-test p-value. Token efficiency of ``arm`` against ``reference``::
+
+    target = mean over seeds of the reference's final loss
+    eff    = T(mean reference curve, target) / T(mean arm curve, target)
+
+with ``T(curve, target)`` the tokens at which the curve first reaches ``target`` (linear
+interpolation between evaluations); the reference against itself is exactly 1.0 by
+construction. Its noise floor is the spread of ``T(mean reference curve) / T(seed curve)``
+over the reference's own seeds, printed with every efficiency.
 
 Usage::
 
-    python tools/lm_study.py --quick                            # a few minutes
-    python tools/lm_study.py --json docs/data/lm_study.json --plot docs/img
-    python tools/lm_study.py --plot-only --json docs/data/lm_study.json \\
-        --plot docs/img --write-doc docs/results.md
+    python tools/lm_study.py --quick                                  # a few minutes
+    nice -n 15 python tools/lm_study.py --threads 1 --resume \\
+        --json docs/data/lm_study.json                                # the full study
+    python tools/lm_study.py --device cuda --json lm_cuda.json         # on a lent GPU
 
-``--parts main,timing,sweep`` runs a subset; ``--resume`` (with ``--json``) skips runs
-already in the JSON, which is rewritten after every run (a long study survives a crash).
+The JSON is rewritten after every run; ``--resume`` skips runs already in it, so a study
+cut short is usable and continues where it stopped. ``tools/results_doc.py`` renders
+docs/results.md from it.
 """
 
 from __future__ import annotations
@@ -51,203 +69,353 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from deep_linear import _atomic_savefig, _atomic_write_text, _machine, replace_doc_block
+import machine
+from deep_linear import _atomic_write_text
 
-__all__ = ["ARMS", "Arm", "StudyConfig", "main", "run_study", "tokens_to_reach"]
+__all__ = [
+    "ARMS",
+    "COMPARISONS",
+    "KJ_COEFFICIENTS",
+    "Arm",
+    "StudyConfig",
+    "compare",
+    "main",
+    "paired_t",
+    "run_study",
+    "token_efficiency",
+    "tokens_to_reach",
+    "train_run",
+]
 
-DOC_TAG = "lm_study"  # marker name of the generated block in the markdown (--doc-tag)
-
-
-def doc_markers(tag: str = DOC_TAG) -> tuple[str, str]:
-    """Begin/end marker lines of the generated block named ``tag``."""
-    return (f"<!-- {tag}:begin (generated by tools/lm_study.py --write-doc) -->",
-            f"<!-- {tag}:end -->")
-
-
-def image_prefix(tag: str = DOC_TAG) -> str:
-    """PNG name prefix of a block: ``lm`` for the main study, ``lm_<rest>`` otherwise."""
-    return "lm" + tag.removeprefix("lm_study")
-DIVERGED_BPB = 8.0  # bits/byte of a uniform guess over 256 bytes
-STABLE_MARGIN = 0.10  # "usable" LR: final loss within 10% of the arm's best swept loss
+#: Keller Jordan's constant NS coefficients, 5 steps (the published Muon runs).
+KJ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+KJ_STEPS = 5
 PC_TARGET_KEYS = ("feed_forward.w1", "feed_forward.w2", "feed_forward.w3", "attention.wo")
 NON_PC_KEYS = ("attention.wq", "attention.wk", "attention.wv")
+NS_DTYPES = ("fp32", "bf16", "native")
 
 
 @dataclass(frozen=True)
 class Arm:
-    """One configuration: optimizer and PC level (None = no PC layer)."""
+    """One configuration: optimizer, NS recipe (Muon only) and PC level (None = no PC)."""
 
-    optimizer: str
+    optimizer: str  # "adamw" or "muon"
     pc_level: int | None
+    ns: str = "specopt"  # "specopt" (pe4, 4 steps, tight) or "kj" (published, 5 steps)
 
     @property
     def name(self) -> str:
-        return self.optimizer + ("" if self.pc_level is None else f"+pc{self.pc_level}")
+        return (self.optimizer + ("-kj" if self.ns == "kj" else "")
+                + ("" if self.pc_level is None else f"+pc{self.pc_level}"))
 
     @property
-    def published(self) -> bool:
-        return self.pc_level == {"adamw": 4, "muon": 2}[self.optimizer]
+    def baseline(self) -> str:
+        """The same arm without PC."""
+        return dataclasses.replace(self, pc_level=None).name
 
 
 ARMS: tuple[Arm, ...] = (
-    Arm("adamw", None), Arm("adamw", 4), Arm("adamw", 2),
-    Arm("muon", None), Arm("muon", 2), Arm("muon", 4),
+    Arm("adamw", None), Arm("adamw", 4), Arm("muon", None), Arm("muon", 2),
+    Arm("muon", None, "kj"), Arm("muon", 2, "kj"),
+)
+
+#: (arm, reference) pairs reported, when both are in the data. A baseline against itself
+#: shows the noise floor: efficiency 1.0 by construction, its seeds' spread around it.
+COMPARISONS: tuple[tuple[str, str], ...] = (
+    ("adamw", "adamw"), ("muon", "muon"), ("muon-kj", "muon-kj"),
+    ("adamw+pc4", "adamw"), ("muon+pc2", "muon"), ("muon-kj+pc2", "muon-kj"),
+    ("muon", "adamw"), ("muon-kj", "muon"), ("muon-kj", "adamw"),
 )
 
 
-@dataclass
-class StudyConfig:
-    """Sizes of one study (defaults: the full study: 50 runs, about 35 min on 2 busy cores)."""
-
-    preset: str = "tiny"
-    steps: int = 200
-    batch_size: int = 8
-    seq_len: int = 64
-    warmup: int = 20
-    eval_every: int = 20
-    eval_batches: int = 4
-    monitor_every: int = 20
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    arms: list[str] = field(default_factory=lambda: [a.name for a in ARMS])
-    sweep_arms: list[str] = field(
-        default_factory=lambda: ["adamw", "adamw+pc4", "muon", "muon+pc2"])
-    sweep_multipliers: list[float] = field(
-        default_factory=lambda: [0.25, 1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0])
-    sweep_steps: int = 80
-    timing_repeats: int = 30
-    run_root: str = "runs/lm_study"
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.batch_size * self.seq_len
-
-
-QUICK = dict(steps=20, batch_size=4, seq_len=32, warmup=4, eval_every=10, eval_batches=2,
-             monitor_every=10, seeds=[0], arms=["adamw", "adamw+pc4", "muon", "muon+pc2"],
-             sweep_arms=["adamw", "muon+pc2"], sweep_multipliers=[1.0, 64.0], sweep_steps=10,
-             timing_repeats=3, run_root="runs/lm_study_quick")
-
-
-def _arm(name: str) -> Arm:
+def arm(name: str) -> Arm:
+    """The arm called ``name``; ``ValueError`` listing the choices otherwise."""
     for a in ARMS:
         if a.name == name:
             return a
     raise ValueError(f"unknown arm {name!r}; choose from {[a.name for a in ARMS]}")
 
 
-def _default_lr(optimizer: str) -> float:
+@dataclass
+class StudyConfig:
+    """Sizes and recipe of one study (defaults: the full v2 study)."""
+
+    preset: str = "tiny"
+    steps: int = 1500  # x 16 x 128 = 3.1M tokens per run, ~22 tokens per parameter
+    batch_size: int = 16
+    seq_len: int = 128
+    warmup: int = 100
+    weight_decay: float = 0.1
+    eval_every: int = 100
+    eval_batches: int = 32  # x 16 x 128 = 65,536 validation bytes per evaluation
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    arms: list[str] = field(
+        default_factory=lambda: ["adamw", "adamw+pc4", "muon", "muon+pc2", "muon-kj"])
+    lr_check_multipliers: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    lr_check_seeds: list[int] = field(default_factory=lambda: [0])
+    ns_dtype: str = "fp32"  # see the module docstring
+    wd_all: bool = False
+    pc_bf16: bool = False
+    device: str = "cpu"
+    threads: int = 1  # torch intra-op threads; 0: torch's default
+
+    def __post_init__(self) -> None:
+        for name in self.arms:
+            arm(name)
+        if self.ns_dtype not in NS_DTYPES:
+            raise ValueError(f"ns_dtype must be one of {NS_DTYPES}, got {self.ns_dtype!r}")
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not self.seeds:
+            raise ValueError("seeds must not be empty")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
+
+    def recipe(self) -> dict[str, Any]:
+        """Everything a run's numbers depend on besides (arm, seed, lr): runs of two studies
+        with different recipes never mix in one JSON."""
+        keys = ("preset", "steps", "batch_size", "seq_len", "warmup", "weight_decay",
+                "eval_every", "eval_batches", "ns_dtype", "wd_all", "pc_bf16", "device")
+        return {k: getattr(self, k) for k in keys}
+
+
+QUICK = dict(steps=30, batch_size=4, seq_len=32, warmup=5, eval_every=10, eval_batches=2,
+             seeds=[0, 1], arms=["adamw", "adamw+pc4"], lr_check_multipliers=[2.0])
+
+
+def default_lr(optimizer: str) -> float:
+    """The CLI's default peak LR for ``optimizer``."""
     from specopt.cli.train import DEFAULT_LR
 
     return DEFAULT_LR[optimizer]
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_corpus(path: Any, max_bytes: int) -> Any:
+def _corpus() -> Any:
+    from specopt.cli.train import TrainConfig
     from specopt.data import load_corpus
 
-    return load_corpus(path, max_bytes=max_bytes)
+    c = TrainConfig()
+    return load_corpus(c.data, max_bytes=c.max_data_bytes)
 
 
-def _command(cfg: Any) -> str:
-    pc = f"--pc --pc-level {cfg.pc_level}" if cfg.pc else "--no-pc"
-    return (
-        f"specopt train --optimizer {cfg.optimizer} {pc} --preset {cfg.preset} --steps "
-        f"{cfg.steps} --batch-size {cfg.batch_size} --seq-len {cfg.seq_len} --warmup "
-        f"{cfg.warmup} --lr {cfg.lr:g} --seed {cfg.seed} --eval-every {cfg.eval_every} "
-        f"--eval-batches {cfg.eval_batches} --monitor-every {cfg.monitor_every} "
-        f"--monitor-budget 0 --ckpt-every 0 --log-dir {cfg.log_dir}"
-    )
+def _ns_dtype(setting: str, device: torch.device) -> torch.dtype:
+    from specopt.optim.muon import default_ns_dtype
+
+    if setting == "native":
+        return default_ns_dtype(device)
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[setting]
 
 
-def _group_gmcn(run_log: Any, keys: tuple[str, ...], *,
-                raw: bool = False) -> tuple[list[int], list[float]]:
-    """Geometric mean over the matching layers' GMCN, per snapshot step: of the effective
-    weights, or with ``raw`` of the trained tensors (``<layer>/raw`` where the layer is
-    parametrized, the plain weight otherwise)."""
-    import numpy as np
-
-    base = [t for t in run_log.tags_with_prefix("spectral/gmcn/")
-            if not t.endswith("/raw") and any(k in t for k in keys)]
-    have = set(run_log.scalars)
-    tags = [t + "/raw" if raw and t + "/raw" in have else t for t in base]
-    if not tags:
-        return [], []
-    per_step: dict[int, list[float]] = {}
-    for tag in tags:
-        steps, values = run_log.series(tag)
-        for s, v in zip(steps.tolist(), values.tolist(), strict=True):
-            per_step.setdefault(int(s), []).append(v)
-    steps_out, vals_out = [], []
-    for s in sorted(per_step):
-        vs = per_step[s]
-        if len(vs) == len(tags) and all(math.isfinite(v) and v > 0 for v in vs):
-            steps_out.append(s)
-            vals_out.append(float(np.exp(np.mean(np.log(vs)))))
-    return steps_out, vals_out
-
-
-def _gmcn_fields(log: Any) -> dict[str, list[float]]:
-    gs_pc, gv_pc = _group_gmcn(log, PC_TARGET_KEYS)
-    gs_raw, gv_raw = _group_gmcn(log, PC_TARGET_KEYS, raw=True)
-    gs_np, gv_np = _group_gmcn(log, NON_PC_KEYS)
-    r5 = lambda xs: [float(f"{x:.5g}") for x in xs]  # noqa: E731
-    return {"gmcn_steps": gs_pc, "gmcn_pc_blocks": r5(gv_pc),
-            "gmcn_raw_steps": gs_raw, "gmcn_pc_blocks_raw": r5(gv_raw),
-            "gmcn_qkv_steps": gs_np, "gmcn_qkv_blocks": r5(gv_np)}
-
-
-def reread_logs(data: dict[str, Any], run_root: Path) -> int:
-    """Re-extract the GMCN fields of saved runs from their TensorBoard folders (kept under
-    ``run_root``); returns how many runs were updated. For JSON written before a field
-    existed: the numbers come from the same runs' logs, nothing is retrained."""
-    from specopt.cli._events import read_run
-
+def _pc_in_bf16(model: nn.Module) -> int:
+    """Make every PC parametrization of ``model`` compute W_eff in bf16 (the published
+    code's autocast), returned in the weight's dtype; returns how many were changed."""
     n = 0
-    for key in ("runs", "sweep"):
-        for r in data.get(key, []):
-            folder = run_root / key / f"{r['arm']}-lr{r['lr']:g}-s{r['seed']}"
-            if folder.is_dir():
-                r.update(_gmcn_fields(read_run(folder)))
-                n += 1
+    for mod in model.modules():
+        if getattr(mod, "is_pc_parametrization", False):
+            fp = mod.forward
+
+            def forward(weight: torch.Tensor, _fp: Any = fp) -> torch.Tensor:
+                return _fp(weight.to(torch.bfloat16)).to(weight.dtype)
+
+            mod.forward = forward
+            n += 1
     return n
 
 
-def run_one(sc: StudyConfig, arm: Arm, seed: int, *, lr: float, steps: int,
-            tag: str) -> dict[str, Any]:
-    """One ``specopt train`` run; returns its curves and final numbers."""
-    from specopt.cli._events import read_run
-    from specopt.cli.train import TrainConfig, train
+def build_run(sc: StudyConfig, a: Arm, seed: int, lr: float) -> tuple[nn.Module, Any, Any]:
+    """(model, optimizer, scheduler) of one run, seeded exactly as ``specopt train``."""
+    from specopt.cli.train import build_model, lr_factor
+    from specopt.models.llama import PRESETS
+    from specopt.optim import build_optimizer
 
-    log_dir = Path(sc.run_root) / tag / f"{arm.name}-lr{lr:g}-s{seed}"
-    cfg = TrainConfig(
-        optimizer=arm.optimizer, pc=arm.pc_level is not None, pc_level=arm.pc_level,
-        preset=sc.preset, steps=steps, batch_size=sc.batch_size, seq_len=sc.seq_len, lr=lr,
-        warmup=min(sc.warmup, steps), seed=seed, log_dir=str(log_dir), ckpt_every=0,
-        keep_checkpoints=0, eval_every=sc.eval_every, eval_batches=sc.eval_batches,
-        monitor=True, monitor_every=sc.monitor_every, monitor_budget=0.0,
-    )
-    if log_dir.exists():  # a fresh run: never append to an old run's event files
-        import shutil
+    device = torch.device(sc.device)
+    torch.manual_seed(seed)
+    base = PRESETS[sc.preset]
+    mcfg = dataclasses.replace(base, max_seq_len=max(base.max_seq_len, sc.seq_len))
+    model, handle = build_model(mcfg, pc=a.pc_level is not None, pc_level=a.pc_level or 1)
+    model.to(device)
+    if sc.pc_bf16:
+        _pc_in_bf16(model)
+    kw: dict[str, Any] = {}
+    if a.optimizer == "muon":
+        kw["ns_dtype"] = _ns_dtype(sc.ns_dtype, device)
+        if a.ns == "kj":
+            kw.update(ns_coefficients=KJ_COEFFICIENTS, ns_steps=KJ_STEPS)
+    opt = build_optimizer(model, a.optimizer, lr=lr, weight_decay=sc.weight_decay, **kw)
+    if sc.wd_all:  # the published runs decay gains, norms and embeddings too
+        for g in opt.param_groups:
+            g["weight_decay"] = sc.weight_decay
+    if handle is not None:
+        handle.attach(opt)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, warmup=min(sc.warmup, sc.steps), total=sc.steps,
+                                 final_ratio=0.1))
+    return model, opt, sched
 
-        shutil.rmtree(log_dir)
-    res = train(cfg, progress=False, corpus=_cached_corpus(cfg.data, cfg.max_data_bytes))
-    log = read_run(log_dir)
-    vs, vv = log.series("val/bpb")
-    ts, tv = log.series("train/loss")
-    final = float(vv[-1]) if vv.size and int(vs[-1]) == res.steps else math.nan
-    return {
-        "arm": arm.name, "optimizer": arm.optimizer, "pc_level": arm.pc_level, "seed": seed,
-        "lr": lr, "steps": steps, "steps_done": res.steps, "tokens_per_step": sc.tokens_per_step,
-        "diverged": bool(res.diverged or not math.isfinite(final) or final > DIVERGED_BPB),
-        "nonfinite": bool(res.diverged), "final_val_bpb": final, "wall_s": res.wall_s,
-        "val_steps": vs.tolist(), "val_bpb": vv.tolist(),
-        "train_steps": ts.tolist()[:: max(1, steps // 100)],
-        "train_loss": [float(f"{x:.4g}") for x in tv.tolist()[:: max(1, steps // 100)]],
-        **_gmcn_fields(log),
-        "command": _command(cfg),
-    }
+
+def _layer_gmcn(model: nn.Module) -> dict[str, float]:
+    """Geometric-mean GMCN of the PC-target blocks (effective and raw W) and of q/k/v."""
+    from specopt.spectral.metrics import matrix_metrics
+
+    groups: dict[str, list[torch.Tensor]] = {"pc_blocks": [], "pc_blocks_raw": [], "qkv": []}
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if not isinstance(mod, nn.Linear):
+                continue
+            if any(name.endswith(k) for k in PC_TARGET_KEYS):
+                groups["pc_blocks"].append(mod.weight.detach())
+                raw = getattr(getattr(mod, "parametrizations", None), "weight", None)
+                groups["pc_blocks_raw"].append(
+                    raw.original.detach() if raw is not None else mod.weight.detach())
+            elif any(name.endswith(k) for k in NON_PC_KEYS):
+                groups["qkv"].append(mod.weight.detach())
+    out = {}
+    for key, ws in groups.items():
+        vals = [m["gmcn"] for m in matrix_metrics([w.float() for w in ws])] if ws else []
+        out[key] = geomean(vals)
+    return out
+
+
+def train_run(sc: StudyConfig, a: Arm, seed: int, lr: float) -> dict[str, Any]:
+    """Train one run; returns its curves (validation bits/byte at step 0, every
+    ``eval_every`` steps and at the end), GMCN at each evaluation and final numbers."""
+    from specopt.cli.train import evaluate
+    from specopt.data import BatchSampler, bits_per_byte, eval_windows
+
+    device = torch.device(sc.device)
+    corpus = _corpus()
+    sampler = BatchSampler(corpus.train, batch_size=sc.batch_size, seq_len=sc.seq_len,
+                           seed=seed)
+    val = [w.to(device) for w in eval_windows(corpus.val, batch_size=sc.batch_size,
+                                              seq_len=sc.seq_len, max_batches=sc.eval_batches)]
+    model, opt, sched = build_run(sc, a, seed, lr)
+    curves: dict[str, list[float]] = {"val_steps": [], "val_bpb": [], "gmcn_pc_blocks": [],
+                                      "gmcn_pc_blocks_raw": [], "gmcn_qkv": [],
+                                      "train_steps": [], "train_loss": []}
+
+    def record_eval(step: int) -> None:
+        curves["val_steps"].append(step)
+        curves["val_bpb"].append(bits_per_byte(evaluate(model, val)))
+        g = _layer_gmcn(model)
+        curves["gmcn_pc_blocks"].append(g["pc_blocks"])
+        curves["gmcn_pc_blocks_raw"].append(g["pc_blocks_raw"])
+        curves["gmcn_qkv"].append(g["qkv"])
+
+    t0 = time.perf_counter()
+    record_eval(0)
+    model.train()
+    step, nonfinite = 0, False
+    every_train = max(1, sc.steps // 100)
+    while step < sc.steps:
+        x, y = next(sampler)
+        loss = model.loss(x.to(device), y.to(device))
+        loss_val = float(loss.detach())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+        if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
+            nonfinite = True  # as `specopt train`: stop without stepping on it
+            break
+        opt.step()
+        sched.step()
+        step += 1
+        if step % every_train == 0:
+            curves["train_steps"].append(step)
+            curves["train_loss"].append(float(f"{loss_val:.4g}"))
+        if step % sc.eval_every == 0 or step == sc.steps:
+            record_eval(step)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    wall = time.perf_counter() - t0
+    done = curves["val_steps"][-1] == sc.steps
+    final = curves["val_bpb"][-1] if done and not nonfinite else math.nan
+    return {"arm": a.name, "optimizer": a.optimizer, "pc_level": a.pc_level, "ns": a.ns,
+            "seed": seed, "lr": lr, "steps": sc.steps, "steps_done": step,
+            "tokens_per_step": sc.tokens_per_step, "nonfinite": nonfinite or not
+            math.isfinite(final), "initial_val_bpb": curves["val_bpb"][0],
+            "final_val_bpb": final, "wall_s": wall, "threads": torch.get_num_threads(),
+            **curves}
+
+
+# ---------------------------------------------------------------- running, resuming
+
+
+def _save(data: dict[str, Any], path: Path | None) -> None:
+    if path is not None:
+        _atomic_write_text(path, json.dumps(data, separators=(",", ":"), allow_nan=True))
+
+
+def start_data(sc: StudyConfig, resume: dict[str, Any] | None, kind: str) -> dict[str, Any]:
+    """The JSON dict a study writes into: ``resume`` when its recipe matches, else new."""
+    if resume is not None:
+        old = resume.get("recipe", {})
+        diff = {k: (old.get(k), v) for k, v in sc.recipe().items() if old.get(k) != v}
+        if diff:
+            raise ValueError(f"--resume: the JSON was written with another recipe "
+                             f"(field: (in JSON, now)): {diff}; use another --json")
+        data = resume
+    else:
+        data = {"kind": kind, "runs": []}
+    data.update(config=asdict(sc), recipe=sc.recipe(), torch=torch.__version__,
+                default_lr={o: default_lr(o) for o in ("adamw", "muon")})
+    data.setdefault("machines", [])
+    desc = machine.describe(sc.device)  # this session's machine: the list's last entry
+    if desc in data["machines"]:
+        data["machines"].remove(desc)
+    data["machines"].append(desc)
+    return data
+
+
+def run_all(data: dict[str, Any], plan: list[tuple[str, str, int, float]], sc: StudyConfig,
+            json_path: Path | None, *, log: Any = print) -> dict[str, Any]:
+    """Run every ``(part, arm, seed, lr)`` of ``plan`` not yet in ``data['runs']``,
+    saving after each run."""
+    done = {(r["part"], r["arm"], r["seed"], r["lr"]) for r in data["runs"]}
+    todo = [p for p in plan if p not in done]
+    log(f"{len(plan) - len(todo)} of {len(plan)} planned runs already in the JSON; "
+        f"{len(todo)} to run")
+    t0 = time.perf_counter()
+    for i, (part, name, seed, lr) in enumerate(todo):
+        row = {"part": part, **train_run(sc, arm(name), seed, lr)}
+        data["runs"].append(row)
+        _save(data, json_path)
+        log(f"[{time.perf_counter() - t0:7.0f}s] {i + 1}/{len(todo)} {part:7s} {name:12s} "
+            f"seed {seed} lr {lr:<9g} final {row['final_val_bpb']:.4f} bits/byte "
+            f"{'NON-FINITE ' if row['nonfinite'] else ''}({row['wall_s']:.0f} s)")
+    return data
+
+
+def plan_study(sc: StudyConfig, parts: set[str]) -> list[tuple[str, str, int, float]]:
+    """Runs of the study in execution order: seed-major, so a study cut short holds whole
+    seeds of every arm; the LR check after the main runs."""
+    plan = []
+    if "main" in parts:
+        plan += [("main", n, s, default_lr(arm(n).optimizer)) for s in sc.seeds for n in sc.arms]
+    if "lrcheck" in parts:
+        plan += [("lrcheck", n, s, default_lr(arm(n).optimizer) * m)
+                 for s in sc.lr_check_seeds for m in sc.lr_check_multipliers for n in sc.arms]
+    return plan
+
+
+def run_study(sc: StudyConfig, parts: set[str], *, json_path: Path | None = None,
+              resume: dict[str, Any] | None = None, log: Any = print) -> dict[str, Any]:
+    """Run (or continue) the study; the JSON holds the plan, so its completeness is known."""
+    data = start_data(sc, resume, "lm_study")
+    log(data["machines"][-1])
+    plan = plan_study(sc, parts)
+    data["planned"] = [list(p) for p in plan]
+    _save(data, json_path)
+    return run_all(data, plan, sc, json_path, log=log)
+
+
+# ---------------------------------------------------------------- statistics
 
 
 def tokens_to_reach(steps: list[int], values: list[float], target: float,
@@ -265,413 +433,206 @@ def tokens_to_reach(steps: list[int], values: list[float], target: float,
     return None
 
 
-def measure_overhead(sc: StudyConfig, optimizer: str, level: int) -> dict[str, Any]:
-    """Median training-step time without / with PC (interleaved, one process)."""
-    from specopt.cli.train import build_model
-    from specopt.data import BatchSampler
-    from specopt.models.llama import PRESETS
-    from specopt.optim import build_optimizer
-
-    corpus = _cached_corpus(None, 4_000_000)
-    torch.set_num_threads(1)  # as `specopt train` picks on the loaded 2-core box
-    variants = []
-    for pc in (False, True):
-        torch.manual_seed(0)
-        base = PRESETS[sc.preset]
-        mcfg = dataclasses.replace(base, max_seq_len=max(base.max_seq_len, sc.seq_len))
-        model, handle = build_model(mcfg, pc=pc, pc_level=level)
-        opt = build_optimizer(model, optimizer, lr=_default_lr(optimizer), weight_decay=0.1)
-        if handle is not None:
-            handle.attach(opt)
-        sampler = BatchSampler(corpus.train, batch_size=sc.batch_size, seq_len=sc.seq_len,
-                               seed=0)
-        variants.append((model, opt, sampler, []))
-
-    def step(model: Any, opt: Any, sampler: Any) -> None:
-        x, y = next(sampler)
-        loss = model.loss(x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-
-    for model, opt, sampler, _ in variants:  # warm-up (allocations, first-call costs)
-        for _ in range(2):
-            step(model, opt, sampler)
-    for r in range(sc.timing_repeats):
-        order = variants if r % 2 == 0 else variants[::-1]
-        for model, opt, sampler, times in order:
-            t0 = time.perf_counter()
-            step(model, opt, sampler)
-            times.append(time.perf_counter() - t0)
-    base_ms = statistics.median(variants[0][3]) * 1e3
-    pc_ms = statistics.median(variants[1][3]) * 1e3
-    return {"optimizer": optimizer, "pc_level": level, "repeats": sc.timing_repeats,
-            "threads": torch.get_num_threads(),
-            "step_ms_nopc": base_ms, "step_ms_pc": pc_ms, "ratio": pc_ms / base_ms}
-
-
-def _save(data: dict[str, Any], path: Path | None) -> None:
-    if path is not None:
-        _atomic_write_text(path, json.dumps(data, separators=(",", ":")))
-
-
-def run_study(sc: StudyConfig, parts: set[str], *, json_path: Path | None = None,
-              resume: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run the requested parts; the JSON is rewritten after every run."""
-    data: dict[str, Any] = resume or {"runs": [], "sweep": [], "timing": []}
-    data.update(config=asdict(sc), machine=_machine(), torch=torch.__version__,
-                threads=torch.get_num_threads(),  # at start; each run then uses train's choice
-                default_lr={o: _default_lr(o) for o in ("adamw", "muon")})
-    done = {(r["arm"], r["seed"], r["lr"], r["steps"]) for r in data["runs"] + data["sweep"]}
-    t0 = time.perf_counter()
-
-    def go(key: str, arm: Arm, seed: int, lr: float, steps: int) -> None:
-        if (arm.name, seed, lr, steps) in done:
-            return
-        row = run_one(sc, arm, seed, lr=lr, steps=steps, tag=key)
-        data[key].append(row)
-        _save(data, json_path)
-        print(f"[{time.perf_counter() - t0:7.1f}s] {key:5s} {arm.name:10s} seed {seed} lr "
-              f"{lr:<8g} final {row['final_val_bpb']:.4f} bits/byte "
-              f"{'DIVERGED ' if row['diverged'] else ''}({row['wall_s']:.1f} s)", flush=True)
-
-    if "main" in parts:
-        for seed in sc.seeds:  # seed-major: a cut-short study still has whole seeds
-            for name in sc.arms:
-                arm = _arm(name)
-                go("runs", arm, seed, _default_lr(arm.optimizer), sc.steps)
-    if "timing" in parts:
-        data["timing"] = [
-            measure_overhead(sc, opt, level)
-            for opt, level in (("adamw", 4), ("muon", 2))
-            if any(_arm(n).optimizer == opt for n in sc.arms)
-        ]
-        _save(data, json_path)
-        for t in data["timing"]:
-            print(f"timing {t['optimizer']}: {t['step_ms_nopc']:.1f} ms -> "
-                  f"{t['step_ms_pc']:.1f} ms with PC level {t['pc_level']} "
-                  f"(x{t['ratio']:.3f})", flush=True)
-    if "sweep" in parts:
-        for mult in sc.sweep_multipliers:
-            for name in sc.sweep_arms:
-                arm = _arm(name)
-                go("sweep", arm, 0, _default_lr(arm.optimizer) * mult, sc.sweep_steps)
-    # A resumed study may have been extended (more seeds, multipliers): record what the
-    # JSON actually holds, not just this invocation's options.
-    c = data["config"]
-    c["seeds"] = sorted({r["seed"] for r in data["runs"]} | set(c["seeds"]))
-    c["sweep_multipliers"] = sorted(
-        {round(r["lr"] / _default_lr(r["optimizer"]), 6) for r in data["sweep"]}
-        | set(c["sweep_multipliers"]))
-    _save(data, json_path)
-    return data
-
-
-# ---------------------------------------------------------------- summaries
-
-
-def _stats(xs: list[float]) -> dict[str, float]:
-    xs = [x for x in xs if math.isfinite(x)]
-    if not xs:
-        return {"n": 0, "mean": math.nan, "std": math.nan, "min": math.nan, "max": math.nan}
-    return {"n": len(xs), "mean": statistics.fmean(xs),
-            "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "min": min(xs), "max": max(xs)}
-
-
-def _geomean(xs: list[float]) -> float:
+def geomean(xs: list[float]) -> float:
+    """Geometric mean of the finite positive entries (nan if none)."""
     xs = [x for x in xs if math.isfinite(x) and x > 0]
     return math.exp(statistics.fmean(math.log(x) for x in xs)) if xs else math.nan
 
 
-def summarize(data: dict[str, Any]) -> dict[str, Any]:
-    """Per-arm summaries of the main runs (the tables of the document)."""
-    by_arm: dict[str, list[dict[str, Any]]] = {}
-    for r in data["runs"]:
-        by_arm.setdefault(r["arm"], []).append(r)
-    out: dict[str, Any] = {}
-    for name, runs in by_arm.items():
-        opt = runs[0]["optimizer"]
-        base_runs = by_arm.get(opt, [])
-        target = _stats([r["final_val_bpb"] for r in base_runs])["mean"]
-        budget = runs[0]["steps"] * runs[0]["tokens_per_step"]
-        eff = []
-        for r in runs:
-            tok = tokens_to_reach(r["val_steps"], r["val_bpb"], target, r["tokens_per_step"])
-            eff.append(budget / tok if tok else math.nan)
-        out[name] = {
-            "optimizer": opt, "pc_level": runs[0]["pc_level"], "seeds": [r["seed"] for r in runs],
-            "final": _stats([r["final_val_bpb"] for r in runs]),
-            "baseline_target": target,
-            "efficiency": _stats(eff), "reached": sum(math.isfinite(e) for e in eff),
-            "gmcn_pc_blocks": _geomean([r["gmcn_pc_blocks"][-1] for r in runs
-                                        if r["gmcn_pc_blocks"]]),
-            "gmcn_qkv_blocks": _geomean([r["gmcn_qkv_blocks"][-1] for r in runs
-                                         if r["gmcn_qkv_blocks"]]),
-            "gmcn_pc_blocks_raw": _geomean([r["gmcn_pc_blocks_raw"][-1] for r in runs
-                                            if r.get("gmcn_pc_blocks_raw")]),
-            "wall_s": _stats([r["wall_s"] for r in runs]),
-            "diverged": sum(r["diverged"] for r in runs),
-        }
+def paired_t(diffs: list[float]) -> dict[str, float]:
+    """Mean of per-seed differences, its 95% t-interval and the two-sided p-value of the
+    paired t-test (H0: mean difference 0). n < 2: interval and p are nan."""
+    from scipy import stats
+
+    d = [x for x in diffs if math.isfinite(x)]
+    n = len(d)
+    out = {"n": n, "mean": statistics.fmean(d) if d else math.nan,
+           "lo": math.nan, "hi": math.nan, "p": math.nan, "sd": math.nan}
+    if n >= 2:
+        sd = statistics.stdev(d)
+        half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
+        out.update(sd=sd, lo=out["mean"] - half, hi=out["mean"] + half)
+        if sd > 0:
+            tval = out["mean"] / (sd / math.sqrt(n))
+            out["p"] = float(2 * stats.t.sf(abs(tval), n - 1))
+        else:
+            out["p"] = 0.0 if out["mean"] != 0 else 1.0
     return out
+
+
+def _mean_curve(runs: list[dict[str, Any]]) -> tuple[list[int], list[float]]:
+    n = min(len(r["val_bpb"]) for r in runs)
+    steps = runs[0]["val_steps"][:n]
+    return steps, [statistics.fmean(r["val_bpb"][i] for r in runs) for i in range(n)]
+
+
+def token_efficiency(arm_runs: list[dict[str, Any]],
+                     ref_runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Token efficiency of an arm against a reference (module docstring): ``eff`` on the
+    seed-mean curves (exactly 1.0 when ``arm_runs is ref_runs``), and the noise floor:
+    ``T(mean ref curve) / T(ref seed curve)`` for each reference seed."""
+    tps = ref_runs[0]["tokens_per_step"]
+    target = statistics.fmean(r["final_val_bpb"] for r in ref_runs)
+    t_ref = tokens_to_reach(*_mean_curve(ref_runs), target, tps)
+    t_arm = tokens_to_reach(*_mean_curve(arm_runs), target, tps)
+    floor = []
+    for r in ref_runs:
+        t = tokens_to_reach(r["val_steps"], r["val_bpb"], target, tps)
+        floor.append(t_ref / t if t and t_ref else math.nan)
+    fin = [x for x in floor if math.isfinite(x)]
+    return {"target": target, "tokens_ref": t_ref, "tokens_arm": t_arm,
+            "eff": t_ref / t_arm if t_ref and t_arm else math.nan,
+            "floor": floor, "floor_reached": len(fin),
+            "floor_min": min(fin) if fin else math.nan, "floor_max": max(fin) if fin else math.nan}
+
+
+def _runs(data: dict[str, Any], part: str, name: str, lr: float | None = None
+          ) -> dict[int, dict[str, Any]]:
+    return {r["seed"]: r for r in data["runs"] if r["part"] == part and r["arm"] == name
+            and (lr is None or math.isclose(r["lr"], lr, rel_tol=1e-9))}
+
+
+def compare(data: dict[str, Any], name: str, ref: str) -> dict[str, Any] | None:
+    """Paired comparison of two main-part arms over the seeds both finished (finite)."""
+    a, b = _runs(data, "main", name), _runs(data, "main", ref)
+    seeds = sorted(s for s in set(a) & set(b) if math.isfinite(a[s]["final_val_bpb"])
+                   and math.isfinite(b[s]["final_val_bpb"]))
+    if not seeds:
+        return None
+    t = paired_t([a[s]["final_val_bpb"] - b[s]["final_val_bpb"] for s in seeds])
+    eff = token_efficiency([a[s] for s in seeds], [b[s] for s in seeds])
+    return {"arm": name, "ref": ref, "seeds": seeds, **t, "efficiency": eff}
+
+
+def arm_summary(data: dict[str, Any], name: str) -> dict[str, Any]:
+    """Final loss, GMCN and wall time of one main-part arm over its seeds."""
+    rs = list(_runs(data, "main", name).values())
+    fin = [r["final_val_bpb"] for r in rs if math.isfinite(r["final_val_bpb"])]
+    return {
+        "n": len(rs), "finite": len(fin),
+        "mean": statistics.fmean(fin) if fin else math.nan,
+        "sd": statistics.stdev(fin) if len(fin) > 1 else math.nan,
+        "gmcn_pc_blocks": geomean([r["gmcn_pc_blocks"][-1] for r in rs]),
+        "gmcn_pc_blocks_raw": geomean([r["gmcn_pc_blocks_raw"][-1] for r in rs]),
+        "gmcn_qkv": geomean([r["gmcn_qkv"][-1] for r in rs]),
+        "wall_s": statistics.fmean(r["wall_s"] for r in rs) if rs else math.nan,
+    }
 
 
 def _f(x: float | None, spec: str) -> str:
     return "-" if x is None or not math.isfinite(x) else format(x, spec)
 
 
-def stable_edge(sweep: list[dict[str, Any]], arm: str) -> float | None:
-    """Largest swept LR whose final loss is within ``STABLE_MARGIN`` (relative) of the arm's
-    best swept loss: where training stops being usable, short of outright divergence."""
-    rs = [r for r in sweep if r["arm"] == arm and math.isfinite(r["final_val_bpb"])]
-    if not rs:
-        return None
-    best = min(r["final_val_bpb"] for r in rs)
-    ok = [r["lr"] for r in rs if r["final_val_bpb"] <= best * (1 + STABLE_MARGIN)
-          and not r["diverged"]]
-    return max(ok) if ok else None
+def format_p(p: float) -> str:
+    """A p-value for a table: 3 decimals, ``<0.001`` below that, ``-`` if undefined."""
+    return "-" if not math.isfinite(p) else (f"{p:.3f}" if p >= 0.001 else "<0.001")
 
 
-def _base_lr(data: dict[str, Any], optimizer: str) -> float:
-    """The default peak LR the study ran with (saved), else the CLI's current one."""
-    return data.get("default_lr", {}).get(optimizer) or _default_lr(optimizer)
+def completeness(data: dict[str, Any], part: str) -> tuple[int, int]:
+    """(runs present, runs planned) of ``part`` ("main" or "lrcheck")."""
+    planned = [p for p in data.get("planned", []) if p[0] == part]
+    keys = {(r["part"], r["arm"], r["seed"], r["lr"]) for r in data["runs"]}
+    return sum(tuple(p) in keys for p in planned), len(planned)
 
 
 def tables(data: dict[str, Any]) -> str:
-    """Markdown tables: main results, overhead, LR sweep."""
-    s = summarize(data)
-    lines = [
-        "| arm | seeds | final val bits/byte: mean ± std [min, max] | token efficiency vs "
-        "baseline (reached) | GMCN PC-target blocks | same, raw W | GMCN q/k/v blocks | "
-        "wall s/run |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for name, a in s.items():
-        f = a["final"]
-        e = a["efficiency"]
-        base = s.get(a["optimizer"])
-        rel = ""
-        if base and a["pc_level"] is not None and math.isfinite(base["gmcn_pc_blocks"]):
-            rel = f" ({100 * (a['gmcn_pc_blocks'] / base['gmcn_pc_blocks'] - 1):+.0f}%)"
+    """Markdown: per-arm results, paired comparisons, LR check (each with its count)."""
+    c = data["config"]
+    arms = [n for n in c["arms"] if _runs(data, "main", n)]
+    have, planned = completeness(data, "main")
+    lines = [f"Main runs present: {have} of {planned} planned.", "",
+             "| arm | seeds | final val bits/byte: mean ± sd | GMCN PC-target blocks "
+             "(raw W) | GMCN q/k/v | wall s/run |", "|---|---|---|---|---|---|"]
+    for n in arms:
+        s = arm_summary(data, n)
+        lines.append(f"| {n} | {s['finite']}/{s['n']} | {_f(s['mean'], '.4f')} ± "
+                     f"{_f(s['sd'], '.4f')} | {_f(s['gmcn_pc_blocks'], '.2f')} "
+                     f"({_f(s['gmcn_pc_blocks_raw'], '.2f')}) | {_f(s['gmcn_qkv'], '.2f')} | "
+                     f"{_f(s['wall_s'], '.0f')} |")
+    lines += ["", "| comparison | paired seeds | difference of final bits/byte, mean [95% CI] "
+              "| p (paired t) | token efficiency | noise floor: reference seeds vs their mean "
+              "[min, max] (reached) |", "|---|---|---|---|---|---|"]
+    for name, ref in COMPARISONS:
+        r = compare(data, name, ref)
+        if r is None:
+            continue
+        e = r["efficiency"]
         lines.append(
-            f"| {name} | {len(a['seeds'])} | {_f(f['mean'], '.4f')} ± {_f(f['std'], '.4f')} "
-            f"[{_f(f['min'], '.4f')}, {_f(f['max'], '.4f')}] | "
-            f"{_f(e['mean'], '.3f')}x ({a['reached']}/{len(a['seeds'])}) | "
-            f"{_f(a['gmcn_pc_blocks'], '.2f')}{rel} | {_f(a['gmcn_pc_blocks_raw'], '.2f')} | "
-            f"{_f(a['gmcn_qkv_blocks'], '.2f')} | "
-            f"{_f(a['wall_s']['mean'], '.1f')} |"
-        )
-    if data.get("timing"):
-        lines += ["", "| optimizer | PC level | step ms without PC | step ms with PC | ratio "
-                  "| repeats |", "|---|---|---|---|---|---|"]
-        for t in data["timing"]:
-            lines.append(f"| {t['optimizer']} | {t['pc_level']} | {t['step_ms_nopc']:.1f} | "
-                         f"{t['step_ms_pc']:.1f} | {t['ratio']:.3f} | {t['repeats']} |")
-    if data.get("sweep"):
-        arms = list(dict.fromkeys(r["arm"] for r in data["sweep"]))
-        mults = sorted({round(r["lr"] / _base_lr(data, r["optimizer"]), 6)
-                        for r in data["sweep"]})
-        lines += ["", "| arm (default LR) | " + " | ".join(f"LR x{m:g}" for m in mults)
-                  + f" | largest LR within {STABLE_MARGIN:.0%} of the arm's best |",
+            f"| {name} - {ref} | {len(r['seeds'])} | {_f(r['mean'], '+.4f')} "
+            f"[{_f(r['lo'], '+.4f')}, {_f(r['hi'], '+.4f')}] | {format_p(r['p'])} | "
+            f"{_f(e['eff'], '.3f')}x | [{_f(e['floor_min'], '.3f')}, "
+            f"{_f(e['floor_max'], '.3f')}] ({e['floor_reached']}/{len(r['seeds'])}) |")
+    if any(r["part"] == "lrcheck" for r in data["runs"]):
+        have, planned = completeness(data, "lrcheck")
+        mults = sorted(set(c["lr_check_multipliers"]) | {1.0})
+        lines += ["", f"LR check runs present: {have} of {planned} planned (seeds "
+                  f"{c['lr_check_seeds']}; x1 = the main runs of the same seeds).", "",
+                  "| arm | " + " | ".join(f"LR x{m:g}" for m in mults) + " | best |",
                   "|---|" + "---|" * (len(mults) + 1)]
-        for name in arms:
-            cells = []
+        for n in arms:
+            base = default_lr(arm(n).optimizer)
+            cells, best = [], (math.inf, None)
             for m in mults:
-                rs = [r for r in data["sweep"] if r["arm"] == name
-                      and abs(r["lr"] / _base_lr(data, r["optimizer"]) - m) < 1e-6]
-                if not rs:
+                rs = _runs(data, "main" if m == 1.0 else "lrcheck", n, base * m)
+                rs = [rs[s] for s in c["lr_check_seeds"] if s in rs]
+                if len(rs) < len(c["lr_check_seeds"]):
                     cells.append("-")
                     continue
-                r = rs[0]
-                cells.append(("non-finite" if r["nonfinite"] else _f(r["final_val_bpb"], ".3f"))
-                             + (" (div.)" if r["diverged"] else ""))
-            opt = _arm(name).optimizer
-            edge = stable_edge(data["sweep"], name)
-            lines.append(f"| {name} ({_base_lr(data, opt):g}) | " + " | ".join(cells)
-                         + f" | {_f(edge, 'g')} |")
-    return "\n".join(lines)
-
-
-def plot(data: dict[str, Any], out_dir: Path, prefix: str = "lm") -> list[Path]:
-    """Three small PNGs: validation curves, GMCN trajectories, LR sweep."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    opts = [o for o in ("adamw", "muon") if any(r["optimizer"] == o for r in data["runs"])]
-    arms = list(dict.fromkeys(r["arm"] for r in data["runs"] + data.get("sweep", [])))
-    colors = {a: plt.get_cmap("tab10")(i % 10) for i, a in enumerate(arms)}
-    paths = []
-
-    def mean_curve(runs: list[dict[str, Any]], xkey: str, ykey: str, geo: bool):
-        n = min(len(r[ykey]) for r in runs)
-        if n == 0:
-            return [], []
-        xs = runs[0][xkey][:n]
-        ys = []
-        for i in range(n):
-            col = [r[ykey][i] for r in runs]
-            ys.append(_geomean(col) if geo else statistics.fmean(col))
-        return xs, ys
-
-    for fname, panels in ((f"{prefix}_val_loss.png", "val"), (f"{prefix}_gmcn.png", "gmcn")):
-        if not opts:
-            break
-        fig, axes = plt.subplots(1, len(opts), figsize=(4.6 * len(opts), 3.2), squeeze=False)
-        for ax, opt in zip(axes[0], opts, strict=True):
-            for arm in arms:
-                runs = [r for r in data["runs"] if r["arm"] == arm and r["optimizer"] == opt]
-                if not runs:
-                    continue
-                tps = runs[0]["tokens_per_step"]
-                if panels == "val":
-                    xs, ys = mean_curve(runs, "val_steps", "val_bpb", geo=False)
-                    ax.plot([x * tps for x in xs], ys, color=colors[arm], label=arm, lw=1.3)
-                    ax.set_ylabel("val bits/byte (mean over seeds)", fontsize=8)
-                else:
-                    xs, ys = mean_curve(runs, "gmcn_steps", "gmcn_pc_blocks", geo=True)
-                    ax.semilogy([x * tps for x in xs], ys, color=colors[arm], lw=1.3,
-                                label=f"{arm}: FFN+wo")
-                    if runs[0]["pc_level"] is not None and all(
-                            r.get("gmcn_pc_blocks_raw") for r in runs):
-                        xs, ys = mean_curve(runs, "gmcn_raw_steps", "gmcn_pc_blocks_raw",
-                                            geo=True)
-                        ax.semilogy([x * tps for x in xs], ys, color=colors[arm], lw=1.0,
-                                    ls=":", label=f"{arm}: FFN+wo raw W")
-                    xs, ys = mean_curve(runs, "gmcn_qkv_steps", "gmcn_qkv_blocks", geo=True)
-                    ax.semilogy([x * tps for x in xs], ys, color=colors[arm], lw=1.0, ls="--",
-                                label=f"{arm}: q,k,v")
-                    ax.set_ylabel("GMCN (geo. mean over layers, seeds)", fontsize=8)
-            ax.set_title(opt, fontsize=9)
-            ax.set_xlabel("training tokens", fontsize=8)
-            ax.tick_params(labelsize=7)
-            ax.legend(fontsize=6)
-        fig.tight_layout()
-        path = out_dir / fname
-        _atomic_savefig(fig, path)
-        plt.close(fig)
-        paths.append(path)
-
-    if data.get("sweep"):
-        sweep_opts = [o for o in ("adamw", "muon") if any(r["optimizer"] == o
-                                                          for r in data["sweep"])]
-        fig, axes = plt.subplots(1, len(sweep_opts), figsize=(4.6 * len(sweep_opts), 3.2),
-                                 squeeze=False)
-        for ax, opt in zip(axes[0], sweep_opts, strict=True):
-            for arm in dict.fromkeys(r["arm"] for r in data["sweep"] if r["optimizer"] == opt):
-                rs = sorted((r for r in data["sweep"] if r["arm"] == arm), key=lambda r: r["lr"])
-                ys = [min(r["final_val_bpb"], DIVERGED_BPB) if math.isfinite(r["final_val_bpb"])
-                      else DIVERGED_BPB for r in rs]
-                ax.semilogx([r["lr"] for r in rs], ys, "-o", color=colors[arm], label=arm, ms=3)
-                for r, y in zip(rs, ys, strict=True):
-                    if r["diverged"]:
-                        ax.plot(r["lr"], y, "x", color=colors[arm], ms=9)
-            ax.axhline(DIVERGED_BPB, color="gray", lw=0.6, ls=":")
-            ax.set_title(f"{opt}: final val after {data['config']['sweep_steps']} steps "
-                         "(x = diverged)", fontsize=8)
-            ax.set_xlabel("peak LR", fontsize=8)
-            ax.set_ylabel("val bits/byte", fontsize=8)
-            ax.tick_params(labelsize=7)
-            ax.legend(fontsize=6)
-        fig.tight_layout()
-        path = out_dir / f"{prefix}_lr_sweep.png"
-        _atomic_savefig(fig, path)
-        plt.close(fig)
-        paths.append(path)
-    return paths
-
-
-def doc_section(data: dict[str, Any], img_rel: str = "img", prefix: str = "lm") -> str:
-    """Markdown block for docs/results.md (config, tables, plots, commands)."""
-    c = data["config"]
-    n_runs, n_sweep = len(data["runs"]), len(data.get("sweep", []))
-    example = data["runs"][0]["command"] if data["runs"] else ""
-    lines = [
-        f"Config: preset `{c['preset']}`, {c['steps']} steps x {c['batch_size']} x "
-        f"{c['seq_len']} = {c['steps'] * c['batch_size'] * c['seq_len']:,} training tokens "
-        f"per run, warmup {c['warmup']}, eval every {c['eval_every']} steps on "
-        f"{c['eval_batches']} fixed validation batches, GMCN snapshot every "
-        f"{c['monitor_every']} steps; seeds {c['seeds']}; {n_runs} main runs, {n_sweep} sweep "
-        f"runs ({c['sweep_steps']} steps each, seed 0). Machine: {data['machine']}, torch "
-        f"{data['torch']}; intra-op threads as `specopt train` chose them (1 on this loaded "
-        "machine; the overhead timing also ran at 1); the machine was shared with other jobs "
-        "(wall times are noisy).",
-        "",
-        f"Example run command (every run's command is in the JSON): `{example}`",
-        "",
-        tables(data),
-        "",
-        f"![validation loss vs tokens]({img_rel}/{prefix}_val_loss.png)",
-        "",
-        f"![GMCN trajectories]({img_rel}/{prefix}_gmcn.png)",
-    ]
-    if n_sweep:
-        lines += ["", f"![LR sweep]({img_rel}/{prefix}_lr_sweep.png)"]
+                v = statistics.fmean(r["final_val_bpb"] for r in rs)
+                cells.append("non-finite" if not math.isfinite(v) else f"{v:.4f}")
+                if math.isfinite(v) and v < best[0]:
+                    best = (v, m)
+            lines.append(f"| {n} | " + " | ".join(cells) + f" | {_f(best[1], 'g')}x |"
+                         if best[1] is not None else f"| {n} | " + " | ".join(cells) + " | - |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny study (a few minutes)")
-    p.add_argument("--json", type=Path, help="write (or with --plot-only, read) results here")
-    p.add_argument("--plot", type=Path, help="directory for the PNGs")
-    p.add_argument("--plot-only", action="store_true", help="no training: re-plot from --json")
-    p.add_argument("--write-doc", type=Path, help="replace the generated block of this markdown")
-    p.add_argument("--doc-tag", default=DOC_TAG,
-                   help="name of the generated block (and PNG prefix) for a second study")
-    p.add_argument("--resume", action="store_true", help="keep runs already in --json")
-    p.add_argument("--parts", default="main,timing,sweep", help="comma list of parts to run")
+    p.add_argument("--json", type=Path, help="write results here (rewritten after every run)")
+    p.add_argument("--resume", action="store_true", help="keep the runs already in --json")
+    p.add_argument("--tables", action="store_true", help="no training: print --json's tables")
+    p.add_argument("--parts", default="main,lrcheck", help="comma list of main,lrcheck")
     p.add_argument("--seeds", type=int, nargs="+")
     p.add_argument("--steps", type=int)
     p.add_argument("--arms", nargs="+", help=f"subset of {[a.name for a in ARMS]}")
-    p.add_argument("--sweep-multipliers", type=float, nargs="+")
-    p.add_argument("--run-root", help="folder for the runs' TensorBoard logs")
-    p.add_argument("--reread-logs", action="store_true",
-                   help="with --plot-only: refresh GMCN fields of --json from the run folders "
-                   "under --run-root (or the saved run_root) and rewrite --json")
+    p.add_argument("--ns-dtype", choices=NS_DTYPES, help="Muon NS dtype (default fp32)")
+    p.add_argument("--wd-all", action="store_true", help="weight decay on every parameter")
+    p.add_argument("--pc-bf16", action="store_true", help="PC effective weight in bf16")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (skips cleanly without CUDA)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default 1; 0: torch's)")
     args = p.parse_args(argv)
+    if args.tables:
+        if args.json is None:
+            p.error("--tables needs --json PATH")
+        print(tables(json.loads(args.json.read_text())))
+        return 0
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"--device {args.device}: CUDA is not available on this machine; nothing run")
+        return 0
+    sc = StudyConfig(**(QUICK if args.quick else {}))
+    for name in ("seeds", "steps", "arms", "ns_dtype", "threads"):
+        if getattr(args, name) is not None:
+            setattr(sc, name, getattr(args, name))
+    sc.wd_all, sc.pc_bf16, sc.device = args.wd_all, args.pc_bf16, args.device
+    sc.__post_init__()
+    parts = set(args.parts.split(","))
+    if parts - {"main", "lrcheck"}:
+        p.error(f"--parts must be a subset of main,lrcheck; got {sorted(parts)}")
+    resume = None
+    if args.resume and args.json is not None and args.json.exists():
+        resume = json.loads(args.json.read_text())
     threads = torch.get_num_threads()
-    try:  # `specopt train` and the timing set the thread count: restore it for callers
-        return _main(p, args)
+    if sc.threads:
+        torch.set_num_threads(sc.threads)
+    try:
+        data = run_study(sc, parts, json_path=args.json, resume=resume,
+                         log=functools.partial(print, flush=True))
     finally:
         torch.set_num_threads(threads)
-
-
-def _main(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    if args.plot_only:
-        if args.json is None:
-            p.error("--plot-only needs --json PATH to read")
-        data = json.loads(args.json.read_text())
-        if args.reread_logs:
-            root = Path(args.run_root or data["config"]["run_root"])
-            print(f"re-read GMCN of {reread_logs(data, root)} runs from {root}")
-            _save(data, args.json)
-    else:
-        sc = StudyConfig(**(QUICK if args.quick else {}))
-        for name in ("seeds", "steps", "arms", "sweep_multipliers", "run_root"):
-            if getattr(args, name) is not None:
-                setattr(sc, name, getattr(args, name))
-        for name in sc.arms + sc.sweep_arms:
-            _arm(name)  # validate names before hours of training
-        parts = set(args.parts.split(","))
-        bad = parts - {"main", "timing", "sweep"}
-        if bad:
-            p.error(f"--parts must be a subset of main,timing,sweep; got {sorted(bad)}")
-        resume = None
-        if args.resume and args.json is not None and args.json.exists():
-            resume = json.loads(args.json.read_text())
-        data = run_study(sc, parts, json_path=args.json, resume=resume)
     print()
     print(tables(data))
-    if args.plot is not None:
-        for path in plot(data, args.plot, prefix=image_prefix(args.doc_tag)):
-            print(f"wrote {path}")
-    if args.write_doc is not None:
-        replace_doc_block(args.write_doc, *doc_markers(args.doc_tag),
-                          doc_section(data, prefix=image_prefix(args.doc_tag)))
-        print(f"updated {args.write_doc}")
     return 0
 
 

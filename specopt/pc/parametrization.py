@@ -17,8 +17,10 @@ stored tensor with the roles of ``u`` and ``v`` swapped: ``f`` is transpose-equi
 (``f(X^T) = f(X)^T`` for an odd polynomial) and ``s`` is the same number, so the operator
 is exactly the one the ``(out, in)`` formula gives, and ``W_eff`` keeps the stored layout.
 
-Norm recovery (our name for the ``stopgrad(s)`` factor): with it, ``f(1) = 1`` makes the
-top singular value of ``W_eff`` equal ``gamma * s``, i.e. the PC layer reshapes the
+Norm recovery (our name for the ``stopgrad(s)`` factor): with it, ``f(1) = 1`` maps the
+top singular value of ``W`` to ``gamma * s``, but the levels peak inside (0, 1) (max of f:
+1.010, 1.019, 1.021 for levels 2-4), so sigma_max(W_eff) can reach ~1.02 gamma * s. The
+PC layer reshapes the
 spectrum but keeps the raw weight's scale, so initialisation scale, weight decay and
 learning rates keep their usual meaning (this is the published form). Without it, the
 spectral norm of ``W_eff`` is ``gamma`` (1 at init) whatever the scale of ``W``: the raw

@@ -10,7 +10,8 @@ The rule, repeated ``iters`` times (as in torch's ``spectral_norm``)::
     u <- normalize(W v)
 
 and the estimate is ``sigma = u^T W v``, which is at most the true sigma_max and converges
-to it geometrically with ratio ``(sigma_2 / sigma_1)^2`` per iteration when warm-started.
+to it geometrically when warm-started: the vectors with ratio ``(sigma_2 / sigma_1)^2`` per
+iteration, the estimate (its error is quadratic in theirs) with ``(sigma_2 / sigma_1)^4``.
 
 Design choices (why):
 - Vectors are updated in place under ``no_grad`` so they can live in module buffers and
