@@ -570,16 +570,10 @@ def _atomic_savefig(fig: Any, path: Path) -> None:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """``text`` (UTF-8) to ``path`` through specopt's one atomic write (umask mode)."""
+    from specopt.checkpoint import atomic_write
+
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def replace_doc_block(doc: Path, begin: str, end: str, body: str) -> None:

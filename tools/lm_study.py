@@ -64,6 +64,7 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -587,6 +588,36 @@ def tables(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def study_config(args: argparse.Namespace, base: dict[str, Any],
+                 **fields: Any) -> StudyConfig:
+    """A :class:`StudyConfig` from ``base`` (a preset), ``fields`` and the command line's
+    study flags (``--seeds --steps --arms --ns-dtype --threads --wd-all --pc-bf16
+    --device``), validated. Shared by this script and ``tools/lr_sweep.py``."""
+    sc = StudyConfig(**{**base, **fields})
+    for name in ("seeds", "steps", "arms", "ns_dtype", "threads"):
+        if getattr(args, name) is not None:
+            setattr(sc, name, getattr(args, name))
+    sc.wd_all, sc.pc_bf16, sc.device = args.wd_all, args.pc_bf16, args.device
+    sc.__post_init__()
+    return sc
+
+
+def run_from_cli(args: argparse.Namespace, sc: StudyConfig,
+                 run: Callable[..., dict[str, Any]]) -> dict[str, Any]:
+    """``run(json_path=, resume=, log=)`` with ``--resume`` read from ``--json`` and
+    ``sc.threads`` torch threads (restored afterwards)."""
+    resume = None
+    if args.resume and args.json is not None and args.json.exists():
+        resume = json.loads(args.json.read_text())
+    threads = torch.get_num_threads()
+    if sc.threads:
+        torch.set_num_threads(sc.threads)
+    try:
+        return run(json_path=args.json, resume=resume, log=functools.partial(print, flush=True))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny study (a few minutes)")
@@ -611,26 +642,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(f"--device {args.device}: CUDA is not available on this machine; nothing run")
         return 0
-    sc = StudyConfig(**(QUICK if args.quick else {}))
-    for name in ("seeds", "steps", "arms", "ns_dtype", "threads"):
-        if getattr(args, name) is not None:
-            setattr(sc, name, getattr(args, name))
-    sc.wd_all, sc.pc_bf16, sc.device = args.wd_all, args.pc_bf16, args.device
-    sc.__post_init__()
+    sc = study_config(args, QUICK if args.quick else {})
     parts = set(args.parts.split(","))
     if parts - {"main", "lrcheck"}:
         p.error(f"--parts must be a subset of main,lrcheck; got {sorted(parts)}")
-    resume = None
-    if args.resume and args.json is not None and args.json.exists():
-        resume = json.loads(args.json.read_text())
-    threads = torch.get_num_threads()
-    if sc.threads:
-        torch.set_num_threads(sc.threads)
-    try:
-        data = run_study(sc, parts, json_path=args.json, resume=resume,
-                         log=functools.partial(print, flush=True))
-    finally:
-        torch.set_num_threads(threads)
+    data = run_from_cli(args, sc, functools.partial(run_study, sc, parts))
     print()
     print(tables(data))
     return 0

@@ -141,26 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(f"--device {args.device}: CUDA is not available on this machine; nothing run")
         return 0
-    sc = lm.StudyConfig(**{**SWEEP, **(QUICK if args.quick else {})})
-    for name in ("seeds", "steps", "arms", "ns_dtype", "threads"):
-        if getattr(args, name) is not None:
-            setattr(sc, name, getattr(args, name))
+    base = {**SWEEP, **(QUICK if args.quick else {})}
     if args.steps is not None:
-        sc.eval_every = args.steps
-    sc.wd_all, sc.pc_bf16, sc.device = args.wd_all, args.pc_bf16, args.device
-    sc.__post_init__()
+        base["eval_every"] = args.steps  # a sweep validates at its end only
+    sc = lm.study_config(args, base)
     mults = args.multipliers or (QUICK_MULTIPLIERS if args.quick else MULTIPLIERS)
-    resume = None
-    if args.resume and args.json is not None and args.json.exists():
-        resume = json.loads(args.json.read_text())
-    threads = torch.get_num_threads()
-    if sc.threads:
-        torch.set_num_threads(sc.threads)
-    try:
-        data = run_sweep(sc, mults, json_path=args.json, resume=resume,
-                         log=functools.partial(print, flush=True))
-    finally:
-        torch.set_num_threads(threads)
+    data = lm.run_from_cli(args, sc, functools.partial(run_sweep, sc, mults))
     print()
     print(sweep_table(data))
     return 0
