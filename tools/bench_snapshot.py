@@ -100,8 +100,12 @@ def main(argv: list[str] | None = None) -> dict:
     print(machine.describe(), flush=True)
     print(f"torch threads: {args.threads}")
     logging.getLogger("weightwatcher").setLevel(logging.ERROR)
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        import weightwatcher  # noqa: F401  (its ~5 s import is not analyze() time)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            import weightwatcher  # noqa: F401  (its ~5 s import is not analyze() time)
+    except ImportError as exc:  # the peer is optional: `pip install -e ".[bench]"`
+        raise SystemExit(f"bench_snapshot: the peer is missing ({exc}); install it with "
+                         "pip install weightwatcher (or the [bench] extra)") from exc
     from threadpoolctl import threadpool_limits
 
     # numpy / scipy (WeightWatcher's SVD) get the same thread count as torch.
