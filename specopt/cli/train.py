@@ -900,9 +900,9 @@ def train(
             x, y = (t.to(device, non_blocking=True) for t in next(sampler))
             with _autocast(device, autocast):  # backward outside: autocast covers forward
                 loss = train_loss(model, x, y)
-            loss_val = float(loss.detach())
-            if cfg.parallel is not None:  # log the global-batch loss; same on every rank
-                loss_val = float(_mean_over_ranks(loss.detach()))
+            # One host sync: under --ddp/--fsdp the global-batch loss (same on every rank).
+            loss_val = float(loss.detach() if cfg.parallel is None
+                             else _mean_over_ranks(loss.detach()))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
