@@ -911,12 +911,14 @@ def train(
             else:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
             if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
-                # Never step on a non-finite gradient: weights stay as they were.
-                writer.add_scalar("train/loss", loss_val, step)
+                # Never step on a non-finite gradient: weights stay as they were. Logged at
+                # the step it would have made (train/loss at s drives step s), not at
+                # `step`, which already holds the last finite loss.
+                writer.add_scalar("train/loss", loss_val, step + 1)
                 diverged = True
                 console.print(
                     f"[bold red]loss {loss_val} / grad norm {grad_norm} is non-finite at step "
-                    f"{step}: stopping without an optimizer step.[/] Run `specopt diagnose "
+                    f"{step + 1}: stopping without an optimizer step.[/] Run `specopt diagnose "
                     f"{log_dir}` to see which layers went first."
                 )
                 break
