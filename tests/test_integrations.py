@@ -259,3 +259,18 @@ def test_example_lightning_module(monkeypatch, capsys, tmp_path):
     acc = _events(log_dir)
     _assert_snapshots(_steps(acc, "spectral/condition_number/model.layers.0.feed_forward.w1"))
     assert "train_loss" in acc.Tags()["scalars"]
+
+
+def test_lightning_loss_tags_train_first_then_logged_order():
+    """The loss metrics a LightningModule logged, each once: train ones first, the rest in
+    the order logged (logged_metrics, then callback_metrics); non-loss metrics left out."""
+    pytest.importorskip("lightning")
+    from types import SimpleNamespace
+
+    from specopt.integrations.lightning import _logged_loss_tags
+
+    trainer = SimpleNamespace(logged_metrics={"val_loss": 1.0, "lr": 0.1, "train_loss_step": 2.0},
+                              callback_metrics={"train_loss_step": 2.0, "Loss": 3.0,
+                                                "train/acc": 0.5})
+    assert _logged_loss_tags(trainer) == ("train_loss_step", "val_loss", "Loss")
+    assert _logged_loss_tags(SimpleNamespace()) == ()

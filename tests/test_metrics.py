@@ -199,6 +199,29 @@ def test_singular_values_chunks_by_bytes(monkeypatch) -> None:
                                    rtol=1e-6)
 
 
+def test_failed_eigensolve_falls_back_to_svdvals(monkeypatch) -> None:
+    """A finite matrix whose Gram eigensolve fails (LAPACK non-convergence) or overflows
+    (float64 entries near 1e200) gets svdvals' values, not NaN; NaN entries stay NaN."""
+    import scipy.linalg
+
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(8, 16, generator=gen, dtype=torch.float64)
+    bad = a.clone()
+    bad[2, 3] = math.nan
+    ref = np.linalg.svd(a.numpy(), compute_uv=False)
+
+    def no_convergence(*args, **kwargs):
+        raise scipy.linalg.LinAlgError("did not converge")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(scipy.linalg, "eigh", no_convergence)
+        got_a, got_bad = singular_values([a, bad], dtype=torch.float64)
+    np.testing.assert_allclose(got_a.numpy(), ref, rtol=1e-12)
+    assert torch.isnan(got_bad).all()
+    huge = singular_values([a * 1e200], dtype=torch.float64)[0]  # Gram overflows to inf
+    np.testing.assert_allclose(huge.numpy(), ref * 1e200, rtol=1e-12)
+
+
 def test_snapshot_blas_follows_torch_threads() -> None:
     """scipy's own OpenBLAS runs with torch's thread count during a decomposition (its
     default, one thread per core, spun on barriers under load: 35x slower on small Gram

@@ -398,3 +398,29 @@ def test_resume_caps_the_checkpoints_threads_to_this_machine(finished_run, tmp_p
     assert f"capped to the {available_cpus()} CPUs available here" in out
     resumed = load_checkpoint(tmp_path / "run" / "checkpoints" / "step_0000002.pt")
     assert resumed["config"]["train"]["threads"] == available_cpus()
+
+
+def test_nonfinite_loss_is_logged_once_at_the_step_it_stopped(tmp_path, data_file,
+                                                               monkeypatch):
+    """A non-finite loss at the third step: two finite losses at steps 1 and 2, the NaN at
+    step 3 (the step not taken), no step logged twice, exit 1."""
+    import math
+
+    from train_utils import logged
+
+    import specopt.cli.train as train_mod
+
+    real, calls = train_mod.train_loss, []
+
+    def nan_on_third(model, x, y):
+        calls.append(1)
+        loss = real(model, x, y)
+        return loss * math.nan if len(calls) == 3 else loss
+
+    monkeypatch.setattr(train_mod, "train_loss", nan_on_third)
+    run = tmp_path / "run"
+    assert main(["train", *RUN, "--steps", "5", "--ckpt-every", "0", "--data", str(data_file),
+                 "--log-dir", str(run)]) == 1
+    losses = logged(run, "train/loss")
+    assert [s for s, _ in losses] == [1, 2, 3]
+    assert all(math.isfinite(v) for _, v in losses[:2]) and math.isnan(losses[2][1])

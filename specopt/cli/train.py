@@ -900,9 +900,9 @@ def train(
             x, y = (t.to(device, non_blocking=True) for t in next(sampler))
             with _autocast(device, autocast):  # backward outside: autocast covers forward
                 loss = train_loss(model, x, y)
-            loss_val = float(loss.detach())
-            if cfg.parallel is not None:  # log the global-batch loss; same on every rank
-                loss_val = float(_mean_over_ranks(loss.detach()))
+            # One host sync: under --ddp/--fsdp the global-batch loss (same on every rank).
+            loss_val = float(loss.detach() if cfg.parallel is None
+                             else _mean_over_ranks(loss.detach()))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
@@ -911,12 +911,14 @@ def train(
             else:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
             if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
-                # Never step on a non-finite gradient: weights stay as they were.
-                writer.add_scalar("train/loss", loss_val, step)
+                # Never step on a non-finite gradient: weights stay as they were. Logged at
+                # the step it would have made (train/loss at s drives step s), not at
+                # `step`, which already holds the last finite loss.
+                writer.add_scalar("train/loss", loss_val, step + 1)
                 diverged = True
                 console.print(
                     f"[bold red]loss {loss_val} / grad norm {grad_norm} is non-finite at step "
-                    f"{step}: stopping without an optimizer step.[/] Run `specopt diagnose "
+                    f"{step + 1}: stopping without an optimizer step.[/] Run `specopt diagnose "
                     f"{log_dir}` to see which layers went first."
                 )
                 break

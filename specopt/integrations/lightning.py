@@ -48,12 +48,9 @@ def _loss_of(outputs: Any) -> Any:
 
 def _logged_loss_tags(trainer: Any) -> tuple[str, ...]:
     """Names of the loss metrics logged so far (``self.log``), train ones first."""
-    names: list[str] = []
-    for metrics in (getattr(trainer, "logged_metrics", {}), getattr(trainer, "callback_metrics",
-                                                                      {})):
-        names.extend(k for k in metrics if isinstance(k, str) and "loss" in k.lower())
-    unique = list(dict.fromkeys(names))
-    return tuple(sorted(unique, key=lambda k: ("train" not in k.lower(), unique.index(k))))
+    logged = [*getattr(trainer, "logged_metrics", {}), *getattr(trainer, "callback_metrics", {})]
+    names = dict.fromkeys(k for k in logged if isinstance(k, str) and "loss" in k.lower())
+    return tuple(sorted(names, key=lambda k: "train" not in k.lower()))  # stable: logged order
 
 
 class SpectralMonitorCallback(Callback):

@@ -203,9 +203,6 @@ class CadenceController:
             out["signal_ms"] = self.signal_ms[-1]
         return out
 
-    def state_dict(self) -> dict[str, int]:
-        return {"every_eff": self.every_eff, "signal_stride": self.signal_stride}
-
     # ------------------------------------------------------------ internals
     def _fit_snapshots(self, snapshot_ms: float, step_ms: float, *, estimated: bool) -> float:
         """Double / halve ``every_eff`` within ``[every, max_every]`` so snapshots take

@@ -228,29 +228,30 @@ def spectra_float64(batch: Tensor) -> Tensor:
     LAPACK's ``dsyevr`` through scipy, 2-3x faster than ``matmul`` + ``eigvalsh`` at
     1024 x 4096 on one thread; other devices use torch's batched kernels.
     """
+    # A float64 copy of fp32 / bf16 weights cannot overflow: only a NaN/Inf entry makes a
+    # matrix's spectrum undefined (NaN row). Every other matrix gets values: a failed
+    # eigensolve (LAPACK non-convergence, NaN eigenvalues) goes through svdvals below.
+    finite = torch.isfinite(batch).all(dim=(-2, -1))  # (B,)
     if batch.device.type == "cpu":
         with _blas_threads_like_torch():
             lam = torch.from_numpy(np.stack([_gram_eigvals_cpu(w) for w in batch.numpy()]))
     else:
         gram = batch @ batch.mT if batch.shape[-2] <= batch.shape[-1] else batch.mT @ batch
-        finite = torch.isfinite(gram.diagonal(dim1=-2, dim2=-1)).all(-1)
         try:
             lam = torch.linalg.eigvalsh(torch.where(finite[:, None, None], gram, 0))
         except RuntimeError:  # LAPACK non-convergence: every matrix goes through svdvals
-            lam = torch.zeros(gram.shape[:-1], dtype=gram.dtype, device=gram.device)
-        lam[~finite] = math.nan
-    # A NaN/Inf entry makes its row's squared norm (a Gram diagonal entry) non-finite;
-    # fp32 / bf16 weights cannot overflow it in float64.
-    bad = torch.isnan(lam).any(-1)
+            lam = torch.full(gram.shape[:-1], math.nan, dtype=gram.dtype, device=gram.device)
     sig = lam.clamp_min(0).sqrt().flip(-1)
-    sig[bad] = math.nan
-    # Ill-conditioned (incl. singular) matrices: the Gram route is too coarse for sigma_min.
-    exact = ~bad & (sig[:, 0] > GRAM_MAX_CONDITION * sig[:, -1])
+    # svdvals for failed eigensolves and for ill-conditioned (incl. singular) matrices,
+    # where the Gram route is too coarse for sigma_min.
+    failed = torch.isnan(sig).any(-1)
+    exact = finite & (failed | (sig[:, 0] > GRAM_MAX_CONDITION * sig[:, -1]))
     for j in exact.nonzero().flatten().tolist():
         try:
             sig[j] = torch.linalg.svdvals(batch[j])
         except RuntimeError:  # still failing: reported as NaN
             sig[j] = math.nan
+    sig[~finite] = math.nan
     return sig
 
 
@@ -280,7 +281,8 @@ def _blas_threads_like_torch() -> contextlib.AbstractContextManager[Any]:
 
 def _gram_eigvals_cpu(w: np.ndarray) -> np.ndarray:
     """Ascending eigenvalues of ``w w^T`` (or ``w^T w``, the smaller) of a float64 matrix;
-    all NaN when the Gram matrix is not finite or LAPACK fails."""
+    all NaN when the Gram matrix is not finite or LAPACK fails (the caller then falls back
+    to svdvals for finite matrices)."""
     from scipy.linalg import LinAlgError, eigh
     from scipy.linalg.blas import dsyrk
 

@@ -635,7 +635,10 @@ class SpectralMonitor:
 
     @torch.no_grad()
     def _capture(self, step: int) -> None:
-        self._previous = {m.trained_key: m.matrix().clone() for m in self._matrices}
+        # Sharded (DTensor) weights have no update ratio (snapshots decompose gathered
+        # copies): copying their shards would only hold memory across the step.
+        self._previous = {m.trained_key: m.matrix().clone() for m in self._matrices
+                          if not _is_dtensor(m.trained)}
         self._previous_step = step
 
     def step(self, global_step: int | None = None, loss: Tensor | float | None = None
@@ -902,8 +905,7 @@ class SpectralMonitor:
         self._previous, self._previous_step = None, None
         deltas = {}
         if previous is not None:
-            dk = [k for k in keys if k in previous and not _is_dtensor(previous[k])
-                  and by_key[k][0].trained_key == k]
+            dk = [k for k in keys if k in previous and by_key[k][0].trained_key == k]
             dsig = singular_values([by_key[k][0].matrix() - previous[k] for k in dk],
                                    dtype=self.dtype) if dk else []
             deltas = {k: float(d[0]) for k, d in zip(dk, dsig, strict=True)}
