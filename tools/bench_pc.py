@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -44,6 +43,7 @@ from typing import Any
 
 import torch
 
+from specopt.checkpoint import atomic_write
 from specopt.models import PRESETS, Llama, LlamaConfig
 from specopt.pc import apply_pc, merge_pc
 
@@ -238,10 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         result = {"benchmark": "pc", "device": str(device), "level": args.level, "clock": clock,
                   "threads": torch.get_num_threads(), "repeats": repeats, "rows": rows}
-        tmp = f"{args.json}.tmp"
-        with open(tmp, "w") as fh:
-            json.dump(result, fh, indent=2)
-        os.replace(tmp, args.json)  # never leave a half-written file
+        atomic_write(args.json, lambda f: f.write(json.dumps(result, indent=2).encode()))
     return 0
 
 

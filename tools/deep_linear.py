@@ -60,7 +60,6 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -558,15 +557,9 @@ def plot(data: dict[str, Any], out_dir: Path) -> list[Path]:
 
 
 def _atomic_savefig(fig: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=80)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from specopt.checkpoint import atomic_write
+
+    atomic_write(path, lambda f: fig.savefig(f, dpi=80, format="png"))
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

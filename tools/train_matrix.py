@@ -107,11 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         out = {"rows": rows, "extra_flags": extra, "machine": {
             "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
         }}
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp_path = path.with_suffix(path.suffix + ".tmp")
-        tmp_path.write_text(json.dumps(out, indent=2))
-        os.replace(tmp_path, path)
+        from specopt.checkpoint import atomic_write
+
+        atomic_write(args.json, lambda f: f.write(json.dumps(out, indent=2).encode()))
     return 0 if all(r["returncode"] == 0 for r in rows) else 1
 
 
