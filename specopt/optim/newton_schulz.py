@@ -292,7 +292,6 @@ class NSWorkspace:
         *,
         torch_layout: bool = False,
     ) -> None:
-        self.key = (batch, rows, cols, dtype, torch.device(device), torch_layout)
         self.dtype = dtype
         self.device = torch.device(device)
         self.n, self.m = min(rows, cols), max(rows, cols)
@@ -484,7 +483,7 @@ def orthogonalize_into_(
         frobenius_normalize_(U, eps=eps, safety=sched.safety)
     elif _narrow_range(ws.dtype):
         ws.input.copy_(frobenius_normalize_(U, eps=eps, safety=sched.safety))
-    else:
+    else:  # U is only read here (orthogonalize relies on it: no private copy of G)
         frobenius_normalize_(ws.input.copy_(U), eps=eps, safety=sched.safety)
     return ws.run(sched, steps, method=method, tight=tight, restarts=restarts)
 
@@ -533,8 +532,9 @@ def orthogonalize(
     dtype = G.dtype if dtype is None else dtype
     X = G if G.ndim == 3 else G.unsqueeze(0)
     ws = NSWorkspace(*X.shape, dtype, G.device, torch_layout=normalize == "frobenius")
-    # A private copy to normalize in place, in at least fp32 (G's own precision if wider).
-    U = X.to(torch.promote_types(X.dtype, torch.float32), copy=True)
+    # fp16 normalizes U in place, so it gets a private copy in at least fp32 (G's own
+    # precision if wider); other dtypes only read U (cast into the workspace's input).
+    U = X.to(torch.promote_types(X.dtype, torch.float32), copy=True) if _narrow_range(dtype) else X
     O = orthogonalize_into_(ws, U, schedule=schedule, steps=steps, eps=eps, method=method,
                             restarts=restarts, gram_min_aspect=gram_min_aspect,
                             normalize=normalize)
