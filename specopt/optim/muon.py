@@ -100,6 +100,7 @@ from specopt.optim.newton_schulz import (
     METHODS,
     NORMALIZATIONS,
     NSWorkspace,
+    narrow_range,
     orthogonalize_into_,
     orthogonalize_many,
     resolve_schedule,
@@ -534,7 +535,7 @@ class Muon(Optimizer):
         # matrices and results in it (bf16: half the bytes of fp32) loses nothing.
         ns_dtype = self.ns_options(group, matrices[0].device)["dtype"] if matrices else None
         # Not fp16: its range cannot carry unnormalized gradients (NS normalizes first there).
-        narrow = ns_dtype is not None and torch.finfo(ns_dtype).max > 1e38 and all(
+        send_in_ns_dtype = ns_dtype is not None and not narrow_range(ns_dtype) and all(
             ns_dtype.itemsize < m.dtype.itemsize for m in matrices)
         return orthogonalize_distributed(
             matrices,
@@ -543,7 +544,7 @@ class Muon(Optimizer):
             group=getattr(self, "process_group", None),
             split=mode != "off",
             stats=self.comm_stats,
-            comm_dtype=ns_dtype if narrow else None,
+            comm_dtype=ns_dtype if send_in_ns_dtype else None,
         )
 
     # -- the step

@@ -68,6 +68,7 @@ __all__ = [
     "ScheduleLike",
     "design_polar_express",
     "frobenius_normalize_",
+    "narrow_range",
     "ns_matmul_flops",
     "orthogonality_error",
     "orthogonalize",
@@ -264,8 +265,10 @@ def frobenius_normalize_(X: Tensor, *, eps: float = DEFAULT_EPS, safety: float =
     return X.div_(norm.clamp(min=eps))
 
 
-def _narrow_range(dtype: torch.dtype) -> bool:
-    # fp16: its exponent range cannot hold the squares of ordinary gradient norms.
+def narrow_range(dtype: torch.dtype) -> bool:
+    """True for fp16-like dtypes, whose exponent range cannot hold ordinary gradients'
+    squared norms (nor ``G / eps`` for tiny ``G``): NS normalizes in the input's precision
+    before casting to them (see :func:`orthogonalize_into_`)."""
     return torch.finfo(dtype).max < 1e38  # bf16's max is 3.39e38, fp32's 3.40e38
 
 
@@ -476,12 +479,12 @@ def orthogonalize_into_(
         (ws.n, ws.m), ws.dtype, schedule=schedule, steps=steps, method=method,
         restarts=restarts, gram_min_aspect=gram_min_aspect, normalize=normalize,
     )
-    if _narrow_range(ws.dtype):
+    if narrow_range(ws.dtype):
         # fp16 cannot hold G / eps for ||G|| << eps: normalize every nonzero matrix to 1.
         eps = torch.finfo(torch.float32).tiny
     if U is ws.input:
         frobenius_normalize_(U, eps=eps, safety=sched.safety)
-    elif _narrow_range(ws.dtype):
+    elif narrow_range(ws.dtype):
         ws.input.copy_(frobenius_normalize_(U, eps=eps, safety=sched.safety))
     else:  # U is only read here (orthogonalize relies on it: no private copy of G)
         frobenius_normalize_(ws.input.copy_(U), eps=eps, safety=sched.safety)
@@ -534,7 +537,7 @@ def orthogonalize(
     ws = NSWorkspace(*X.shape, dtype, G.device, torch_layout=normalize == "frobenius")
     # fp16 normalizes U in place, so it gets a private copy in at least fp32 (G's own
     # precision if wider); other dtypes only read U (cast into the workspace's input).
-    U = X.to(torch.promote_types(X.dtype, torch.float32), copy=True) if _narrow_range(dtype) else X
+    U = X.to(torch.promote_types(X.dtype, torch.float32), copy=True) if narrow_range(dtype) else X
     O = orthogonalize_into_(ws, U, schedule=schedule, steps=steps, eps=eps, method=method,
                             restarts=restarts, gram_min_aspect=gram_min_aspect,
                             normalize=normalize)
