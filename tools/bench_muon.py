@@ -54,7 +54,7 @@ import machine
 from specopt import Muon
 from specopt.checkpoint import atomic_write
 from specopt.models import PRESETS, Llama, LlamaConfig
-from specopt.optim.muon import DEFAULT_NS_SCHEDULE, adjust_lr, default_ns_dtype
+from specopt.optim.muon import DEFAULT_NS_SCHEDULE, TORCH_NS_COEFFS, adjust_lr, default_ns_dtype
 from specopt.optim.newton_schulz import (
     GRAM_MIN_ASPECT,
     NSSchedule,
@@ -66,7 +66,7 @@ from specopt.optim.newton_schulz import (
     orthogonalize_many,
 )
 
-KJ = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's default coefficients
+KJ = TORCH_NS_COEFFS  # torch.optim.Muon's default coefficients
 
 
 # ------------------------------------------------------------------ inputs
@@ -335,7 +335,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ours_dtype = default_ns_dtype(dev)
     torch_flops = sum(ns_matmul_flops(tuple(s), 5) for s in shapes)
     flops = {k: torch_flops for k in opts}  # torch, torch-math, heavyball: torch's iteration
-    flops["specopt"] = _flops([tuple(s) for s in shapes], {"schedule": "pe4", "dtype": ours_dtype})
+    ours = opts["specopt"].ns_options(opts["specopt"].param_groups[0], dev)  # as it steps
+    flops["specopt"] = _flops([tuple(s) for s in shapes], ours)
     dtypes = {k: {"torch": torch.bfloat16, "heavyball": torch.float32}.get(k, ours_dtype)
               for k in opts}
     by_threads: dict[int, dict[str, Any]] = {}

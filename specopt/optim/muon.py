@@ -99,6 +99,7 @@ from specopt.optim.newton_schulz import (
     DEFAULT_EPS,
     METHODS,
     NORMALIZATIONS,
+    SCHEDULES,
     NSWorkspace,
     narrow_range,
     orthogonalize_into_,
@@ -128,7 +129,8 @@ MATRIX_LAYOUTS = ("flatten", "batch")
 #: The specopt default schedule (see the module docstring and tools/bench_muon.py --sweep).
 DEFAULT_NS_SCHEDULE = "pe4"
 TORCH_NS_STEPS = 5  # torch.optim.Muon's default ns_steps
-TORCH_NS_COEFFS = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's default ns_coefficients
+#: torch.optim.Muon's default ns_coefficients (Keller Jordan's constant quintic).
+TORCH_NS_COEFFS = SCHEDULES["jordan"].coefficients[0]
 # Group keys torch.optim.Muon reads with a stricter type than ours (None = "specopt's").
 _TORCH_TYPED_KEYS = ("ns_coefficients", "ns_steps")
 
