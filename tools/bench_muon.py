@@ -166,11 +166,6 @@ def mean_error(updates: list[torch.Tensor]) -> float:
 # ------------------------------------------------------------------ timing
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def interleaved_medians(
     fns: dict[str, Callable[[], Any]],
     repeats: int,
@@ -190,22 +185,15 @@ def interleaved_medians(
         order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
             prepare()
-            _sync(device)
+            machine.sync(device)
             t0 = time.perf_counter()
             fns[n]()
-            _sync(device)
+            machine.sync(device)
             times[n].append(time.perf_counter() - t0)
     return times
 
 
 # ------------------------------------------------------------------ sweep
-
-
-def _peak(dtype: torch.dtype, device: torch.device) -> float:
-    """Measured matmul peak (GFLOP/s) at the current thread count (tools/machine.py)."""
-    if dtype == torch.bfloat16 and not machine.bf16_native(device):  # emulated: slow, small
-        return machine.matmul_peak_gflops(dtype, n=512, repeats=2, device=device)
-    return machine.matmul_peak_gflops(dtype, device=device)
 
 
 def sweep_configs(device: torch.device, d: int) -> list[tuple[str, dict[str, Any], bool]]:
@@ -346,7 +334,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             {k: o.step for k, o in opts.items()}, args.repeats, args.device, prepare=set_grads
         )
         med = {k: statistics.median(v) for k, v in times.items()}
-        peak = {dt: _peak(dt, dev) for dt in set(dtypes.values())}  # same run, same load
+        # Measured in the same run, under the same load as the step times.
+        peak = {dt: machine.matmul_peak_gflops(dt, device=dev) for dt in set(dtypes.values())}
         by_threads[threads] = {
             "step_times_s": times,
             "median_step_s": med,
