@@ -339,12 +339,13 @@ class NSWorkspace:
             torch.baddbmm(X, P, X, beta=beta, out=out)
         return out
 
-    def _tight_poly(self, A: Tensor, coeffs: Coefficients, safety: float) -> Tensor:
+    def _tight_poly(self, A: Tensor, coeffs: Coefficients, safety: float, out: str) -> Tensor:
         """``P = a r I + b r^3 A + c r^5 A^2`` with ``1/r = safety (sum sigma_i^8)^(1/8)``,
         so that ``P X = p(r X)``: the "tight" first step (no extra matmul: ``A^2`` is needed
-        anyway). Built in fp32 so tiny scales cannot overflow a 16-bit coefficient."""
+        anyway), written into the square buffer ``out``. Built in fp32 so tiny scales cannot
+        overflow a 16-bit coefficient."""
         a, b, c = coeffs
-        S = torch.bmm(A, A, out=self._sq("S"))
+        S = torch.bmm(A, A, out=self._sq(out))
         wide = torch.promote_types(self.dtype, torch.float32)
         if wide == self.dtype:
             A32, S32 = A, S
@@ -384,7 +385,8 @@ class NSWorkspace:
                 a, b, c = sched.at(t)
                 torch.bmm(X, X.mT, out=A)
                 if t == 0 and tight:
-                    X = self._lmul(self._tight_poly(A, (a, b, c), sched.safety), X, next_x(), None)
+                    P = self._tight_poly(A, (a, b, c), sched.safety, "S")
+                    X = self._lmul(P, X, next_x(), None)
                 else:
                     Bm = torch.baddbmm(A, A, A, beta=b, alpha=c, out=self._sq("S"))
                     X = self._lmul(Bm, X, next_x(), a)
@@ -404,7 +406,7 @@ class NSWorkspace:
             a, b, c = sched.at(t)
             p_name = "P0" if q_name != "P0" else "P1"
             if t == 0 and tight:
-                P = self._sq(p_name).copy_(self._tight_poly(R, (a, b, c), sched.safety))
+                P = self._tight_poly(R, (a, b, c), sched.safety, p_name)
             else:
                 P = torch.baddbmm(R, R, R, beta=b, alpha=c, out=self._sq(p_name))
                 P.diagonal(dim1=-2, dim2=-1).add_(a)
