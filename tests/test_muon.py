@@ -329,6 +329,25 @@ def test_step_reuses_its_stacked_buffers():
     assert len(opt._workspaces) == len(spaces)
 
 
+def test_same_shaped_buckets_of_two_groups_keep_their_own_buffers():
+    # Two groups with same-shaped matrices in buckets of different sizes (a fused QKV's
+    # blocks in their own group beside the other square weights): neither evicts the
+    # other's buffers, so no step after the first allocates.
+    a, b = _params(), _params(1)
+    params = a + b[2:]  # group 0: one of each shape; group 1: a second (32, 32)
+    qkv = nn.Parameter(torch.randn(96, 32))  # three (32, 32) blocks
+    opt = Muon([{"params": params}, {"params": [qkv], "split_sizes": (32, 32, 32)}], lr=0.02,
+               ns_dtype=torch.float32)
+    everything = [*params, qkv]
+    _run(opt, everything, 1)
+    spaces = dict(opt._workspaces)
+    ptrs = [b.data_ptr() for ws, U in spaces.values() for b in (U, *ws.buffers())]
+    assert sorted(ws.batch for ws, _ in spaces.values()) == [1, 1, 2, 3]
+    _run(opt, everything, 2, start=1)
+    assert opt._workspaces == spaces
+    assert [b.data_ptr() for ws, U in spaces.values() for b in (U, *ws.buffers())] == ptrs
+
+
 def test_loads_an_old_format_state_dict():
     # Checkpoints written before matrix_layout / transposed existed lack those group keys.
     model, opt = _model_and_opt()

@@ -318,3 +318,15 @@ def test_bad_inputs_have_clear_errors():
         orthogonalize_many([torch.randn(2, 2), torch.randn(2, 2, 2)])
     with pytest.raises(ValueError, match="need 0 < lower < upper"):
         design_polar_express(3, 0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(12, 20), (20, 12), (3, 20, 12)])
+@pytest.mark.parametrize("normalize", ["frobenius", "tight"])
+def test_orthogonalize_leaves_its_input_alone(dtype, shape, normalize):
+    # Only the fp16 path normalizes a private copy in place; the others read G straight
+    # into the workspace: G itself must never change.
+    G = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    before = G.clone()
+    orthogonalize(G, dtype=dtype, normalize=normalize)
+    assert torch.equal(G, before)

@@ -50,22 +50,17 @@ PC_SHAPES = ((1024, 2816), (2048, 5632))  # (in, out) of the paper's FFN layers
 PC_LEVELS = (2, 4)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def median_time(fn: Callable[[], Any], repeats: int, device: torch.device, warmup: int = 1
                 ) -> float:
     """Median wall time (s) of ``fn`` over ``repeats`` runs after ``warmup`` runs."""
     for _ in range(warmup):
         fn()
-    _sync(device)
+    machine.sync(device)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        machine.sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 

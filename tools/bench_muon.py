@@ -54,7 +54,7 @@ import machine
 from specopt import Muon
 from specopt.checkpoint import atomic_write
 from specopt.models import PRESETS, Llama, LlamaConfig
-from specopt.optim.muon import DEFAULT_NS_SCHEDULE, adjust_lr, default_ns_dtype
+from specopt.optim.muon import DEFAULT_NS_SCHEDULE, TORCH_NS_COEFFS, adjust_lr, default_ns_dtype
 from specopt.optim.newton_schulz import (
     GRAM_MIN_ASPECT,
     NSSchedule,
@@ -66,7 +66,7 @@ from specopt.optim.newton_schulz import (
     orthogonalize_many,
 )
 
-KJ = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's default coefficients
+KJ = TORCH_NS_COEFFS  # torch.optim.Muon's default coefficients
 
 
 # ------------------------------------------------------------------ inputs
@@ -166,11 +166,6 @@ def mean_error(updates: list[torch.Tensor]) -> float:
 # ------------------------------------------------------------------ timing
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def interleaved_medians(
     fns: dict[str, Callable[[], Any]],
     repeats: int,
@@ -190,22 +185,15 @@ def interleaved_medians(
         order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
             prepare()
-            _sync(device)
+            machine.sync(device)
             t0 = time.perf_counter()
             fns[n]()
-            _sync(device)
+            machine.sync(device)
             times[n].append(time.perf_counter() - t0)
     return times
 
 
 # ------------------------------------------------------------------ sweep
-
-
-def _peak(dtype: torch.dtype, device: torch.device) -> float:
-    """Measured matmul peak (GFLOP/s) at the current thread count (tools/machine.py)."""
-    if dtype == torch.bfloat16 and not machine.bf16_native(device):  # emulated: slow, small
-        return machine.matmul_peak_gflops(dtype, n=512, repeats=2, device=device)
-    return machine.matmul_peak_gflops(dtype, device=device)
 
 
 def sweep_configs(device: torch.device, d: int) -> list[tuple[str, dict[str, Any], bool]]:
@@ -335,7 +323,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ours_dtype = default_ns_dtype(dev)
     torch_flops = sum(ns_matmul_flops(tuple(s), 5) for s in shapes)
     flops = {k: torch_flops for k in opts}  # torch, torch-math, heavyball: torch's iteration
-    flops["specopt"] = _flops([tuple(s) for s in shapes], {"schedule": "pe4", "dtype": ours_dtype})
+    ours = opts["specopt"].ns_options(opts["specopt"].param_groups[0], dev)  # as it steps
+    flops["specopt"] = _flops([tuple(s) for s in shapes], ours)
     dtypes = {k: {"torch": torch.bfloat16, "heavyball": torch.float32}.get(k, ours_dtype)
               for k in opts}
     by_threads: dict[int, dict[str, Any]] = {}
@@ -345,7 +334,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             {k: o.step for k, o in opts.items()}, args.repeats, args.device, prepare=set_grads
         )
         med = {k: statistics.median(v) for k, v in times.items()}
-        peak = {dt: _peak(dt, dev) for dt in set(dtypes.values())}  # same run, same load
+        # Measured in the same run, under the same load as the step times.
+        peak = {dt: machine.matmul_peak_gflops(dt, device=dev) for dt in set(dtypes.values())}
         by_threads[threads] = {
             "step_times_s": times,
             "median_step_s": med,

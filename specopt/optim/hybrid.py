@@ -163,7 +163,6 @@ DEFAULT_ADAMW_BETAS: tuple[float, float] = (0.9, 0.95)
 FP16_MIN_ADAMW_EPS: float = torch.finfo(torch.float16).tiny
 
 _OPTIMIZERS = ("muon", "adamw")
-_NONFINITE_POLICIES = NONFINITE_POLICIES
 _NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.LayerNorm,
     nn.RMSNorm,
@@ -778,15 +777,6 @@ def _vocab_head_fallback(decisions: list[tuple[_Tensor, str, str, dict[str, Any]
         warnings.warn(msg, UserWarning, stacklevel=3)  # the caller of describe_routing
 
 
-# ---------------------------------------------------------------- non-finite screening
-
-
-# One policy, written once in specopt.optim.nonfinite (Muon uses the same).
-_screen_nonfinite = screen_nonfinite
-_restore = restore_grads
-_skips_by_name = skips_by_name
-
-
 # --------------------------------------------------------------------- the optimizer
 
 
@@ -802,8 +792,8 @@ def _call_step_without_hooks(child: Optimizer) -> None:
 
 
 def _validate_nonfinite(nonfinite: str) -> str:
-    if nonfinite not in _NONFINITE_POLICIES:
-        raise ValueError(f"nonfinite must be one of {_NONFINITE_POLICIES}, got {nonfinite!r}")
+    if nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
     return nonfinite
 
 
@@ -950,14 +940,14 @@ class HybridOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        hidden = _screen_nonfinite(self.param_groups, self._nonfinite, "optimizer")
+        hidden = screen_nonfinite(self.param_groups, self._nonfinite, "optimizer")
         try:
             for child in (self._muon, self._adamw):
                 if child is not None:
                     with screened(child):  # one gradient scan per step, done just above
                         _call_step_without_hooks(child)
         finally:
-            _restore(hidden)
+            restore_grads(hidden)
         return loss
 
     # -- extras
@@ -974,7 +964,7 @@ class HybridOptimizer(Optimizer):
     @property
     def nonfinite_skips(self) -> dict[str, int]:
         """``{parameter name: steps skipped for a non-finite gradient}`` (non-zero only)."""
-        return _skips_by_name(self.param_groups)
+        return skips_by_name(self.param_groups)
 
 
 def _named(group: dict[str, Any], gi: int) -> dict[str, Any]:
@@ -1032,10 +1022,10 @@ def _guard_plain(opt: Optimizer, nonfinite: str) -> None:
     """Non-finite screening for a plain torch optimizer, through its step hooks."""
 
     def pre(o: Optimizer, args: Any, kwargs: Any) -> None:
-        o._specopt_hidden = _screen_nonfinite(o.param_groups, nonfinite, None)  # type: ignore[attr-defined]
+        o._specopt_hidden = screen_nonfinite(o.param_groups, nonfinite, None)  # type: ignore[attr-defined]
 
     def post(o: Optimizer, args: Any, kwargs: Any) -> None:
-        _restore(getattr(o, "_specopt_hidden", ()))
+        restore_grads(getattr(o, "_specopt_hidden", ()))
         o._specopt_hidden = []  # type: ignore[attr-defined]
 
     opt.register_step_pre_hook(pre)

@@ -99,7 +99,9 @@ from specopt.optim.newton_schulz import (
     DEFAULT_EPS,
     METHODS,
     NORMALIZATIONS,
+    SCHEDULES,
     NSWorkspace,
+    narrow_range,
     orthogonalize_into_,
     orthogonalize_many,
     resolve_schedule,
@@ -127,7 +129,8 @@ MATRIX_LAYOUTS = ("flatten", "batch")
 #: The specopt default schedule (see the module docstring and tools/bench_muon.py --sweep).
 DEFAULT_NS_SCHEDULE = "pe4"
 TORCH_NS_STEPS = 5  # torch.optim.Muon's default ns_steps
-TORCH_NS_COEFFS = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's default ns_coefficients
+#: torch.optim.Muon's default ns_coefficients (Keller Jordan's constant quintic).
+TORCH_NS_COEFFS = SCHEDULES["jordan"].coefficients[0]
 # Group keys torch.optim.Muon reads with a stricter type than ours (None = "specopt's").
 _TORCH_TYPED_KEYS = ("ns_coefficients", "ns_steps")
 
@@ -534,7 +537,7 @@ class Muon(Optimizer):
         # matrices and results in it (bf16: half the bytes of fp32) loses nothing.
         ns_dtype = self.ns_options(group, matrices[0].device)["dtype"] if matrices else None
         # Not fp16: its range cannot carry unnormalized gradients (NS normalizes first there).
-        narrow = ns_dtype is not None and torch.finfo(ns_dtype).max > 1e38 and all(
+        send_in_ns_dtype = ns_dtype is not None and not narrow_range(ns_dtype) and all(
             ns_dtype.itemsize < m.dtype.itemsize for m in matrices)
         return orthogonalize_distributed(
             matrices,
@@ -543,7 +546,7 @@ class Muon(Optimizer):
             group=getattr(self, "process_group", None),
             split=mode != "off",
             stats=self.comm_stats,
-            comm_dtype=ns_dtype if narrow else None,
+            comm_dtype=ns_dtype if send_in_ns_dtype else None,
         )
 
     # -- the step
@@ -592,11 +595,11 @@ class Muon(Optimizer):
 
     def _step_groups(self) -> None:
         work = [(g, *self._init_group(g)) for g in self.param_groups]  # all checks first
-        for group, params, grads, bufs in work:
+        for gi, (group, params, grads, bufs) in enumerate(work):
             if not params:
                 continue
             if self._is_local(params):
-                self._step_local(group, params, grads, bufs)
+                self._step_local(gi, group, params, grads, bufs)
                 continue
             how = _layout(group)
             updates = muon_momentum_(
@@ -625,17 +628,20 @@ class Muon(Optimizer):
         self.__dict__.pop("_workspaces", None)
 
     def _workspace(
-        self, batch: int, shape: tuple[int, int], dtype: torch.dtype, device: torch.device,
-        opts: dict[str, Any],
+        self, bucket: tuple, batch: int, shape: tuple[int, int], dtype: torch.dtype,
+        device: torch.device, opts: dict[str, Any],
     ) -> tuple[NSWorkspace, Tensor]:
         """The persistent buffers for one bucket of same-shaped matrices: the NS workspace
         and the stacked update ``U`` (``(batch, *shape)`` in the gradients' dtype; the
         workspace's own input when that is already the NS dtype, saving a cast)."""
         cache = self.__dict__.setdefault("_workspaces", {})
-        # One per bucket, not per batch size: a bucket whose size changes (a skipped
-        # non-finite gradient, a parameter without grad) replaces its buffers, never piles
-        # up copies of them.
-        key = (shape, dtype, device, opts["dtype"], opts["normalize"] == "frobenius")
+        # One per bucket (``bucket`` names it: group index and bucket key), not per batch
+        # size: a bucket whose size changes (a skipped non-finite gradient, a parameter
+        # without grad) replaces its buffers, never piles up copies of them. Keyed by
+        # bucket, not by shape alone: same-shaped buckets of different sizes (e.g. a fused
+        # QKV's blocks in their own group beside other square matrices) would otherwise
+        # evict each other and reallocate at every step.
+        key = (*bucket, opts["dtype"], opts["normalize"] == "frobenius")
         hit = cache.get(key)
         if hit is None or hit[0].batch != batch:
             ws = NSWorkspace(batch, *shape, opts["dtype"], device,
@@ -646,7 +652,7 @@ class Muon(Optimizer):
         return hit
 
     def _step_local(
-        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+        self, gi: int, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
         bufs: list[Tensor],
     ) -> None:
         """Stages 1-4 without per-step batch allocations: momentum in place (one foreach),
@@ -667,7 +673,8 @@ class Muon(Optimizer):
             torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
         opts = self.ns_options(group, params[0].device)
         for (shape, op, dtype, device), mats in buckets.items():
-            ws, U = self._workspace(len(mats), shape, dtype, device, opts)
+            ws, U = self._workspace((gi, shape, op, dtype, device), len(mats), shape, dtype,
+                                    device, opts)
             for j, (_, gv, bv) in enumerate(mats):
                 if nesterov:
                     torch.lerp(gv, bv, momentum, out=U[j])

@@ -68,6 +68,7 @@ __all__ = [
     "ScheduleLike",
     "design_polar_express",
     "frobenius_normalize_",
+    "narrow_range",
     "ns_matmul_flops",
     "orthogonality_error",
     "orthogonalize",
@@ -264,8 +265,10 @@ def frobenius_normalize_(X: Tensor, *, eps: float = DEFAULT_EPS, safety: float =
     return X.div_(norm.clamp(min=eps))
 
 
-def _narrow_range(dtype: torch.dtype) -> bool:
-    # fp16: its exponent range cannot hold the squares of ordinary gradient norms.
+def narrow_range(dtype: torch.dtype) -> bool:
+    """True for fp16-like dtypes, whose exponent range cannot hold ordinary gradients'
+    squared norms (nor ``G / eps`` for tiny ``G``): NS normalizes in the input's precision
+    before casting to them (see :func:`orthogonalize_into_`)."""
     return torch.finfo(dtype).max < 1e38  # bf16's max is 3.39e38, fp32's 3.40e38
 
 
@@ -292,7 +295,6 @@ class NSWorkspace:
         *,
         torch_layout: bool = False,
     ) -> None:
-        self.key = (batch, rows, cols, dtype, torch.device(device), torch_layout)
         self.dtype = dtype
         self.device = torch.device(device)
         self.n, self.m = min(rows, cols), max(rows, cols)
@@ -337,12 +339,13 @@ class NSWorkspace:
             torch.baddbmm(X, P, X, beta=beta, out=out)
         return out
 
-    def _tight_poly(self, A: Tensor, coeffs: Coefficients, safety: float) -> Tensor:
+    def _tight_poly(self, A: Tensor, coeffs: Coefficients, safety: float, out: str) -> Tensor:
         """``P = a r I + b r^3 A + c r^5 A^2`` with ``1/r = safety (sum sigma_i^8)^(1/8)``,
         so that ``P X = p(r X)``: the "tight" first step (no extra matmul: ``A^2`` is needed
-        anyway). Built in fp32 so tiny scales cannot overflow a 16-bit coefficient."""
+        anyway), written into the square buffer ``out``. Built in fp32 so tiny scales cannot
+        overflow a 16-bit coefficient."""
         a, b, c = coeffs
-        S = torch.bmm(A, A, out=self._sq("S"))
+        S = torch.bmm(A, A, out=self._sq(out))
         wide = torch.promote_types(self.dtype, torch.float32)
         if wide == self.dtype:
             A32, S32 = A, S
@@ -382,7 +385,8 @@ class NSWorkspace:
                 a, b, c = sched.at(t)
                 torch.bmm(X, X.mT, out=A)
                 if t == 0 and tight:
-                    X = self._lmul(self._tight_poly(A, (a, b, c), sched.safety), X, next_x(), None)
+                    P = self._tight_poly(A, (a, b, c), sched.safety, "S")
+                    X = self._lmul(P, X, next_x(), None)
                 else:
                     Bm = torch.baddbmm(A, A, A, beta=b, alpha=c, out=self._sq("S"))
                     X = self._lmul(Bm, X, next_x(), a)
@@ -402,7 +406,7 @@ class NSWorkspace:
             a, b, c = sched.at(t)
             p_name = "P0" if q_name != "P0" else "P1"
             if t == 0 and tight:
-                P = self._sq(p_name).copy_(self._tight_poly(R, (a, b, c), sched.safety))
+                P = self._tight_poly(R, (a, b, c), sched.safety, p_name)
             else:
                 P = torch.baddbmm(R, R, R, beta=b, alpha=c, out=self._sq(p_name))
                 P.diagonal(dim1=-2, dim2=-1).add_(a)
@@ -477,14 +481,14 @@ def orthogonalize_into_(
         (ws.n, ws.m), ws.dtype, schedule=schedule, steps=steps, method=method,
         restarts=restarts, gram_min_aspect=gram_min_aspect, normalize=normalize,
     )
-    if _narrow_range(ws.dtype):
+    if narrow_range(ws.dtype):
         # fp16 cannot hold G / eps for ||G|| << eps: normalize every nonzero matrix to 1.
         eps = torch.finfo(torch.float32).tiny
     if U is ws.input:
         frobenius_normalize_(U, eps=eps, safety=sched.safety)
-    elif _narrow_range(ws.dtype):
+    elif narrow_range(ws.dtype):
         ws.input.copy_(frobenius_normalize_(U, eps=eps, safety=sched.safety))
-    else:
+    else:  # U is only read here (orthogonalize relies on it: no private copy of G)
         frobenius_normalize_(ws.input.copy_(U), eps=eps, safety=sched.safety)
     return ws.run(sched, steps, method=method, tight=tight, restarts=restarts)
 
@@ -533,8 +537,9 @@ def orthogonalize(
     dtype = G.dtype if dtype is None else dtype
     X = G if G.ndim == 3 else G.unsqueeze(0)
     ws = NSWorkspace(*X.shape, dtype, G.device, torch_layout=normalize == "frobenius")
-    # A private copy to normalize in place, in at least fp32 (G's own precision if wider).
-    U = X.to(torch.promote_types(X.dtype, torch.float32), copy=True)
+    # fp16 normalizes U in place, so it gets a private copy in at least fp32 (G's own
+    # precision if wider); other dtypes only read U (cast into the workspace's input).
+    U = X.to(torch.promote_types(X.dtype, torch.float32), copy=True) if narrow_range(dtype) else X
     O = orthogonalize_into_(ws, U, schedule=schedule, steps=steps, eps=eps, method=method,
                             restarts=restarts, gram_min_aspect=gram_min_aspect,
                             normalize=normalize)
