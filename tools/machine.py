@@ -34,11 +34,14 @@ def cpu_model() -> str:
 
 
 def bf16_native(device: torch.device | str = "cpu") -> bool:
-    """Whether bf16 matmul runs on hardware (CUDA, or a CPU with AVX512-BF16), not emulated."""
+    """Whether bf16 matmul runs on hardware (CUDA, or a CPU with AVX512-BF16 or AMX), not
+    emulated: the rule specopt.Muon picks its Newton-Schulz dtype by."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+    from specopt.optim.muon import default_ns_dtype
+
+    return default_ns_dtype(device) == torch.bfloat16
 
 
 def cpu_kind() -> str:
