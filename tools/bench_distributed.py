@@ -35,11 +35,17 @@ import socket
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import machine  # tools/machine.py: CPU kind and matmul peak
+
+from specopt.checkpoint import atomic_write
 
 MODES = ("ddp", "fsdp")
 
@@ -220,11 +226,11 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats, "modes": modes, "timeout": args.timeout,
         "torch": torch.__version__, "cpu_count": os.cpu_count(),
     }
+    print(machine.describe(), flush=True)
     result = run(cfg)
     print(_table(result))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        atomic_write(args.json, lambda f: f.write(json.dumps(result, indent=2).encode()))
     return 0
 
 

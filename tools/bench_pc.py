@@ -39,9 +39,13 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import machine  # tools/machine.py: CPU kind and matmul peak
 
 from specopt.checkpoint import atomic_write
 from specopt.models import PRESETS, Llama, LlamaConfig
@@ -221,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         tokens = args.tokens or [2048, 8192, 16384]
         seq, repeats, warmup, accum = args.seq, args.repeats or 5, 1, args.accum or 4
     rows: list[dict[str, Any]] = []
+    print(machine.describe(device), flush=True)
     print(f"PC level {args.level} on FFN + wo, AdamW; device {device}"
           f"{f', {torch.get_num_threads()} thread(s)' if device.type == 'cpu' else ''}; "
           f"{clock} time, medians of {repeats} interleaved repeats", flush=True)
