@@ -570,6 +570,8 @@ def tables(data: dict[str, Any]) -> str:
                   f"{c['lr_check_seeds']}; x1 = the main runs of the same seeds).", "",
                   "| arm | " + " | ".join(f"LR x{m:g}" for m in mults) + " | best |",
                   "|---|" + "---|" * (len(mults) + 1)]
+        best_of: dict[str, tuple[float, float | None]] = {}  # arm -> (bpb, multiplier)
+        at_default: dict[str, float] = {}
         for n in arms:
             base = default_lr(arm(n).optimizer)
             cells, best = [], (math.inf, None)
@@ -581,10 +583,25 @@ def tables(data: dict[str, Any]) -> str:
                     continue
                 v = statistics.fmean(r["final_val_bpb"] for r in rs)
                 cells.append("non-finite" if not math.isfinite(v) else f"{v:.4f}")
+                if m == 1.0:
+                    at_default[n] = v
                 if math.isfinite(v) and v < best[0]:
                     best = (v, m)
+            best_of[n] = best
             lines.append(f"| {n} | " + " | ".join(cells) + f" | {_f(best[1], 'g')}x |"
                          if best[1] is not None else f"| {n} | " + " | ".join(cells) + " | - |")
+        # Does a comparison survive moving each arm to its own best LR of the check?
+        pairs = [(a, b) for a, b in COMPARISONS if a != b and a in best_of and b in best_of
+                 and best_of[a][1] is not None and best_of[b][1] is not None]
+        if pairs:
+            lines += ["", f"Comparisons at the default LRs and at each arm's best LR of the check "
+                      f"(seeds {c['lr_check_seeds']} only: no interval):", "",
+                      "| comparison | difference at default LRs | difference at best LRs "
+                      "(multipliers) |", "|---|---|---|"]
+            for a, b in pairs:
+                (va, ma), (vb, mb) = best_of[a], best_of[b]
+                lines.append(f"| {a} - {b} | {_f(at_default[a] - at_default[b], '+.4f')} | "
+                             f"{_f(va - vb, '+.4f')} (x{ma:g} vs x{mb:g}) |")
     return "\n".join(lines)
 
 
