@@ -605,6 +605,18 @@ def tables(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def add_study_flags(p: argparse.ArgumentParser) -> None:
+    """The study flags :func:`study_config` reads (shared with ``tools/lr_sweep.py``)."""
+    p.add_argument("--seeds", type=int, nargs="+")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--arms", nargs="+", help=f"subset of {[a.name for a in ARMS]}")
+    p.add_argument("--ns-dtype", choices=NS_DTYPES, help="Muon NS dtype (default fp32)")
+    p.add_argument("--wd-all", action="store_true", help="weight decay on every parameter")
+    p.add_argument("--pc-bf16", action="store_true", help="PC effective weight in bf16")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (skips cleanly without CUDA)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default 1; 0: torch's)")
+
+
 def study_config(args: argparse.Namespace, base: dict[str, Any],
                  **fields: Any) -> StudyConfig:
     """A :class:`StudyConfig` from ``base`` (a preset), ``fields`` and the command line's
@@ -642,14 +654,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="keep the runs already in --json")
     p.add_argument("--tables", action="store_true", help="no training: print --json's tables")
     p.add_argument("--parts", default="main,lrcheck", help="comma list of main,lrcheck")
-    p.add_argument("--seeds", type=int, nargs="+")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--arms", nargs="+", help=f"subset of {[a.name for a in ARMS]}")
-    p.add_argument("--ns-dtype", choices=NS_DTYPES, help="Muon NS dtype (default fp32)")
-    p.add_argument("--wd-all", action="store_true", help="weight decay on every parameter")
-    p.add_argument("--pc-bf16", action="store_true", help="PC effective weight in bf16")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (skips cleanly without CUDA)")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default 1; 0: torch's)")
+    add_study_flags(p)
     args = p.parse_args(argv)
     if args.tables:
         if args.json is None:

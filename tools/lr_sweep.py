@@ -124,14 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--tables", action="store_true", help="no training: print --json's table")
     p.add_argument("--multipliers", type=float, nargs="+")
-    p.add_argument("--seeds", type=int, nargs="+")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--arms", nargs="+")
-    p.add_argument("--ns-dtype", choices=lm.NS_DTYPES)
-    p.add_argument("--wd-all", action="store_true")
-    p.add_argument("--pc-bf16", action="store_true")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int)
+    lm.add_study_flags(p)
     args = p.parse_args(argv)
     if args.tables:
         if args.json is None:
