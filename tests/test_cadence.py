@@ -94,7 +94,7 @@ def test_first_snapshot_planned_from_the_estimate(monkeypatch) -> None:
     """The first snapshot is not paid for when its estimate does not fit the budget."""
     calls = []
     monkeypatch.setattr(monitor_mod, "estimate_snapshot_ms",
-                        lambda shapes, **kw: calls.append(shapes) or 1e9)
+                        lambda shapes, **kw: calls.append((shapes, kw["norm_shapes"])) or 1e9)
     ran = []
     monkeypatch.setattr(SpectralMonitor, "_snapshot", lambda self, step: ran.append(step))
     mon = SpectralMonitor(_mlp(), every=2, budget=0.5, alarms=(), signal_every=0)
@@ -102,7 +102,7 @@ def test_first_snapshot_planned_from_the_estimate(monkeypatch) -> None:
         mon.step(i)
         assert (mon._previous is None) == (i not in (1, 31))  # postponed: copy freed
     # Step 2 is the first snapshot step with a step time: the estimate backs off to 32.
-    assert calls == [{(16, 16): 2 * 3}] and ran == []  # 3 matrices + 3 update deltas
+    assert calls == [({(16, 16): 3}, {(16, 16): 3})] and ran == []  # 3 spectra + 3 deltas
     assert mon.current_every == 2 * MAX_BACKOFF
     mon.step(32)
     assert ran == [32]
@@ -112,6 +112,9 @@ def test_estimate_counts_every_matrix() -> None:
     est = estimate_snapshot_ms({(8, 8): 10}, device=torch.device("cpu"), dtype=torch.float32,
                                per_matrix_ms=5.0)
     assert est >= 50.0  # per-matrix overhead times the count, plus the probe's time
+    both = estimate_snapshot_ms({(8, 8): 10}, device=torch.device("cpu"), dtype=torch.float32,
+                                per_matrix_ms=5.0, norm_shapes={(100, 90): 4})
+    assert both >= est + 20.0  # the update ratio's norms are counted too
 
 
 def test_backoff_scalars_in_event_file(tmp_path) -> None:
@@ -159,14 +162,14 @@ def test_snapshot_memory_is_chunked(monkeypatch) -> None:
     full = SpectralMonitor(model, every=1, budget=None, alarms=(), histograms=False)
     want = full.snapshot(1).spectra
     seen: list[int] = []
-    real = metrics.spectra_float64
+    real = monitor_mod.singular_values
 
-    def spy(batch):
-        seen.append(batch.numel() * batch.element_size())
-        return real(batch)
+    def spy(ws, **kw):  # the effective weights materialized at once, as float64 bytes
+        seen.append(sum(8 * w.numel() for w in ws))
+        return real(ws, **kw)
 
     monkeypatch.setattr(metrics, "CHUNK_BYTES", 64 * 1024)
-    monkeypatch.setattr(metrics, "spectra_float64", spy)
+    monkeypatch.setattr(monitor_mod, "singular_values", spy)
     got = SpectralMonitor(model, every=1, budget=None, alarms=()).snapshot(1).spectra
     assert len(seen) > 1 and max(seen) <= 64 * 1024
     assert got.keys() == want.keys()

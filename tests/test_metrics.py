@@ -184,19 +184,83 @@ def test_gram_route_matches_float64_svd_to_1e6(shape, log10_cond) -> None:
     assert (10**log10_cond > GRAM_MAX_CONDITION) == (log10_cond == 6.0)  # both paths ran
 
 
-def test_singular_values_chunks_by_bytes(monkeypatch) -> None:
+def test_cpu_spectra_reuse_one_float64_stage_per_shape(monkeypatch) -> None:
+    """CPU matrices go one at a time through one float64 buffer per shape (no batch copy,
+    no per-matrix allocation), and the values still match float64 SVD."""
     import specopt.spectral.metrics as metrics
 
-    seen = []
-    real = metrics.spectra_float64
-    monkeypatch.setattr(metrics, "spectra_float64", lambda b: seen.append(b.shape[0]) or real(b))
-    monkeypatch.setattr(metrics, "CHUNK_BYTES", 8 * (16 * 32 + 16 * 16) * 3)  # 3 matrices
-    ws = [torch.randn(16, 32) for _ in range(7)]
+    stages = []
+    real = metrics._CpuStage
+
+    def spy(m, n):
+        stages.append((m, n))
+        return real(m, n)
+
+    monkeypatch.setattr(metrics, "_CpuStage", spy)
+    ws = [torch.randn(16, 32) for _ in range(5)] + [torch.randn(40, 24) for _ in range(3)]
     got = singular_values(ws)
-    assert seen == [3, 3, 1]
+    assert sorted(stages) == [(16, 32), (40, 24)]
     for w, s in zip(ws, got, strict=True):
         np.testing.assert_allclose(s.numpy(), np.linalg.svd(w.double().numpy(), compute_uv=False),
                                    rtol=1e-6)
+
+
+def test_accelerator_batches_chunk_by_bytes() -> None:
+    """Batched (non-CPU) calls split same-shaped matrices so matrix + Gram bytes of one
+    call stay within CHUNK_BYTES; the CPU batch entry point agrees with the list one."""
+    from specopt.spectral.metrics import CHUNK_BYTES, _chunks, spectra_float64
+
+    per = 8 * (16 * 32 + 16 * 16)
+    assert _chunks(list(range(7)), CHUNK_BYTES // 3 + 1) == [[0, 1], [2, 3], [4, 5], [6]]
+    assert _chunks(list(range(7)), per) == [list(range(7))]
+    assert _chunks([4], 4 * CHUNK_BYTES) == [[4]]  # one matrix larger than a chunk
+    batch = torch.randn(3, 16, 32, dtype=torch.float64)
+    want = torch.stack(singular_values(list(batch.unbind(0)), dtype=torch.float64))
+    torch.testing.assert_close(spectra_float64(batch), want, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(300, 128), (128, 300), (200, 200), (40, 50), (96, 8, 3, 3)])
+def test_spectral_norms_match_float64_svd(shape) -> None:
+    """sigma_1 exact to float64 rounding: random, clustered (an orthogonalized update:
+    Lanczos's hard case), and ill-conditioned (1e8) spectra, conv kernels flattened."""
+    from specopt.spectral.metrics import spectral_norms
+
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    m = w.reshape(shape[0], -1)
+    u, s, vt = torch.linalg.svd(m, full_matrices=False)
+    r = s.numel()
+    clustered = (u * (1 + 1e-3 * torch.rand(r, generator=gen, dtype=torch.float64))) @ vt
+    ill = (u * torch.logspace(0, -8, r, dtype=torch.float64)) @ vt
+    mats = [w, clustered.reshape(shape), ill.reshape(shape), w.float()]
+    got = spectral_norms(mats, dtype=torch.float64)
+    assert got.shape == (4,) and got.dtype == torch.float64
+    for g, x in zip(got.tolist(), mats, strict=True):
+        ref = np.linalg.svd(x.reshape(shape[0], -1).double().numpy(), compute_uv=False)[0]
+        assert g == pytest.approx(ref, rel=1e-12)
+    assert spectral_norms([w], dtype=torch.float32).dtype == torch.float32
+
+
+def test_spectral_norms_and_spectra_of_degenerate_matrices(capfd) -> None:
+    """Zero -> 0; NaN/Inf entry -> NaN; finite float64 weights whose Gram overflows (1e200)
+    -> the right values through the SVD path, without LAPACK's error chatter."""
+    from specopt.spectral.metrics import spectral_norms
+
+    big = torch.randn(150, 90, dtype=torch.float64) * 1e200
+    bad = torch.randn(100, 120)
+    bad[3, 7] = float("inf")
+    norms = spectral_norms([torch.zeros(100, 200), big, bad], dtype=torch.float64)
+    ref = np.linalg.svd(big.numpy(), compute_uv=False)
+    assert norms[0] == 0 and norms[1].item() == pytest.approx(ref[0], rel=1e-12)
+    assert math.isnan(norms[2])
+    sig = singular_values([big, bad], dtype=torch.float64)
+    np.testing.assert_allclose(sig[0].numpy(), ref, rtol=1e-12)
+    assert torch.isnan(sig[1]).all()
+    out = capfd.readouterr()
+    assert "DLASCL" not in out.err + out.out and "illegal value" not in out.err + out.out
+    with pytest.raises(ValueError, match=r"weights\[0\] must be a non-empty matrix"):
+        spectral_norms([torch.zeros(3)])
+    assert spectral_norms([]).shape == (0,)
 
 
 def test_failed_eigensolve_falls_back_to_svdvals(monkeypatch) -> None:

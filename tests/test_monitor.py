@@ -131,6 +131,34 @@ def test_event_file_holds_selected_layers_at_cadence_and_matches_numpy(tmp_path)
         assert parse_tag(tag) is not None, tag
 
 
+def test_update_ratio_norm_exact_on_wide_layers(monkeypatch) -> None:
+    """Past 64 on the small side the delta's norm comes from the Lanczos route
+    (spectral_norms), never from a second full spectrum; it matches float64 SVD."""
+    import specopt.spectral.metrics as metrics
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(160, 200, bias=False), nn.Linear(200, 96, bias=False))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    mon = SpectralMonitor(model, every=2, budget=None, alarms=(), dtype=torch.float64)
+    full_calls = []
+    real = metrics._CpuStage.singular_values
+    monkeypatch.setattr(metrics._CpuStage, "singular_values",
+                        lambda self, w: full_calls.append(tuple(w.shape)) or real(self, w))
+    before = {}
+    for i in range(1, 3):
+        before = {k: m.weight.detach().double().clone() for k, m in model.named_children()}
+        model(torch.randn(8, 160)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        snap = mon.step(i)
+    assert sorted(full_calls) == [(96, 200), (200, 160)]  # the spectra only
+    for k, m in model.named_children():
+        w = m.weight.detach().double()
+        ref = (np.linalg.svd((w - before[k]).numpy(), compute_uv=False)[0]
+               / np.linalg.svd(w.numpy(), compute_uv=False)[0])
+        assert snap.update_ratio[k] == pytest.approx(ref, rel=1e-10)
+
+
 def test_update_ratio_is_spectral_norm_of_the_step(tmp_path) -> None:
     model = _model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)

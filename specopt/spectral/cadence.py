@@ -269,18 +269,22 @@ def resolve_budget(every: int | None, budget: float | Literal["auto"] | None
 
 
 def estimate_snapshot_ms(shapes: dict[tuple[int, int], int], *, device: torch.device,
-                         dtype: torch.dtype, per_matrix_ms: float = 0.05) -> float:
+                         dtype: torch.dtype, per_matrix_ms: float = 0.05,
+                         norm_shapes: dict[tuple[int, int], int] | None = None) -> float:
     """Wall time of a snapshot in ms, estimated before running it: one random matrix per
     distinct shape goes through the snapshot's spectrum routine, times how many matrices
     have that shape, plus ``per_matrix_ms`` each for metrics, histograms and writes.
 
     Args:
-        shapes: ``{(m, n): number of matrices of that shape}`` in one snapshot.
+        shapes: ``{(m, n): number of matrices of that shape}`` whose full spectrum one
+            snapshot computes.
         device, dtype: where and how the snapshot decomposes them.
+        norm_shapes: the same for matrices of which only the spectral norm is computed
+            (the update ratio's deltas, :func:`~specopt.spectral.metrics.spectral_norms`).
     """
     import time
 
-    from specopt.spectral.metrics import singular_values
+    from specopt.spectral.metrics import singular_values, spectral_norms
 
     gen = torch.Generator().manual_seed(0)
     # One untimed call first: the first decomposition pays one-off costs (importing scipy,
@@ -289,12 +293,13 @@ def estimate_snapshot_ms(shapes: dict[tuple[int, int], int], *, device: torch.de
     # maximum at once.
     singular_values([torch.randn(4, 4, generator=gen).to(device)], dtype=dtype)[0].cpu()
     total = 0.0
-    for (m, n), count in shapes.items():
-        probe = torch.randn(m, n, generator=gen).to(device)
-        best = float("inf")
-        for _ in range(2):  # best of two: a probe is short, one scheduler hiccup dominates it
-            t0 = time.perf_counter()
-            singular_values([probe], dtype=dtype)[0].cpu()
-            best = min(best, time.perf_counter() - t0)
-        total += (best * 1e3 + per_matrix_ms) * count
+    for routine, counts in ((singular_values, shapes), (spectral_norms, norm_shapes or {})):
+        for (m, n), count in counts.items():
+            probe = torch.randn(m, n, generator=gen).to(device)
+            best = float("inf")
+            for _ in range(2):  # best of two: a probe is short, one hiccup dominates it
+                t0 = time.perf_counter()
+                routine([probe], dtype=dtype)[0].cpu()
+                best = min(best, time.perf_counter() - t0)
+            total += (best * 1e3 + per_matrix_ms) * count
     return total

@@ -179,21 +179,21 @@ def _get_pc(module: nn.Module) -> Any:
     return None
 
 
-def _chunked_spectra(work: Sequence[tuple[str, tuple[int, ...], Callable[[], Tensor]]], *,
-                     dtype: torch.dtype) -> dict[str, Tensor]:
-    """``{key: singular values}`` of ``(key, shape, producer)`` items, materializing
+def _chunked(work: Sequence[tuple[str, tuple[int, ...], Callable[[], Tensor]]],
+             compute: Callable[[list[Tensor]], Sequence[Any]]) -> dict[str, Any]:
+    """``{key: compute(matrices)[i]}`` of ``(key, shape, producer)`` items, materializing
     same-shaped matrices in chunks of about :data:`~specopt.spectral.metrics.CHUNK_BYTES`
-    of float64 (the bound :func:`singular_values` keeps for its own copies)."""
+    (as float64), so a snapshot never holds a copy of the model's effective weights."""
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, (_, shape, _) in enumerate(work):
         by_shape.setdefault(shape, []).append(i)
-    out: dict[str, Tensor] = {}
+    out: dict[str, Any] = {}
     for shape, idx in by_shape.items():
         size = max(1, metrics.CHUNK_BYTES // (8 * math.prod(shape)))
         for c in range(0, len(idx), size):
             chunk = [work[i] for i in idx[c : c + size]]
-            sig = singular_values([make() for _, _, make in chunk], dtype=dtype)
-            out.update((key, s) for (key, _, _), s in zip(chunk, sig, strict=True))
+            values = compute([make() for _, _, make in chunk])
+            out.update((key, v) for (key, _, _), v in zip(chunk, values, strict=True))
     return out
 
 
@@ -738,18 +738,21 @@ class SpectralMonitor:
     def _estimate_snapshot_ms(self) -> float:
         """Cost of the next snapshot, estimated from one probe matrix per shape."""
         shapes: dict[tuple[int, int], int] = {}
-        per_matrix = 1 + int(self.update_ratio)  # the update ratio's delta: one more SVD
+        norm_shapes: dict[tuple[int, int], int] = {}  # the update ratio's deltas
         for m in self._matrices:
             shape = (m.info.shape[0], m.info.shape[1])
-            count = per_matrix + (m.raw_info is not None)
-            shapes[shape] = shapes.get(shape, 0) + count
+            shapes[shape] = shapes.get(shape, 0) + 1 + (m.raw_info is not None)
+            if self.update_ratio:
+                norm_shapes[shape] = norm_shapes.get(shape, 0) + 1
         if self._plan is not None:  # each rank decomposes about its share
             world = _distributed_world()[1]
             shapes = {k: max(1, math.ceil(v / world)) for k, v in shapes.items()}
+            norm_shapes = {k: max(1, math.ceil(v / world)) for k, v in norm_shapes.items()}
         device = self._matrices[0].trained.device
         if _is_dtensor(self._matrices[0].trained):
             device = self._matrices[0].trained.to_local().device
-        return estimate_snapshot_ms(shapes, device=device, dtype=self.dtype)
+        return estimate_snapshot_ms(shapes, device=device, dtype=self.dtype,
+                                    norm_shapes=norm_shapes)
 
     def snapshot(self, step: int | None = None) -> Snapshot | None:
         """Take a full snapshot now (outside the cadence) and write it to the sinks
@@ -815,23 +818,22 @@ class SpectralMonitor:
             if m.raw_info is not None:
                 infos.append(m.raw_info)
                 work.append((m.raw_info.key, tuple(m.matrix().shape), m.matrix))
-        # Update ratio: ||W_t - W_{t-1}||_2 of the trained tensors, in the same batches.
+        got = _chunked(work, lambda ws: singular_values(ws, dtype=self.dtype))
+        spectra = {info.key: got[info.key] for info in infos}
+        # Update ratio: ||W_t - W_{t-1}||_2 of the trained tensors (the norm only: a
+        # Lanczos solve, not a second full spectrum).
         previous = self._previous if self._previous_step == step - 1 else None
         self._previous, self._previous_step = None, None
-        delta_keys: list[str] = []
-        if previous is not None:
-            for m in self._matrices:
-                key = m.trained_key
-                if key in previous:
-                    delta_keys.append(key)
-                    work.append(("delta:" + key, tuple(m.matrix().shape),
-                                 lambda m=m, old=previous[key]: m.matrix() - old))
-        sigmas = _chunked_spectra(work, dtype=self.dtype)
-        previous = work = None  # free the update-ratio copy before the sinks run
-        spectra = {info.key: sigmas[info.key] for info in infos}
-        delta_norms = {key: float(sig[0]) if sig.numel() else math.nan
-                       for key in delta_keys for sig in (sigmas["delta:" + key],)}
+        deltas = [] if previous is None else [
+            (m.trained_key, tuple(m.matrix().shape),
+             lambda m=m, old=previous[m.trained_key]: m.matrix() - old)
+            for m in self._matrices if m.trained_key in previous]
+        delta_norms = {k: float(v) for k, v in _chunked(deltas, self._delta_norms).items()}
+        previous = deltas = work = got = None  # free the update-ratio copy before the sinks run
         return self._finish_snapshot(step, t0, infos, spectra, delta_norms)
+
+    def _delta_norms(self, deltas: list[Tensor]) -> Tensor:
+        return metrics.spectral_norms(deltas, dtype=self.dtype).cpu()
 
     def _finish_snapshot(self, step: int, t0: float, infos: Sequence[LayerInfo],
                          sigmas: dict[str, Tensor], delta_norms: dict[str, float]) -> Snapshot:
@@ -906,9 +908,9 @@ class SpectralMonitor:
         deltas = {}
         if previous is not None:
             dk = [k for k in keys if k in previous and by_key[k][0].trained_key == k]
-            dsig = singular_values([by_key[k][0].matrix() - previous[k] for k in dk],
-                                   dtype=self.dtype) if dk else []
-            deltas = {k: float(d[0]) for k, d in zip(dk, dsig, strict=True)}
+            norms = self._delta_norms([by_key[k][0].matrix() - previous[k] for k in dk]
+                                      ) if dk else []
+            deltas = {k: float(v) for k, v in zip(dk, norms, strict=True)}
         gathered = plan.to_main((payload, deltas))
         if gathered is None:
             return None
