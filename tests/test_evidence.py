@@ -8,6 +8,7 @@ the committed JSON."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -315,7 +316,7 @@ def test_compare_pairs_by_seed_and_tables_state_completeness():
     assert c["seeds"] == [0, 1, 2] and c["mean"] == pytest.approx(-0.2)
     assert c["sd"] == pytest.approx(0.0, abs=1e-12) and c["p"] < 1e-6
     text = lm.tables(data)
-    assert "Main runs present: 7 of 8 planned." in text
+    assert "Main runs (default LRs) present: 7 of 8 planned." in text
     assert "| adamw+pc4 - adamw | 3 | -0.2000 [-0.2000, -0.2000] | <0.001 |" in text
     assert "| adamw - adamw | 4 | +0.0000 [+0.0000, +0.0000] | 1.000 | 1.000x |" in text
 
@@ -393,14 +394,82 @@ def test_device_cuda_runs_on_a_gpu(tmp_path):
     assert math.isfinite(r["final_val_bpb"]) and r["final_val_bpb"] < r["initial_val_bpb"]
 
 
+def _check_data(finals: dict[str, dict[float, float]]) -> dict:
+    runs = [_fake_run(n, 0, [8.0, v], part="main" if m == 1.0 else "lrcheck",
+                      lr=lm.default_lr(lm.arm(n).optimizer) * m)
+            for n, by in finals.items() for m, v in by.items()]
+    return {"runs": runs, "default_lr": {"adamw": 3e-3, "muon": 0.02},
+            "config": {"arms": list(finals), "lr_check_seeds": [0]}}
+
+
+def test_lr_check_extends_until_each_best_is_bracketed_and_tuned_runs_use_it():
+    nan = float("nan")
+    data = _check_data({
+        "adamw": {0.5: 3.0, 1.0: 2.9, 2.0: 2.8},  # best at the top edge: try x4
+        "muon": {0.5: 2.0, 1.0: 2.1, 2.0: 2.2},  # best at the bottom edge: try x0.25
+        "muon+pc2": {0.5: 2.3, 1.0: 2.1, 2.0: nan},  # bracketed (NaN counts as tried)
+        "muon-kj": {0.0625: 2.0, 0.125: 2.1, 0.5: 2.2, 1.0: 2.3, 2.0: 2.4},  # at the limit
+    })
+    sc = lm.StudyConfig(arms=["adamw", "muon", "muon+pc2", "muon-kj"], lr_check_limit=16.0)
+    assert lm.best_lr_multiplier(lm.lr_check_results(data, "muon+pc2")) == (1.0, True)
+    assert lm.best_lr_multiplier(lm.lr_check_results(data, "adamw")) == (2.0, False)
+    ext = lm.lr_check_extension(data, sc)
+    assert [(n, lr) for _, n, _, lr in ext] == [("adamw", 3e-3 * 4), ("muon", 0.02 * 0.25)]
+    assert {p[0] for p in ext} == {"lrcheck"} and {p[2] for p in ext} == {0}
+    tuned = lm.tuned_plan(data, dataclasses.replace(sc, tuned_seeds=[1, 2]))
+    assert tuned[:4] == [("tuned", "adamw", 1, 3e-3 * 2), ("tuned", "muon", 1, 0.02 * 0.5),
+                         ("tuned", "muon+pc2", 1, 0.02), ("tuned", "muon-kj", 1, 0.02 * 0.0625)]
+    assert len(tuned) == 8 and lm.tuned_multipliers(data)["muon-kj"] == (0.0625, False)
+    # A resumed study replays its extensions from the first multipliers, so runs made in
+    # an earlier session join the plan in the order they were made.
+    replay = _check_data({"adamw": {0.5: 3.0, 1.0: 2.9, 2.0: 2.8, 4.0: 2.7, 8.0: 2.75}})
+    sc1 = lm.StudyConfig(arms=["adamw"])
+    plan = [("lrcheck", "adamw", 0, 3e-3 * m) for m in (0.5, 2.0)]
+    assert lm.lr_check_extension(replay, sc1, plan) == [("lrcheck", "adamw", 0, 3e-3 * 4)]
+    plan.append(("lrcheck", "adamw", 0, 3e-3 * 4))
+    assert lm.lr_check_extension(replay, sc1, plan) == [("lrcheck", "adamw", 0, 3e-3 * 8)]
+    plan.append(("lrcheck", "adamw", 0, 3e-3 * 8))
+    assert lm.lr_check_extension(replay, sc1, plan) == []
+    table = lm.tables(data)
+    assert "| muon-kj | 2.0000 | 2.1000 | 2.2000 | 2.3000 | 2.4000 | x0.0625 (edge) |" in table
+    assert "| adamw | - | - | 3.0000 | 2.9000 | 2.8000 | x2 (edge) |" in table
+
+
+def test_sweep_extends_to_the_edge_and_below_a_bottom_optimum():
+    data = _sweep_data({
+        "adamw": {0.25: [4.0, 4.2], 1.0: [3.0, 3.1], 4.0: [5.0, 5.5], 16.0: [6.0, 7.0]},
+        "adamw+pc4": {0.25: [3.0, 3.0], 1.0: [3.5, 3.5], 4.0: [3.9, 4.0], 16.0: [9.1, 9.3]},
+    })
+    sc = lm.StudyConfig(arms=["adamw", "adamw+pc4"], seeds=[0, 1])
+    ext = sw.sweep_extension(data, sc, limit=4096.0)
+    assert [(n, s, lr) for _, n, s, lr in ext] == [
+        ("adamw", 0, 3e-3 * 32), ("adamw", 1, 3e-3 * 32),  # no edge yet: x2 above the top
+        ("adamw+pc4", 0, 3e-3 * 0.125), ("adamw+pc4", 1, 3e-3 * 0.125)]  # optimum at bottom
+    assert sw.sweep_extension(data, sc, limit=4.0) == []  # x32 and x1/8 are past x4, x1/4
+
+
 def test_lm_study_quick_end_to_end_and_resume(tmp_path, capsys):
     js = tmp_path / "lm.json"
     argv = ["--quick", "--seeds", "0", "1", "--steps", "10", "--json", str(js)]
     assert lm.main(argv) == 0
     data = json.loads(js.read_text())
-    assert [(r["part"], r["arm"], r["seed"]) for r in data["runs"]] == [
+    assert [(r["part"], r["arm"], r["seed"]) for r in data["runs"]][:6] == [
         ("main", "adamw", 0), ("main", "adamw+pc4", 0), ("main", "adamw", 1),
         ("main", "adamw+pc4", 1), ("lrcheck", "adamw", 0), ("lrcheck", "adamw+pc4", 0)]
+    # The check extended itself until each best is bracketed or at the x2 (x1/2) limit,
+    # then each arm ran at its best on the tuned seed (copied where another part had it).
+    for name in ("adamw", "adamw+pc4"):
+        res = lm.lr_check_results(data, name)
+        best, bracketed = lm.best_lr_multiplier(res)
+        assert bracketed or best in (0.5, 2.0), res
+        assert set(res) <= {0.5, 1.0, 2.0}
+        tuned = lm._runs(data, "tuned", name)
+        assert list(tuned) == [1] and tuned[1]["lr"] == pytest.approx(3e-3 * best)
+        twin = lm._runs(data, "main" if best == 1.0 else "lrcheck", name, tuned[1]["lr"])
+        assert (tuned[1].get("copied_from") == "main") == (best == 1.0)
+        if best == 1.0:
+            assert tuned[1]["final_val_bpb"] == twin[1]["final_val_bpb"]
+    assert lm.completeness(data, "tuned") == (2, 2)
     for r in data["runs"]:
         assert math.isfinite(r["final_val_bpb"]) and r["val_steps"] == [0, 10]
         assert r["final_val_bpb"] < r["initial_val_bpb"]
@@ -409,13 +478,27 @@ def test_lm_study_quick_end_to_end_and_resume(tmp_path, capsys):
     assert pc["gmcn_pc_blocks"][-1] < pc["gmcn_pc_blocks_raw"][-1]  # f compresses spectra
     table = lm.tables(data)
     assert table in capsys.readouterr().out
-    assert "Main runs present: 4 of 4 planned." in table
+    assert "Main runs (default LRs) present: 4 of 4 planned." in table
     assert "| adamw+pc4 - adamw | 2 |" in table
+    assert "Tuned runs (each arm at its own best LR of the check) present: 2 of 2" in table
     # resume: nothing left to run, same JSON runs and tables
     assert lm.main([*argv, "--resume"]) == 0
-    assert "6 of 6 planned runs already in the JSON; 0 to run" in capsys.readouterr().out
+    n = len(data["runs"])
+    assert f"{n} of {n} planned runs already in the JSON; 0 to run" in capsys.readouterr().out
     again = json.loads(js.read_text())
     assert again["runs"] == data["runs"] and lm.tables(again) == table
+    # --jobs 2 (worker processes) trains the same runs to the same numbers
+    js2 = tmp_path / "lm2.json"
+    assert lm.main([*argv[:-1], str(js2), "--jobs", "2", "--parts", "main"]) == 0
+
+    def key(r):
+        return (r["part"], r["arm"], r["seed"], r["lr"])
+
+    par = {key(r): r for r in json.loads(js2.read_text())["runs"]}
+    seq = {key(r): r for r in data["runs"] if r["part"] == "main"}
+    assert par.keys() == seq.keys()
+    for k, r in seq.items():
+        assert par[k]["val_bpb"] == r["val_bpb"] and par[k]["train_loss"] == r["train_loss"]
 
 
 # ---------------------------------------------------------------- LR sweep
@@ -462,6 +545,19 @@ def test_lr_sweep_quick_end_to_end(tmp_path, capsys):
     assert sw.sweep_table(data) in capsys.readouterr().out
     assert sw.main(["--quick", "--json", str(js), "--resume"]) == 0
     assert json.loads(js.read_text())["runs"] == data["runs"]
+
+
+def test_lr_sweep_quick_extends_itself_within_the_limit(tmp_path):
+    js = tmp_path / "sweep.json"
+    assert sw.main(["--quick", "--arms", "adamw", "--multipliers", "1", "--edge-limit", "4",
+                    "--json", str(js)]) == 0
+    data = json.loads(js.read_text())
+    got = set(sw._by_mult(data, "adamw"))
+    v = sw.edge_and_optimum(data, "adamw")
+    assert 1.0 in got and got <= {0.25, 0.5, 1.0, 2.0, 4.0}
+    assert v["edge"] is not None or max(got) == 4.0  # extended upward until an edge or x4
+    assert v["optimum"] != min(got) or min(got) == 0.25  # and down below a bottom optimum
+    assert set(data["multipliers"]) == got and len(data["planned"]) == len(data["runs"])
 
 
 # ---------------------------------------------------------------- docs/results.md

@@ -28,7 +28,15 @@ Parts:
 1. ``main``: every arm at the default peak LR (``specopt.cli.train.DEFAULT_LR``), each
    seed; validation on ``eval_batches`` fixed batches every ``eval_every`` steps and at
    step 0.
-2. ``lrcheck``: every arm at ``lr_check_multipliers`` x its default LR, full length.
+2. ``lrcheck``: every arm at ``lr_check_multipliers`` x its default LR, full length, on
+   ``lr_check_seeds``; then, while an arm's best LR of the check (seed mean) sits at the
+   edge of what it tried, one more LR a factor 2 beyond that edge, up to
+   ``lr_check_limit`` x (or 1/``lr_check_limit`` x) its default: the check brackets each
+   arm's own full-length optimum.
+3. ``tuned``: every arm at its own best LR of the check, on ``tuned_seeds`` (by default
+   1-4: not the seed that chose the LR, so the selection does not flatter the winner);
+   the comparisons are repeated on these runs. A run whose (arm, seed, LR) another part
+   already trained is copied, not retrained (runs are deterministic).
 
 Statistics (``compare``): each comparison ``arm - reference`` is paired by seed (same init
 and batches): mean difference of final validation bits/byte with a 95% t-interval and the
@@ -50,8 +58,9 @@ Usage::
     python tools/lm_study.py --device cuda --json lm_cuda.json         # on a lent GPU
 
 The JSON is rewritten after every run; ``--resume`` skips runs already in it, so a study
-cut short is usable and continues where it stopped. ``tools/results_doc.py`` renders
-docs/results.md from it.
+cut short is usable and continues where it stopped. ``--jobs N`` trains N runs at once in
+worker processes (each on ``--threads`` threads; results do not depend on N).
+``tools/results_doc.py`` renders docs/results.md from it.
 """
 
 from __future__ import annotations
@@ -157,6 +166,8 @@ class StudyConfig:
         default_factory=lambda: ["adamw", "adamw+pc4", "muon", "muon+pc2", "muon-kj"])
     lr_check_multipliers: list[float] = field(default_factory=lambda: [0.5, 2.0])
     lr_check_seeds: list[int] = field(default_factory=lambda: [0])
+    lr_check_limit: float = 16.0  # the check extends to at most x16 / x1/16 of the default
+    tuned_seeds: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
     ns_dtype: str = "fp32"  # see the module docstring
     wd_all: bool = False
     pc_bf16: bool = False
@@ -187,7 +198,8 @@ class StudyConfig:
 
 
 QUICK = dict(steps=30, batch_size=4, seq_len=32, warmup=5, eval_every=10, eval_batches=2,
-             seeds=[0, 1], arms=["adamw", "adamw+pc4"], lr_check_multipliers=[2.0])
+             seeds=[0, 1], arms=["adamw", "adamw+pc4"], lr_check_multipliers=[2.0],
+             lr_check_limit=2.0, tuned_seeds=[1])
 
 
 def default_lr(optimizer: str) -> float:
@@ -374,28 +386,65 @@ def start_data(sc: StudyConfig, resume: dict[str, Any] | None, kind: str) -> dic
     return data
 
 
+def _train_row(sc: StudyConfig, part: str, name: str, seed: int, lr: float) -> dict[str, Any]:
+    """One run as a JSON row (also the worker function of ``--jobs``)."""
+    if sc.threads:
+        torch.set_num_threads(sc.threads)
+    return {"part": part, **train_run(sc, arm(name), seed, lr)}
+
+
 def run_all(data: dict[str, Any], plan: list[tuple[str, str, int, float]], sc: StudyConfig,
-            json_path: Path | None, *, log: Any = print) -> dict[str, Any]:
+            json_path: Path | None, *, log: Any = print, jobs: int = 1) -> dict[str, Any]:
     """Run every ``(part, arm, seed, lr)`` of ``plan`` not yet in ``data['runs']``,
-    saving after each run."""
+    saving after each run; ``jobs`` > 1 trains that many at once in worker processes.
+    A run another part already trained with the same (arm, seed, lr) is copied."""
     done = {(r["part"], r["arm"], r["seed"], r["lr"]) for r in data["runs"]}
     todo = [p for p in plan if p not in done]
     log(f"{len(plan) - len(todo)} of {len(plan)} planned runs already in the JSON; "
         f"{len(todo)} to run")
+    trained = {(r["arm"], r["seed"], r["lr"]): r for r in data["runs"] if "copied_from" not in r}
     t0 = time.perf_counter()
-    for i, (part, name, seed, lr) in enumerate(todo):
-        row = {"part": part, **train_run(sc, arm(name), seed, lr)}
+    count = 0
+
+    def record(row: dict[str, Any]) -> None:
+        nonlocal count
+        count += 1
         data["runs"].append(row)
         _save(data, json_path)
-        log(f"[{time.perf_counter() - t0:7.0f}s] {i + 1}/{len(todo)} {part:7s} {name:12s} "
-            f"seed {seed} lr {lr:<9g} final {row['final_val_bpb']:.4f} bits/byte "
-            f"{'NON-FINITE ' if row['nonfinite'] else ''}({row['wall_s']:.0f} s)")
+        how = (f"copied from {row['copied_from']}" if "copied_from" in row
+               else f"{row['wall_s']:.0f} s")
+        log(f"[{time.perf_counter() - t0:7.0f}s] {count}/{len(todo)} {row['part']:7s} "
+            f"{row['arm']:12s} seed {row['seed']} lr {row['lr']:<9g} final "
+            f"{row['final_val_bpb']:.4f} bits/byte "
+            f"{'NON-FINITE ' if row['nonfinite'] else ''}({how})")
+
+    to_train = []
+    for part, name, seed, lr in todo:
+        same = trained.get((name, seed, lr))
+        if same is not None:
+            record({**same, "part": part, "copied_from": same["part"]})
+        else:
+            to_train.append((part, name, seed, lr))
+    if jobs <= 1 or len(to_train) <= 1:
+        for p in to_train:
+            record(_train_row(sc, *p))
+        return data
+    import concurrent.futures
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # no forked torch / OpenMP state
+    with concurrent.futures.ProcessPoolExecutor(min(jobs, len(to_train)), mp_context=ctx) as ex:
+        futures = [ex.submit(_train_row, sc, *p) for p in to_train]
+        for f in concurrent.futures.as_completed(futures):
+            record(f.result())
     return data
 
 
 def plan_study(sc: StudyConfig, parts: set[str]) -> list[tuple[str, str, int, float]]:
-    """Runs of the study in execution order: seed-major, so a study cut short holds whole
-    seeds of every arm; the LR check after the main runs."""
+    """The runs known before any result: seed-major main runs (a study cut short holds
+    whole seeds of every arm), then the LR check's first multipliers. The check's
+    extensions and the ``tuned`` runs depend on results (:func:`lr_check_extension`,
+    :func:`tuned_plan`)."""
     plan = []
     if "main" in parts:
         plan += [("main", n, s, default_lr(arm(n).optimizer)) for s in sc.seeds for n in sc.arms]
@@ -405,15 +454,103 @@ def plan_study(sc: StudyConfig, parts: set[str]) -> list[tuple[str, str, int, fl
     return plan
 
 
+def _base_lr(data: dict[str, Any], name: str) -> float:
+    """The default peak LR the JSON's runs were planned from (the CLI's if not recorded)."""
+    opt = arm(name).optimizer
+    return data.get("default_lr", {}).get(opt) or default_lr(opt)
+
+
+def lr_check_results(data: dict[str, Any], name: str,
+                     planned: set[tuple[str, str, int, float]] | None = None
+                     ) -> dict[float, float]:
+    """``{multiplier: seed-mean final loss}`` of one arm over the LR check's seeds (x1: the
+    main runs of those seeds); only multipliers where every check seed is present, and
+    only LR-check runs in ``planned`` when given."""
+    base = _base_lr(data, name)
+    seeds = data["config"]["lr_check_seeds"]
+    rows: dict[float, dict[int, float]] = {}
+    for r in data["runs"]:
+        if r["arm"] != name or r["seed"] not in seeds or r["part"] not in ("main", "lrcheck"):
+            continue
+        if r["part"] == "lrcheck" and planned is not None and (
+                r["part"], r["arm"], r["seed"], r["lr"]) not in planned:
+            continue
+        rows.setdefault(round(r["lr"] / base, 9), {})[r["seed"]] = r["final_val_bpb"]
+    return {m: (statistics.fmean(v.values()) if all(map(math.isfinite, v.values()))
+                else math.nan)
+            for m, v in sorted(rows.items()) if set(v) == set(seeds)}
+
+
+def best_lr_multiplier(results: dict[float, float]) -> tuple[float | None, bool]:
+    """``(multiplier with the lowest finite loss, bracketed)``: bracketed when a smaller
+    and a larger tried multiplier both exist (the optimum is not at an edge)."""
+    finite = {m: v for m, v in results.items() if math.isfinite(v)}
+    if not finite:
+        return None, False
+    best = min(finite, key=finite.get)
+    return best, min(results) < best < max(results)
+
+
+def lr_check_extension(data: dict[str, Any], sc: StudyConfig,
+                       planned: list[tuple[str, str, int, float]] | None = None
+                       ) -> list[tuple[str, str, int, float]]:
+    """The next LR-check runs: for each arm whose best multiplier is the smallest (largest)
+    it tried (among ``planned`` runs when given), half (twice) that multiplier, within
+    ``lr_check_limit``. Replaying it from the first multipliers re-plans a resumed
+    study's extensions in the order they were made."""
+    plan = []
+    keys = None if planned is None else set(planned)
+    for n in sc.arms:
+        res = lr_check_results(data, n, keys)
+        best, bracketed = best_lr_multiplier(res)
+        if best is None or bracketed:
+            continue
+        nxt = best / 2 if best == min(res) else best * 2
+        if 1 / sc.lr_check_limit - 1e-12 <= nxt <= sc.lr_check_limit + 1e-12:
+            plan += [("lrcheck", n, s, default_lr(arm(n).optimizer) * nxt)
+                     for s in sc.lr_check_seeds]
+    return plan
+
+
+def tuned_multipliers(data: dict[str, Any]) -> dict[str, tuple[float, bool]]:
+    """``{arm: (its best multiplier of the LR check, bracketed)}`` for the arms checked."""
+    out = {}
+    for n in data["config"]["arms"]:
+        best, bracketed = best_lr_multiplier(lr_check_results(data, n))
+        if best is not None:
+            out[n] = (best, bracketed)
+    return out
+
+
+def tuned_plan(data: dict[str, Any], sc: StudyConfig) -> list[tuple[str, str, int, float]]:
+    """Every arm at its own best LR of the check, on ``tuned_seeds`` (seed-major)."""
+    best = tuned_multipliers(data)
+    return [("tuned", n, s, default_lr(arm(n).optimizer) * best[n][0])
+            for s in sc.tuned_seeds for n in sc.arms if n in best]
+
+
 def run_study(sc: StudyConfig, parts: set[str], *, json_path: Path | None = None,
-              resume: dict[str, Any] | None = None, log: Any = print) -> dict[str, Any]:
-    """Run (or continue) the study; the JSON holds the plan, so its completeness is known."""
+              resume: dict[str, Any] | None = None, log: Any = print,
+              jobs: int = 1) -> dict[str, Any]:
+    """Run (or continue) the study; the JSON holds the plan, so its completeness is known
+    (the LR check's extensions and the tuned runs join it as results decide them)."""
     data = start_data(sc, resume, "lm_study")
     log(data["machines"][-1])
     plan = plan_study(sc, parts)
-    data["planned"] = [list(p) for p in plan]
-    _save(data, json_path)
-    return run_all(data, plan, sc, json_path, log=log)
+
+    def run(more: list[tuple[str, str, int, float]]) -> None:
+        plan.extend(p for p in more if p not in plan)
+        data["planned"] = [list(p) for p in plan]
+        _save(data, json_path)
+        run_all(data, plan, sc, json_path, log=log, jobs=jobs)
+
+    run([])
+    if "lrcheck" in parts:
+        while extension := [p for p in lr_check_extension(data, sc, plan) if p not in plan]:
+            run(extension)
+    if "tuned" in parts:
+        run(tuned_plan(data, sc))
+    return data
 
 
 # ---------------------------------------------------------------- statistics
@@ -493,9 +630,11 @@ def _runs(data: dict[str, Any], part: str, name: str, lr: float | None = None
             and (lr is None or math.isclose(r["lr"], lr, rel_tol=1e-9))}
 
 
-def compare(data: dict[str, Any], name: str, ref: str) -> dict[str, Any] | None:
-    """Paired comparison of two main-part arms over the seeds both finished (finite)."""
-    a, b = _runs(data, "main", name), _runs(data, "main", ref)
+def compare(data: dict[str, Any], name: str, ref: str, part: str = "main"
+            ) -> dict[str, Any] | None:
+    """Paired comparison of two arms of ``part`` ("main": default LRs; "tuned": each arm
+    at its own best LR) over the seeds both finished (finite)."""
+    a, b = _runs(data, part, name), _runs(data, part, ref)
     seeds = sorted(s for s in set(a) & set(b) if math.isfinite(a[s]["final_val_bpb"])
                    and math.isfinite(b[s]["final_val_bpb"]))
     if not seeds:
@@ -505,9 +644,9 @@ def compare(data: dict[str, Any], name: str, ref: str) -> dict[str, Any] | None:
     return {"arm": name, "ref": ref, "seeds": seeds, **t, "efficiency": eff}
 
 
-def arm_summary(data: dict[str, Any], name: str) -> dict[str, Any]:
-    """Final loss, GMCN and wall time of one main-part arm over its seeds."""
-    rs = list(_runs(data, "main", name).values())
+def arm_summary(data: dict[str, Any], name: str, part: str = "main") -> dict[str, Any]:
+    """Final loss, GMCN and wall time of one arm of ``part`` over its seeds."""
+    rs = list(_runs(data, part, name).values())
     fin = [r["final_val_bpb"] for r in rs if math.isfinite(r["final_val_bpb"])]
     return {
         "n": len(rs), "finite": len(fin),
@@ -517,6 +656,7 @@ def arm_summary(data: dict[str, Any], name: str) -> dict[str, Any]:
         "gmcn_pc_blocks_raw": geomean([r["gmcn_pc_blocks_raw"][-1] for r in rs]),
         "gmcn_qkv": geomean([r["gmcn_qkv"][-1] for r in rs]),
         "wall_s": statistics.fmean(r["wall_s"] for r in rs) if rs else math.nan,
+        "lr": rs[0]["lr"] if rs else math.nan,
     }
 
 
@@ -530,31 +670,28 @@ def format_p(p: float) -> str:
 
 
 def completeness(data: dict[str, Any], part: str) -> tuple[int, int]:
-    """(runs present, runs planned) of ``part`` ("main" or "lrcheck")."""
+    """(runs present, runs planned) of ``part`` ("main", "lrcheck" or "tuned")."""
     planned = [p for p in data.get("planned", []) if p[0] == part]
     keys = {(r["part"], r["arm"], r["seed"], r["lr"]) for r in data["runs"]}
     return sum(tuple(p) in keys for p in planned), len(planned)
 
 
-def tables(data: dict[str, Any]) -> str:
-    """Markdown: per-arm results, paired comparisons, LR check (each with its count)."""
-    c = data["config"]
-    arms = [n for n in c["arms"] if _runs(data, "main", n)]
-    have, planned = completeness(data, "main")
-    lines = [f"Main runs present: {have} of {planned} planned.", "",
-             "| arm | seeds | final val bits/byte: mean ± sd | GMCN PC-target blocks "
-             "(raw W) | GMCN q/k/v | wall s/run |", "|---|---|---|---|---|---|"]
+def _arm_and_comparison_tables(data: dict[str, Any], part: str) -> list[str]:
+    arms = [n for n in data["config"]["arms"] if _runs(data, part, n)]
+    lines = ["| arm | peak LR (x default) | seeds | final val bits/byte: mean ± sd | GMCN "
+             "PC-target blocks (raw W) | GMCN q/k/v | wall s/run |", "|---" * 7 + "|"]
     for n in arms:
-        s = arm_summary(data, n)
-        lines.append(f"| {n} | {s['finite']}/{s['n']} | {_f(s['mean'], '.4f')} ± "
-                     f"{_f(s['sd'], '.4f')} | {_f(s['gmcn_pc_blocks'], '.2f')} "
-                     f"({_f(s['gmcn_pc_blocks_raw'], '.2f')}) | {_f(s['gmcn_qkv'], '.2f')} | "
-                     f"{_f(s['wall_s'], '.0f')} |")
+        s = arm_summary(data, n, part)
+        mult = s["lr"] / _base_lr(data, n)
+        lines.append(f"| {n} | {s['lr']:g} (x{mult:g}) | {s['finite']}/{s['n']} | "
+                     f"{_f(s['mean'], '.4f')} ± {_f(s['sd'], '.4f')} | "
+                     f"{_f(s['gmcn_pc_blocks'], '.2f')} ({_f(s['gmcn_pc_blocks_raw'], '.2f')}) "
+                     f"| {_f(s['gmcn_qkv'], '.2f')} | {_f(s['wall_s'], '.0f')} |")
     lines += ["", "| comparison | paired seeds | difference of final bits/byte, mean [95% CI] "
               "| p (paired t) | token efficiency | noise floor: reference seeds vs their mean "
               "[min, max] (reached) |", "|---|---|---|---|---|---|"]
     for name, ref in COMPARISONS:
-        r = compare(data, name, ref)
+        r = compare(data, name, ref, part)
         if r is None:
             continue
         e = r["efficiency"]
@@ -563,45 +700,39 @@ def tables(data: dict[str, Any]) -> str:
             f"[{_f(r['lo'], '+.4f')}, {_f(r['hi'], '+.4f')}] | {format_p(r['p'])} | "
             f"{_f(e['eff'], '.3f')}x | [{_f(e['floor_min'], '.3f')}, "
             f"{_f(e['floor_max'], '.3f')}] ({e['floor_reached']}/{len(r['seeds'])}) |")
+    return lines
+
+
+def tables(data: dict[str, Any]) -> str:
+    """Markdown: per-arm results and paired comparisons at the default LRs, the LR check,
+    and the same at each arm's own best LR (each with its run count)."""
+    c = data["config"]
+    have, planned = completeness(data, "main")
+    lines = [f"Main runs (default LRs) present: {have} of {planned} planned.", "",
+             *_arm_and_comparison_tables(data, "main")]
     if any(r["part"] == "lrcheck" for r in data["runs"]):
         have, planned = completeness(data, "lrcheck")
-        mults = sorted(set(c["lr_check_multipliers"]) | {1.0})
+        arms = [n for n in c["arms"] if _runs(data, "main", n) or _runs(data, "lrcheck", n)]
+        results = {n: lr_check_results(data, n) for n in arms}
+        mults = sorted({m for r in results.values() for m in r})
         lines += ["", f"LR check runs present: {have} of {planned} planned (seeds "
-                  f"{c['lr_check_seeds']}; x1 = the main runs of the same seeds).", "",
+                  f"{c['lr_check_seeds']}, full length; x1 = the main runs of the same seeds; "
+                  f"extended by factors of 2 until each arm's best is bracketed, within "
+                  f"x{c.get('lr_check_limit', 16.0):g} of its default).", "",
                   "| arm | " + " | ".join(f"LR x{m:g}" for m in mults) + " | best |",
                   "|---|" + "---|" * (len(mults) + 1)]
-        best_of: dict[str, tuple[float, float | None]] = {}  # arm -> (bpb, multiplier)
-        at_default: dict[str, float] = {}
         for n in arms:
-            base = default_lr(arm(n).optimizer)
-            cells, best = [], (math.inf, None)
-            for m in mults:
-                rs = _runs(data, "main" if m == 1.0 else "lrcheck", n, base * m)
-                rs = [rs[s] for s in c["lr_check_seeds"] if s in rs]
-                if len(rs) < len(c["lr_check_seeds"]):
-                    cells.append("-")
-                    continue
-                v = statistics.fmean(r["final_val_bpb"] for r in rs)
-                cells.append("non-finite" if not math.isfinite(v) else f"{v:.4f}")
-                if m == 1.0:
-                    at_default[n] = v
-                if math.isfinite(v) and v < best[0]:
-                    best = (v, m)
-            best_of[n] = best
-            lines.append(f"| {n} | " + " | ".join(cells) + f" | {_f(best[1], 'g')}x |"
-                         if best[1] is not None else f"| {n} | " + " | ".join(cells) + " | - |")
-        # Does a comparison survive moving each arm to its own best LR of the check?
-        pairs = [(a, b) for a, b in COMPARISONS if a != b and a in best_of and b in best_of
-                 and best_of[a][1] is not None and best_of[b][1] is not None]
-        if pairs:
-            lines += ["", f"Comparisons at the default LRs and at each arm's best LR of the check "
-                      f"(seeds {c['lr_check_seeds']} only: no interval):", "",
-                      "| comparison | difference at default LRs | difference at best LRs "
-                      "(multipliers) |", "|---|---|---|"]
-            for a, b in pairs:
-                (va, ma), (vb, mb) = best_of[a], best_of[b]
-                lines.append(f"| {a} - {b} | {_f(at_default[a] - at_default[b], '+.4f')} | "
-                             f"{_f(va - vb, '+.4f')} (x{ma:g} vs x{mb:g}) |")
+            cells = ["-" if m not in results[n] else "non-finite"
+                     if not math.isfinite(results[n][m]) else f"{results[n][m]:.4f}"
+                     for m in mults]
+            best, bracketed = best_lr_multiplier(results[n])
+            tag = "-" if best is None else f"x{best:g}" + ("" if bracketed else " (edge)")
+            lines.append(f"| {n} | " + " | ".join(cells) + f" | {tag} |")
+    if any(r["part"] == "tuned" for r in data["runs"]):
+        have, planned = completeness(data, "tuned")
+        lines += ["", f"Tuned runs (each arm at its own best LR of the check) present: {have} "
+                  f"of {planned} planned (seeds {c.get('tuned_seeds')}: not the seeds that "
+                  "chose the LR).", "", *_arm_and_comparison_tables(data, "tuned")]
     return "\n".join(lines)
 
 
@@ -615,6 +746,8 @@ def add_study_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pc-bf16", action="store_true", help="PC effective weight in bf16")
     p.add_argument("--device", default="cpu", help="cpu or cuda (skips cleanly without CUDA)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default 1; 0: torch's)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained at once, in worker processes (default 1)")
 
 
 def study_config(args: argparse.Namespace, base: dict[str, Any],
@@ -642,7 +775,8 @@ def run_from_cli(args: argparse.Namespace, sc: StudyConfig,
     if sc.threads:
         torch.set_num_threads(sc.threads)
     try:
-        return run(json_path=args.json, resume=resume, log=functools.partial(print, flush=True))
+        return run(json_path=args.json, resume=resume, log=functools.partial(print, flush=True),
+                   jobs=args.jobs)
     finally:
         torch.set_num_threads(threads)
 
@@ -653,7 +787,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="write results here (rewritten after every run)")
     p.add_argument("--resume", action="store_true", help="keep the runs already in --json")
     p.add_argument("--tables", action="store_true", help="no training: print --json's tables")
-    p.add_argument("--parts", default="main,lrcheck", help="comma list of main,lrcheck")
+    p.add_argument("--parts", default="main,lrcheck,tuned",
+                   help="comma list of main,lrcheck,tuned")
     add_study_flags(p)
     args = p.parse_args(argv)
     if args.tables:
@@ -666,8 +801,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     sc = study_config(args, QUICK if args.quick else {})
     parts = set(args.parts.split(","))
-    if parts - {"main", "lrcheck"}:
-        p.error(f"--parts must be a subset of main,lrcheck; got {sorted(parts)}")
+    if parts - {"main", "lrcheck", "tuned"}:
+        p.error(f"--parts must be a subset of main,lrcheck,tuned; got {sorted(parts)}")
+    if args.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")
     data = run_from_cli(args, sc, functools.partial(run_study, sc, parts))
     print()
     print(tables(data))

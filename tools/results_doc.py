@@ -33,9 +33,9 @@ DATA = ROOT / "docs" / "data"
 DOC = ROOT / "docs" / "results.md"
 LM_PLOT = "img/lm_v2_val_loss.png"  # relative to docs/
 RESUME = {
-    "lm": "nice -n 15 python tools/lm_study.py --threads 1 --resume "
+    "lm": "nice -n 15 python tools/lm_study.py --threads 1 --jobs 2 --resume "
           "--json docs/data/lm_study_v2.json",
-    "sweep": "nice -n 15 python tools/lr_sweep.py --threads 1 --resume "
+    "sweep": "nice -n 15 python tools/lr_sweep.py --threads 1 --jobs 2 --resume "
              "--json docs/data/lr_sweep.json",
     "dl": "python tools/deep_linear.py --json docs/data/deep_linear.json --plot docs/img",
 }
@@ -83,10 +83,10 @@ def _deviations(data: dict[str, Any]) -> list[str]:
     ]
 
 
-def _claims(data: dict[str, Any]) -> list[str]:
+def _claims(data: dict[str, Any], part: str = "main") -> list[str]:
     out = []
     for name, ref in lm.COMPARISONS:
-        c = lm.compare(data, name, ref)
+        c = lm.compare(data, name, ref, part)
         if c is None:
             continue
         e = c["efficiency"]
@@ -130,14 +130,15 @@ def lm_section(data: dict[str, Any] | None) -> list[str]:
     c = data["config"]
     have, planned = lm.completeness(data, "main")
     lc_have, lc_planned = lm.completeness(data, "lrcheck")
+    t_have, t_planned = lm.completeness(data, "tuned")
     n_params = _n_params(c["preset"])
     tokens = c["steps"] * c["batch_size"] * c["seq_len"]
-    cut = ("" if have + lc_have == planned + lc_planned else
-           f" (cut short by the session deadline; resume with `{RESUME['lm']}`)")
+    cut = ("" if (have, lc_have, t_have) == (planned, lc_planned, t_planned) and t_planned else
+           f" (not complete; resume with `{RESUME['lm']}`)")
     val_bytes = c["eval_batches"] * c["batch_size"] * c["seq_len"]
     lines = [
-        f"Status: **{have} of {planned} main runs and {lc_have} of {lc_planned} LR-check "
-        f"runs present**{cut}.",
+        f"Status: **{have} of {planned} main runs, {lc_have} of {lc_planned} LR-check "
+        f"runs and {t_have} of {t_planned} tuned-LR runs present**{cut}.",
         "",
         f"Config: preset `{c['preset']}` ({n_params:,} parameters), {c['steps']} steps x "
         f"{c['batch_size']} x {c['seq_len']} = {tokens:,} training tokens per run "
@@ -145,9 +146,10 @@ def lm_section(data: dict[str, Any] | None) -> list[str]:
         "corpus's 3.6 MB training split, so windows can overlap), "
         f"warmup {c['warmup']}, weight decay {c['weight_decay']}, validation on "
         f"{c['eval_batches']} fixed batches ({val_bytes:,} bytes) every {c['eval_every']} "
-        f"steps; seeds {c['seeds']}; arms {c['arms']}; LR check "
-        f"x{c['lr_check_multipliers']} on seeds {c['lr_check_seeds']}; "
-        f"{c['threads']} thread per run.",
+        f"steps; seeds {c['seeds']}; arms {c['arms']}; LR check from "
+        f"x{c['lr_check_multipliers']} on seeds {c['lr_check_seeds']}, extended by factors "
+        f"of 2 until each arm's best is bracketed (within x{c.get('lr_check_limit', 16):g}); "
+        f"tuned-LR runs on seeds {c.get('tuned_seeds')}; {c['threads']} thread per run.",
         "",
         "Machines: " + "; ".join(data["machines"]) + f"; torch {data['torch']}. Wall "
         "times are from a 2-core machine shared with other jobs (noisy).",
@@ -160,11 +162,23 @@ def lm_section(data: dict[str, Any] | None) -> list[str]:
         "",
         f"![validation loss vs tokens, seed mean and range]({LM_PLOT})",
         "",
-        "Claims (only with effect size, interval and p-value; differences are arm minus "
-        "reference, negative = arm better):",
+        "Claims at the default LRs (only with effect size, interval and p-value; "
+        "differences are arm minus reference, negative = arm better):",
         "",
         *[f"- {s}" for s in _claims(data)],
     ]
+    tuned = _claims(data, "tuned")
+    if tuned:
+        best = lm.tuned_multipliers(data)
+        lrs = ", ".join(f"`{n}` x{m:g}" + ("" if ok else " (not bracketed)")
+                        for n, (m, ok) in best.items())
+        lines += [
+            "",
+            f"Claims at each arm's own best LR of the LR check ({lrs} of its default), on "
+            f"seeds {c.get('tuned_seeds')}, which did not take part in choosing the LR:",
+            "",
+            *[f"- {s}" for s in tuned],
+        ]
     return lines
 
 
@@ -344,8 +358,11 @@ def render(data_dir: Path = DATA) -> str:
         "~160-213 tokens per parameter (here ~22), sequences of 8,192 (here 128) and "
         "batches of ~2.6M tokens (here 2,048). Effects of the PC layer or of Muon can grow, "
         "shrink or flip with scale; nothing here extrapolates.",
-        "- The peak LRs are this model's defaults; the LR check (x0.5, x2) and the sweep say "
-        "whether an arm's comparison is an artifact of its LR being off its optimum.",
+        "- The main comparison uses this model's default peak LRs; the LR check (full "
+        "length, extended until each arm's best LR is bracketed) and the tuned-LR runs at "
+        "each arm's own best say whether a verdict is an artifact of an LR being off its "
+        "optimum. The best LR is chosen on one seed to a factor of 2, so the tuned verdicts "
+        "still carry that much LR uncertainty.",
         "- The deep-linear study tests the theorem's mechanism on small float64 problems; "
         "it does not test the PC layer's effect on language models.",
         "",
