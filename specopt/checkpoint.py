@@ -35,7 +35,7 @@ import contextlib
 import os
 import random
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -57,6 +57,7 @@ __all__ = [
     "remove_stale_temp_files",
     "restore_rng_state",
     "save_checkpoint",
+    "state_mismatch",
 ]
 
 CHECKPOINT_FORMAT = "specopt-checkpoint"
@@ -268,24 +269,36 @@ def load_checkpoint(
     return obj
 
 
+def state_mismatch(module: nn.Module, state: Mapping[str, Any]) -> str | None:
+    """What keeps ``module.load_state_dict(state)`` (strict) from succeeding: missing,
+    unexpected, non-tensor and wrong-shaped entries, listed by name and shape; None when
+    it will succeed. The one check behind :func:`load_module_state` and the CLI's
+    checkpoint readers."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    not_tensors = [f"{k} is a {type(state[k]).__name__}" for k in expected
+                   if k in state and not isinstance(state[k], Tensor)]
+    wrong = [f"{k} is {tuple(state[k].shape)}, the model has {tuple(v.shape)}"
+             for k, v in expected.items()
+             if isinstance(state.get(k), Tensor) and state[k].shape != v.shape]
+    problems = [f"{label}: {_names(names)}" for label, names in
+                (("missing tensors", missing), ("unexpected tensors", unexpected),
+                 ("not tensors", not_tensors), ("wrong shapes", wrong)) if names]
+    return "; ".join(problems) or None
+
+
 def load_module_state(module: nn.Module, state: dict[str, Tensor], *, source: str) -> None:
     """``module.load_state_dict(state)`` (strict), after checking every name and shape.
 
     Raises:
         CheckpointError: missing, unexpected or wrong-shaped tensors, listed by name and
-            shape, with ``source`` (the file) named; ``module`` is then left untouched.
+            shape (:func:`state_mismatch`), with ``source`` (the file) named; ``module``
+            is then left untouched.
     """
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [f"{k} is {tuple(state[k].shape)}, the model has {tuple(v.shape)}"
-             for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    problems = [f"{label}: {_names(names)}" for label, names in
-                (("missing tensors", missing), ("unexpected tensors", unexpected),
-                 ("wrong shapes", wrong)) if names]
-    if problems:
-        raise CheckpointError(f"{source!r} does not fit the model it describes ("
-                              + "; ".join(problems) + ")")
+    problem = state_mismatch(module, state)
+    if problem is not None:
+        raise CheckpointError(f"{source!r} does not fit the model it describes ({problem})")
     module.load_state_dict(state)
 
 

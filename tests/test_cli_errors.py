@@ -127,10 +127,11 @@ CASES: list[tuple[str, Callable[[Path], list[object]], str]] = [
         "inspect", (torch.save([1, 2], t / "l.pt"), t / "l.pt")[1]],
      r"holds no tensors by name"),
     ("inspect-missing-tensor", lambda t: ["inspect", _checkpoint(t / "c.pt", edit=_drop_tensor)],
-     r"'.*c\.pt' does not match the model its config describes: missing tensors "
+     r"'.*c\.pt' does not match the model its config describes: missing tensors: "
      r"layers\.0\..*parametrizations"),
     ("inspect-wrong-shape", lambda t: ["inspect", _checkpoint(t / "c.pt", edit=_resize_tensor)],
-     r"does not match .*: layers\.0\..* has shape \(3, 5\), expected \(\d+, \d+\)"),
+     r"does not match .*: wrong shapes: layers\.0\..* is \(3, 5\), the model has "
+     r"\(\d+, \d+\)"),
     ("inspect-bad-config", lambda t: ["inspect", _checkpoint(t / "c.pt", edit=_bad_config)],
      r"'.*c\.pt' has an invalid model config: .*divisible by n_heads"),
     ("inspect-no-model", lambda t: ["inspect", _no_model(t / "n.pt")],
@@ -169,7 +170,7 @@ CASES: list[tuple[str, Callable[[Path], list[object]], str]] = [
      r"does not match the model its config describes: missing tensors"),
     ("merge-wrong-shape", lambda t: [
         "merge", _checkpoint(t / "c.pt", edit=_resize_tensor), t / "m.pt"],
-     r"has shape \(3, 5\), expected"),
+     r"wrong shapes: .* is \(3, 5\), the model has"),
     ("merge-nan", lambda t: ["merge", _checkpoint(t / "c.pt", edit=_nan_tensor), t / "m.pt"],
      r"'.*c\.pt' holds NaN/Inf in 1 tensor\(s\): layers\.0\..*parametrizations.*; refusing to "
      r"merge it"),

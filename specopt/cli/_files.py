@@ -22,6 +22,7 @@ from typing import IO, Any
 
 from torch import Tensor, nn
 
+from specopt.checkpoint import state_mismatch
 from specopt.cli._console import CommandError
 
 __all__ = [
@@ -281,31 +282,6 @@ def require_safetensors(purpose: str) -> None:
         ) from exc
 
 
-def _state_mismatch(model: nn.Module, state: Mapping[str, Any]) -> str | None:
-    """What is wrong with ``state`` for ``model`` (missing / unexpected / wrong-shape
-    tensors), or None when ``model.load_state_dict(state)`` (strict) will succeed."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = []
-    for k, ref in expected.items():
-        got = state.get(k)
-        if got is None:
-            continue
-        if not isinstance(got, Tensor):
-            wrong.append(f"{k} is a {type(got).__name__}, not a tensor")
-        elif got.shape != ref.shape:
-            wrong.append(f"{k} has shape {tuple(got.shape)}, expected {tuple(ref.shape)}")
-    parts = []
-    if missing:
-        parts.append(f"missing tensors {_names(missing)}")
-    if unexpected:
-        parts.append(f"unexpected tensors {_names(unexpected)}")
-    if wrong:
-        parts.append(_names(wrong))
-    return "; ".join(parts) or None
-
-
 def _config_model(cfg: Mapping[str, Any], path: str | os.PathLike[str]) -> nn.Module:
     """The (PC) Llama a checkpoint's ``config`` describes, freshly initialised; an invalid
     config is a one-line error naming ``path``."""
@@ -330,7 +306,7 @@ def checkpoint_model(ckpt: Mapping[str, Any], path: str | os.PathLike[str]) -> n
             "rebuilt (is it a checkpoint written by `specopt train`?)"
         )
     model = _config_model(cfg, path)
-    problem = _state_mismatch(model, ckpt["model"])
+    problem = state_mismatch(model, ckpt["model"])
     if problem is not None:
         raise CommandError(f"{_q(path)} does not match the model its config describes: {problem}")
     model.load_state_dict(ckpt["model"])
