@@ -446,6 +446,11 @@ def test_sweep_extends_to_the_edge_and_below_a_bottom_optimum():
         ("adamw", 0, 3e-3 * 32), ("adamw", 1, 3e-3 * 32),  # no edge yet: x2 above the top
         ("adamw+pc4", 0, 3e-3 * 0.125), ("adamw+pc4", 1, 3e-3 * 0.125)]  # optimum at bottom
     assert sw.sweep_extension(data, sc, limit=4.0) == []  # x32 and x1/8 are past x4, x1/4
+    # Replay: with only the x1 runs planned, x1 is both top and optimum: x2 and x1/2 next.
+    x1 = [("sweep", n, s, 3e-3) for n in ("adamw", "adamw+pc4") for s in (0, 1)]
+    assert [(n, lr) for _, n, _, lr in sw.sweep_extension(data, sc, 4096.0, x1)][::2] == [
+        ("adamw", 3e-3 * 2), ("adamw", 3e-3 * 0.5),
+        ("adamw+pc4", 3e-3 * 2), ("adamw+pc4", 3e-3 * 0.5)]
 
 
 def test_lm_study_quick_end_to_end_and_resume(tmp_path, capsys):

@@ -70,18 +70,24 @@ def run_sweep(sc: lm.StudyConfig, multipliers: list[float], *, json_path: Path |
         data["planned"] = [list(p) for p in plan]
         lm._save(data, json_path)
         lm.run_all(data, plan, sc, json_path, log=log, jobs=jobs)
-        more = [p for p in sweep_extension(data, sc, edge_limit) if p not in plan]
+        more = [p for p in sweep_extension(data, sc, edge_limit, plan) if p not in plan]
         if not more:
             return data
         data["multipliers"] = sorted(set(data["multipliers"]) | {
             round(lr / lm.default_lr(lm.arm(n).optimizer), 9) for _, n, _, lr in more})
 
 
-def sweep_extension(data: dict[str, Any], sc: lm.StudyConfig, limit: float
+def sweep_extension(data: dict[str, Any], sc: lm.StudyConfig, limit: float,
+                    planned: list[tuple[str, str, int, float]] | None = None
                     ) -> list[tuple[str, str, int, float]]:
     """The next runs of the self-extending sweep: x2 above an arm's largest multiplier
     while it has no edge, /2 below its smallest while that is its optimum, within
-    ``[1 / limit, limit]``; every seed."""
+    ``[1 / limit, limit]``; every seed. Only runs in ``planned`` count when given, so a
+    resumed sweep replays its extensions in the order they were made."""
+    if planned is not None:
+        keys = set(planned)
+        data = {**data, "runs": [r for r in data["runs"]
+                                 if (r["part"], r["arm"], r["seed"], r["lr"]) in keys]}
     plan = []
     for n in sc.arms:
         by = _by_mult(data, n)
