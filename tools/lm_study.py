@@ -379,11 +379,19 @@ def start_data(sc: StudyConfig, resume: dict[str, Any] | None, kind: str) -> dic
     data.update(config=asdict(sc), recipe=sc.recipe(), torch=torch.__version__,
                 default_lr={o: default_lr(o) for o in ("adamw", "muon")})
     data.setdefault("machines", [])
-    desc = machine.describe(sc.device)  # this session's machine: the list's last entry
-    if desc in data["machines"]:
-        data["machines"].remove(desc)
-    data["machines"].append(desc)
     return data
+
+
+def _machine_line(sc: StudyConfig) -> str:
+    """This process's machine line (measured once); :func:`run_all` adds it to
+    ``data['machines']`` when it trains a run, so the list names only machines that ran."""
+    global _MACHINE
+    if _MACHINE is None:
+        _MACHINE = machine.describe(sc.device)
+    return _MACHINE
+
+
+_MACHINE: str | None = None
 
 
 def _train_row(sc: StudyConfig, part: str, name: str, seed: int, lr: float) -> dict[str, Any]:
@@ -425,6 +433,8 @@ def run_all(data: dict[str, Any], plan: list[tuple[str, str, int, float]], sc: S
             record({**same, "part": part, "copied_from": same["part"]})
         else:
             to_train.append((part, name, seed, lr))
+    if to_train and (desc := _machine_line(sc)) not in data["machines"]:
+        data["machines"].append(desc)
     if jobs <= 1 or len(to_train) <= 1:
         for p in to_train:
             record(_train_row(sc, *p))
@@ -535,7 +545,7 @@ def run_study(sc: StudyConfig, parts: set[str], *, json_path: Path | None = None
     """Run (or continue) the study; the JSON holds the plan, so its completeness is known
     (the LR check's extensions and the tuned runs join it as results decide them)."""
     data = start_data(sc, resume, "lm_study")
-    log(data["machines"][-1])
+    log(_machine_line(sc))
     plan = plan_study(sc, parts)
 
     def run(more: list[tuple[str, str, int, float]]) -> None:

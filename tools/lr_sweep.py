@@ -60,7 +60,7 @@ def run_sweep(sc: lm.StudyConfig, multipliers: list[float], *, json_path: Path |
     """Run (or continue) the sweep of ``sc.arms`` x ``multipliers`` x ``sc.seeds``, then
     its extensions (:func:`sweep_extension`) up to ``edge_limit``."""
     data = lm.start_data(sc, resume, "lr_sweep")
-    log(data["machines"][-1])
+    log(lm._machine_line(sc))
     data["multipliers"] = sorted(set(multipliers) | set(data.get("multipliers", [])))
     plan = [("sweep", n, s, lm.default_lr(lm.arm(n).optimizer) * m)
             for s in sc.seeds for n in sc.arms for m in multipliers]
