@@ -774,6 +774,24 @@ def study_config(args: argparse.Namespace, base: dict[str, Any],
     return sc
 
 
+def early_exit(args: argparse.Namespace, p: argparse.ArgumentParser,
+               render: Callable[[dict[str, Any]], str]) -> int | None:
+    """The command-line cases that train nothing (shared with ``tools/lr_sweep.py``):
+    ``--tables`` prints ``render(--json)``, ``--device cuda`` without CUDA says so; the
+    exit code, or None to go on. Also rejects ``--jobs`` < 1."""
+    if args.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")
+    if args.tables:
+        if args.json is None:
+            p.error("--tables needs --json PATH")
+        print(render(json.loads(args.json.read_text())))
+        return 0
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"--device {args.device}: CUDA is not available on this machine; nothing run")
+        return 0
+    return None
+
+
 def run_from_cli(args: argparse.Namespace, sc: StudyConfig,
                  run: Callable[..., dict[str, Any]]) -> dict[str, Any]:
     """``run(json_path=, resume=, log=)`` with ``--resume`` read from ``--json`` and
@@ -801,20 +819,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma list of main,lrcheck,tuned")
     add_study_flags(p)
     args = p.parse_args(argv)
-    if args.tables:
-        if args.json is None:
-            p.error("--tables needs --json PATH")
-        print(tables(json.loads(args.json.read_text())))
-        return 0
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print(f"--device {args.device}: CUDA is not available on this machine; nothing run")
-        return 0
+    if (code := early_exit(args, p, tables)) is not None:
+        return code
     sc = study_config(args, QUICK if args.quick else {})
     parts = set(args.parts.split(","))
     if parts - {"main", "lrcheck", "tuned"}:
         p.error(f"--parts must be a subset of main,lrcheck,tuned; got {sorted(parts)}")
-    if args.jobs < 1:
-        p.error(f"--jobs must be >= 1, got {args.jobs}")
     data = run_from_cli(args, sc, functools.partial(run_study, sc, parts))
     print()
     print(tables(data))

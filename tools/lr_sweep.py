@@ -29,14 +29,11 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lm_study as lm
@@ -175,14 +172,8 @@ def main(argv: list[str] | None = None) -> int:
                         "with --quick 1: no extension)")
     lm.add_study_flags(p)
     args = p.parse_args(argv)
-    if args.tables:
-        if args.json is None:
-            p.error("--tables needs --json PATH")
-        print(sweep_table(json.loads(args.json.read_text())))
-        return 0
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print(f"--device {args.device}: CUDA is not available on this machine; nothing run")
-        return 0
+    if (code := lm.early_exit(args, p, sweep_table)) is not None:
+        return code
     base = {**SWEEP, **(QUICK if args.quick else {})}
     if args.steps is not None:
         base["eval_every"] = args.steps  # a sweep validates at its end only
