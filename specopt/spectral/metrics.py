@@ -349,7 +349,7 @@ class _CpuStage:
             # numpy's copy is single-threaded: a torch copy here opens an OpenMP region
             # whose worker threads then spin against BLAS's own threads (measured: a
             # d=512 snapshot at 2 threads took 0.80 s with torch's copy, 0.47 s without).
-            np.copyto(self.w, w.numpy())
+            np.copyto(self.w, w.detach().numpy())
         else:  # bf16 has no numpy dtype
             torch.from_numpy(self.w).copy_(w)
         # w.T is Fortran-ordered (no copy): trans=1 gives w w^T, trans=0 gives w^T w.
